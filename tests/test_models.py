@@ -1,0 +1,124 @@
+"""Networks: exact parameter counts, the LC layer against Keras semantics, initializers."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uspsjax.models import (NETWORKS, LocallyConnected1D, conv2d, count_params, draw_kernel,
+                            parse_init)
+from uspsjax.train import Static, init_params
+
+# The study's Keras summaries, layer by layer.
+STUDY_LAYERS = {
+    "fc": [65792, 32896, 8256, 2080, 528, 170],
+    "lc": [260096, 24804864, 6160000, 1531648, 381792, 39370],
+    "cnn": [320, 18496, 295040, 1290],
+}
+STUDY_TOTAL = {"fc": 109_722, "lc": 33_177_770, "cnn": 315_146}
+
+
+def shapes(network, **options):
+    return jax.eval_shape(lambda k: init_params(Static(network=network, **options), k, 1.0),
+                          jax.random.key(0))
+
+
+@pytest.mark.parametrize("network", ["fc", "lc", "cnn"])
+def test_parameter_counts_match_the_study(network):
+    params, batch_stats = shapes(network)
+    assert count_params(params) == STUDY_TOTAL[network]
+    assert batch_stats == {}
+    # Flax names layers by type and order; order them as the forward pass does.
+    order = sorted(params, key=lambda name: (name.startswith("Dense"), name))
+    if network == "cnn":
+        order = ["Conv_0", "Conv_1", "Dense_0", "Dense_1"]
+    assert [count_params(params[name]) for name in order] == STUDY_LAYERS[network]
+
+
+@pytest.mark.parametrize("network", ["fc", "lc", "cnn"])
+@pytest.mark.parametrize("placement", ["before", "after"])
+def test_batchnorm_adds_only_its_own_parameters(network, placement):
+    params, batch_stats = shapes(network, batchnorm=placement)
+    bn = {k: v for k, v in params.items() if k.startswith("BatchNorm")}
+    rest = {k: v for k, v in params.items() if not k.startswith("BatchNorm")}
+    assert count_params(rest) == STUDY_TOTAL[network]
+    hidden_widths = {"fc": 256 + 128 + 64 + 32 + 16, "lc": 256 + 128 + 64 + 32 + 16,
+                     "cnn": 32 + 64 + 128}[network]
+    assert count_params(bn) == 2 * hidden_widths
+    assert count_params(batch_stats) == 2 * hidden_widths
+
+
+def keras_locally_connected_1d(x, kernel, bias, k):
+    """Keras LocallyConnected1D (valid, stride 1) as a plain loop: kernel (L_out, k*C, F) with
+    its middle axis position-major (j * C + c), as Keras lays it out."""
+    n, length, c = x.shape
+    l_out = length - k + 1
+    out = np.zeros((n, l_out, kernel.shape[-1]))
+    for i in range(l_out):
+        patch = x[:, i:i + k, :].reshape(n, k * c)  # position-major, channel fastest
+        out[:, i, :] = patch @ kernel[i] + bias[i]
+    return out
+
+
+def test_locally_connected_matches_keras_loop():
+    rng = np.random.default_rng(0)
+    n, length, c, f, k = 4, 11, 3, 5, 3
+    x = rng.normal(size=(n, length, c)).astype(np.float32)
+    keras_kernel = rng.normal(size=(length - k + 1, k * c, f)).astype(np.float32)
+    bias = rng.normal(size=(length - k + 1, f)).astype(np.float32)
+    # Our layout is channel-major (c * k + j): the same weights, reordered once.
+    ours = keras_kernel.reshape(-1, k, c, f).transpose(0, 2, 1, 3).reshape(-1, c * k, f)
+    layer = LocallyConnected1D(f, k)
+    y = layer.apply({"params": {"kernel": ours, "bias": bias}}, x)
+    np.testing.assert_allclose(y, keras_locally_connected_1d(x, keras_kernel, bias, k),
+                               rtol=1e-5, atol=1e-5)
+
+
+def test_conv2d_gradients_equal_xla_convolution():
+    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 2))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 4))
+    native = lambda x, k: jax.lax.conv_general_dilated(
+        x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
+    np.testing.assert_allclose(conv2d(x, kernel), native(x, kernel), rtol=1e-6)
+    for ours, ref in zip(jax.grad(loss(conv2d), (0, 1))(x, kernel),
+                         jax.grad(loss(native), (0, 1))(x, kernel)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_parse_init():
+    assert parse_init("constant(1e5)") == ("constant", 1e5)
+    assert parse_init("zeros") == ("constant", 0.0)
+    assert parse_init("ones") == ("constant", 1.0)
+    assert parse_init("he_normal") == ("he_normal", 1.0)
+    for bad in ("glorot", "constant(x)", "constant"):
+        with pytest.raises(ValueError):
+            parse_init(bad)
+
+
+def test_glorot_uniform_fans():
+    key = jax.random.key(0)
+    dense = draw_kernel("glorot_uniform", key, (256, 128), 1.0, per_position=False)
+    limit = np.sqrt(6 / (256 + 128))
+    assert float(jnp.max(jnp.abs(dense))) <= limit
+    assert float(jnp.max(jnp.abs(dense))) > 0.95 * limit
+    # LC kernel (L_out, k*C, F): Keras counts fans over the whole kernel, per-position does not.
+    shape = (254, 3, 256)
+    keras = draw_kernel("glorot_uniform", key, shape, 1.0, per_position=False)
+    position = draw_kernel("glorot_uniform", key, shape, 1.0, per_position=True)
+    np.testing.assert_allclose(float(jnp.max(jnp.abs(keras))),
+                               np.sqrt(6 / (254 * 3 + 254 * 256)), rtol=1e-3)
+    np.testing.assert_allclose(float(jnp.max(jnp.abs(position))), np.sqrt(6 / (3 + 256)),
+                               rtol=1e-3)
+    assert float(jnp.std(position) / jnp.std(keras)) == pytest.approx(np.sqrt(254), rel=0.01)
+
+
+def test_constant_init_scales_ones():
+    params, _ = init_params(Static(network="fc", init="constant"), jax.random.key(0), 0.01)
+    for layer in params.values():
+        np.testing.assert_array_equal(layer["kernel"], np.float32(0.01))
+        np.testing.assert_array_equal(layer["bias"], 0.0)
+
+
+def test_registry_is_one_dict():
+    assert set(NETWORKS) == {"fc", "lc", "cnn"}

@@ -1,0 +1,259 @@
+"""The study's three networks as Flax modules, their static options, and kernel initializers by name.
+
+Every network maps a batch of flattened 16x16 images `(batch, 256)` to logits `(batch, 10)`.
+Static options (module attributes) change the program: where batch normalization, dropout and
+the L1 activity penalty sit. Dynamic values (dropout rates) are call arguments, so many rates can
+be traced and vmapped in one program. The L1 activity of the chosen layers is `sow`n into the
+`losses` collection; batch-norm running averages live in `batch_stats`.
+"""
+
+import math
+from typing import ClassVar
+
+import jax
+import jax.numpy as jnp
+import flax.linen as nn
+
+BATCHNORM = ("none", "before", "after")
+L1_AT = ("none", "hidden", "last")
+
+
+def dropout(module: nn.Module, x: jax.Array, rate: jax.Array, train: bool) -> jax.Array:
+    """Inverted dropout whose rate may be a traced value (Flax's `nn.Dropout` needs a Python float).
+
+    A rate of 0 keeps every unit, so a population can mix rates 0 and 0.5 in one program.
+    """
+    if not train:
+        return x
+    keep = 1.0 - rate
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
+    return jnp.where(mask, x / keep, 0.0)
+
+
+class LocallyConnected1D(nn.Module):
+    """Keras `LocallyConnected1D` (valid padding, stride 1, unshared weights, a bias per position
+    and filter) on `jax.lax.conv_general_dilated_local`.
+
+    The kernel has the Keras shape `(L_out, kernel_size * C_in, features)`, but its middle axis is
+    ordered channel-major (`c * kernel_size + j`), the order XLA's unshared convolution reads, so
+    no transpose runs per step. Keras orders it position-major (`j * C_in + c`); `keras_kernel`
+    in the tests maps one layout to the other.
+    """
+
+    features: int
+    kernel_size: int = 3
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the layer to `x` of shape `(batch, length, channels)`."""
+        _, length, channels = x.shape
+        l_out = length - self.kernel_size + 1
+        # Kernels are drawn by `train.init_params` (per-position or Keras fans), so zeros here.
+        kernel = self.param("kernel", nn.initializers.zeros,
+                            (l_out, channels * self.kernel_size, self.features), x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (l_out, self.features), x.dtype)
+        y = jax.lax.conv_general_dilated_local(
+            x, kernel, window_strides=(1,), padding="VALID", filter_shape=(self.kernel_size,),
+            dimension_numbers=("NWC", "WIO", "NWC"))
+        return y + bias
+
+
+_CONV_DIMS = ("NHWC", "HWIO", "NHWC")
+
+
+def _conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_CONV_DIMS)
+
+
+@jax.custom_vjp
+def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """Valid, stride-1 2-D convolution, NHWC input and HWIO kernel.
+
+    Same values and gradients as `lax.conv_general_dilated`, but the kernel gradient is a patch
+    matrix product: XLA:CPU runs the native kernel-gradient convolution about 50 times slower
+    inside a loop body (measured in `results/bench/NOTES.md`), and training is such a loop.
+    """
+    return _conv_valid(x, kernel)
+
+
+def _conv2d_fwd(x, kernel):
+    return _conv_valid(x, kernel), (x, kernel)
+
+
+def _conv2d_bwd(residuals, g):
+    x, kernel = residuals
+    kh, kw, c_in, c_out = kernel.shape
+    dx = jax.vjp(lambda v: _conv_valid(v, kernel), x)[1](g)[0]
+    # Patch features are ordered channel-major: c * (kh * kw) + i * kw + j.
+    patches = jax.lax.conv_general_dilated_patches(x, (kh, kw), (1, 1), "VALID",
+                                                   dimension_numbers=_CONV_DIMS)
+    dk = jnp.einsum("nhwp,nhwo->po", patches, g).reshape(c_in, kh, kw, c_out)
+    return dx, dk.transpose(1, 2, 0, 3)
+
+
+conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
+
+
+class Conv(nn.Module):
+    """Keras `Conv2D(features, kernel_size)` with valid padding: kernel `(kh, kw, C_in, F)`, bias `(F,)`."""
+
+    features: int
+    kernel_size: tuple = (3, 3)
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the layer to `x` of shape `(batch, height, width, channels)`."""
+        kernel = self.param("kernel", nn.initializers.zeros,
+                            (*self.kernel_size, x.shape[-1], self.features), x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
+        return conv2d(x, kernel) + bias
+
+
+class Network(nn.Module):
+    """What the three networks share: hidden-layer activation with optional batch norm and L1."""
+
+    batchnorm: str = "none"
+    bn_momentum: float = 0.99
+    dropout_at: str = "none"
+    l1_at: str = "none"
+
+    # Settings the study used for this network, applied before a sweep's own settings.
+    defaults: ClassVar[dict] = {}
+    # The dropout placements this network has layers for.
+    dropout_places: ClassVar[tuple] = ("none",)
+
+    def activate(self, y: jax.Array, train: bool, last: bool) -> jax.Array:
+        """ReLU with batch normalization before or after it, and the L1 activity recorded."""
+        norm = lambda v: nn.BatchNorm(use_running_average=not train, momentum=self.bn_momentum,
+                                      epsilon=1e-3)(v)  # Keras' epsilon
+        if self.batchnorm == "before":
+            y = norm(y)
+        y = nn.relu(y)
+        if self.batchnorm == "after":
+            y = norm(y)
+        if self.l1_at == "hidden" or (self.l1_at == "last" and last):
+            # Keras divides an activity regularizer by the batch size.
+            self.sow("losses", "l1", jnp.sum(jnp.abs(y)) / y.shape[0])
+        return y
+
+
+class FC(Network):
+    """Fully connected: Dense 256-128-64-32-16 (ReLU) -> Dense 10. 109,722 parameters."""
+
+    widths: tuple = (256, 128, 64, 32, 16)
+    dropout_places: ClassVar[tuple] = ("none", "dense")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, rates=(0.0, 0.0)) -> jax.Array:
+        """Logits for `x` of shape `(batch, 256)`; `rates` are (conv, dense) dropout rates."""
+        for i, width in enumerate(self.widths):
+            x = self.activate(nn.Dense(width)(x), train, last=i == len(self.widths) - 1)
+            if self.dropout_at == "dense":
+                x = dropout(self, x, rates[1], train)
+        return nn.Dense(10)(x)
+
+
+class LC(Network):
+    """Locally connected, unshared weights: the image as a length-256 sequence, five
+    LocallyConnected1D layers (kernel 3; 256, 128, 64, 32, 16 filters; ReLU) -> flatten (3936)
+    -> Dense 10. 33,177,770 parameters."""
+
+    filters: tuple = (256, 128, 64, 32, 16)
+    dropout_places: ClassVar[tuple] = ("none", "conv")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, rates=(0.0, 0.0)) -> jax.Array:
+        """Logits for `x` of shape `(batch, 256)`; `rates` are (conv, dense) dropout rates."""
+        x = x.reshape(x.shape[0], -1, 1)
+        for i, f in enumerate(self.filters):
+            x = self.activate(LocallyConnected1D(f)(x), train, last=i == len(self.filters) - 1)
+        if self.dropout_at == "conv":
+            x = dropout(self, x, rates[0], train)
+        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+
+
+class CNN(Network):
+    """Conv 32 3x3 -> Conv 64 3x3 (valid, ReLU) -> MaxPool 2 -> Dropout -> Dense 128 (ReLU)
+    -> Dropout -> Dense 10. 315,146 parameters. The study's dropout is 0.25 after the pooling
+    and 0.5 after the dense layer."""
+
+    defaults: ClassVar[dict] = {"dropout_at": "both", "dropout_conv": 0.25, "dropout_dense": 0.5}
+    dropout_places: ClassVar[tuple] = ("none", "conv", "dense", "both")
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool, rates=(0.0, 0.0)) -> jax.Array:
+        """Logits for `x` of shape `(batch, 256)`; `rates` are (conv, dense) dropout rates."""
+        x = x.reshape(x.shape[0], 16, 16, 1)
+        x = self.activate(Conv(32)(x), train, last=False)
+        x = self.activate(Conv(64)(x), train, last=False)
+        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        if self.dropout_at in ("conv", "both"):
+            x = dropout(self, x, rates[0], train)
+        x = self.activate(nn.Dense(128)(x.reshape(x.shape[0], -1)), train, last=True)
+        if self.dropout_at in ("dense", "both"):
+            x = dropout(self, x, rates[1], train)
+        return nn.Dense(10)(x)
+
+
+NETWORKS: dict[str, type[Network]] = {"fc": FC, "lc": LC, "cnn": CNN}
+
+_FAN_RULES = {
+    "glorot_uniform": (1.0, "fan_avg", "uniform"),
+    "glorot_normal": (1.0, "fan_avg", "truncated_normal"),
+    "he_uniform": (2.0, "fan_in", "uniform"),
+    "he_normal": (2.0, "fan_in", "truncated_normal"),
+    "lecun_uniform": (1.0, "fan_in", "uniform"),
+    "lecun_normal": (1.0, "fan_in", "truncated_normal"),
+}
+# Families whose draw is multiplied by the (dynamic) init scale; "constant" draws ones.
+INIT_FAMILIES = ("constant", "random_normal", "random_uniform", *_FAN_RULES)
+LC_FANS = ("position", "keras")
+
+
+def parse_init(spec: str) -> tuple[str, float]:
+    """Split an initializer name into (family, scale): "constant(1e5)" -> ("constant", 1e5),
+    "zeros" -> ("constant", 0.0), "ones" -> ("constant", 1.0), "glorot_uniform" -> (..., 1.0).
+
+    Raises ValueError for an unknown name or a malformed constant.
+    """
+    spec = spec.strip()
+    if spec == "zeros":
+        return "constant", 0.0
+    if spec == "ones":
+        return "constant", 1.0
+    if spec.startswith("constant(") and spec.endswith(")"):
+        try:
+            return "constant", float(spec[len("constant("):-1])
+        except ValueError:
+            raise ValueError(f"malformed initializer {spec!r}, expected constant(NUMBER)") from None
+    if spec in INIT_FAMILIES and spec != "constant":
+        return spec, 1.0
+    raise ValueError(f"unknown initializer {spec!r} (known: zeros, ones, constant(v), "
+                     + ", ".join(f for f in INIT_FAMILIES if f != "constant") + ")")
+
+
+def draw_kernel(family: str, key: jax.Array, shape: tuple, scale: jax.Array,
+                per_position: bool, dtype=jnp.float32) -> jax.Array:
+    """Draw one kernel of `shape` from `family`, times `scale` (a traced value is fine).
+
+    Fans follow Keras: every axis before the last two is receptive field. `per_position` instead
+    treats the leading axis of a locally connected kernel as independent positions, each with
+    fans (k * C_in, F); Keras' own fans make LC weights about sqrt(L_out) times smaller.
+    """
+    if family == "constant":
+        base = jnp.ones(shape, dtype)
+    elif family == "random_normal":
+        base = 0.05 * jax.random.normal(key, shape, dtype)  # Keras' default stddev
+    elif family == "random_uniform":
+        base = jax.random.uniform(key, shape, dtype, -0.05, 0.05)
+    else:
+        gain, mode, distribution = _FAN_RULES[family]
+        batch_axis = (0,) if per_position else ()
+        init = jax.nn.initializers.variance_scaling(gain, mode, distribution, batch_axis=batch_axis)
+        base = init(key, shape, dtype)
+    return scale * base
+
+
+def count_params(params) -> int:
+    """The number of scalars in a parameter pytree."""
+    return sum(math.prod(p.shape) for p in jax.tree.leaves(params))

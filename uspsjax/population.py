@@ -1,0 +1,225 @@
+"""Training a population of members of one static group as one compiled program.
+
+`MEMBER_AXIS` (the leading axis) is the one vectorized axis: every array here that belongs to a
+member (keys, `Hparams`, `MemberState`, curves) carries it first, and `train.train_epoch` is
+`vmap`ped over it. The member axis is sharded across the chosen devices with `jax.sharding`
+(the population is padded to a multiple of the device count), and split into chunks run one
+after another when the whole population would not fit the device memory.
+
+After every epoch the chunk's state is checkpointed atomically, so `run_group(..., checkpoint=)`
+resumes an interrupted run from its last completed epoch with identical results.
+"""
+
+import os
+import time
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from uspsjax import attacks, train
+from uspsjax.train import Data, Hparams, Static
+
+MEMBER_AXIS = 0
+ATTACKS = ("fgsm", "pgd20")
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What is measured on the test set after training, besides the curves."""
+
+    attack_eps: tuple = ()        # robust accuracy under FGSM and PGD-20 at each epsilon
+    attack_samples: int = 2007    # the first this many test samples are attacked
+
+
+def stack(trees: list):
+    """Stack per-member pytrees along `MEMBER_AXIS`."""
+    return jax.tree.map(lambda *xs: jnp.stack(xs, MEMBER_AXIS), *trees)
+
+
+def member_key(seed: int, bag: int | None = None) -> jax.Array:
+    """A member's key: from its seed alone (so settings compared at one seed start alike), split
+    again by its bag index in bagging runs."""
+    key = jax.random.key(seed)
+    return key if bag is None else jax.random.fold_in(key, bag)
+
+
+def robust_accuracy(static: Static, state: train.MemberState, hp: Hparams, x, y,
+                    eps: jax.Array, chunk: int = 256) -> jax.Array:
+    """Accuracy under FGSM and under PGD-20 (random start, step 2.5 eps / 20) for each epsilon in
+    `eps`, on (x, y). Returns `(len(ATTACKS), len(eps))`."""
+    n = x.shape[0]
+    pad = -n % chunk
+    xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, chunk, x.shape[1])
+    ys = jnp.pad(y, (0, pad)).reshape(-1, chunk)
+    valid = (jnp.arange(n + pad) < n).reshape(-1, chunk)
+
+    def correct(xb, yb, e):
+        def loss_fn(x_in):
+            logits = train.forward(static, state.params, state.batch_stats, x_in, hp,
+                                   train=False)[0]
+            return jnp.sum(train.cross_entropy(logits, yb))
+
+        def hits(x_in):
+            logits = train.forward(static, state.params, state.batch_stats, x_in, hp,
+                                   train=False)[0]
+            return jnp.argmax(logits, -1) == yb
+
+        x_fgsm = attacks.fgsm(loss_fn, xb, e)
+        x_pgd = attacks.pgd(loss_fn, xb, e, steps=20, step_size=2.5 * e / 20,
+                            key=jax.random.key(0))
+        return jnp.stack([hits(x_fgsm), hits(x_pgd)])
+
+    def per_chunk(args):
+        xb, yb, vb = args
+        return jax.vmap(lambda e: correct(xb, yb, e) & vb)(eps)  # (eps, attacks, chunk)
+
+    counts = jax.lax.map(per_chunk, (xs, ys, valid)).sum(axis=(0, 3))
+    return (counts / n).T
+
+
+def bytes_per_member(static: Static, n_train: int) -> int:
+    """An estimate of one member's device memory: parameters, momentum, gradients and the
+    updated copy (4 x parameters), plus a batch's activations kept for the backward pass."""
+    model = train.make_model(static)
+    variables = jax.eval_shape(partial(model.init, train=False), jax.random.key(0),
+                               jnp.zeros((1, 256)))
+    n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
+    _, inter = jax.eval_shape(partial(model.apply, train=False, capture_intermediates=True,
+                                      mutable=["intermediates"]), variables, jnp.zeros((1, 256)))
+    per_sample = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(inter))
+    # The LC layer builds a patch tensor kernel-size times its input: count activations 3x.
+    batch = max(static.batch_size, 512)  # evaluation runs in chunks of 512
+    return 4 * (4 * n_params + 3 * batch * per_sample) + 8 * n_train
+
+
+def device_memory(device) -> int:
+    """Usable memory of `device` in bytes: the allocator's limit, or half the host RAM on CPU."""
+    stats = device.memory_stats() if hasattr(device, "memory_stats") else None
+    if stats and "bytes_limit" in stats:
+        return int(stats["bytes_limit"] * 0.8)
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+
+
+def chunk_size(n_members: int, n_devices: int, member_bytes: int, budget: int) -> int:
+    """The most members per chunk that fit `budget` bytes per device, a multiple of the device
+    count (at least one member per device)."""
+    per_device = max(1, budget // max(member_bytes, 1))
+    size = min(n_members, per_device * n_devices)
+    return max(n_devices, size - size % n_devices)
+
+
+def _save(path: Path, tree) -> None:
+    """Write a pytree's leaves to `path` atomically (typed PRNG keys as their raw data)."""
+    leaves = [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                         else x) for x in jax.tree.leaves(tree)]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        np.savez(f, *leaves)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load(path: Path, like):
+    """Read leaves saved by `_save` into the structure (and key types) of `like`."""
+    with np.load(path) as f:
+        arrays = [f[f"arr_{i}"] for i in range(len(f.files))]
+    leaves, treedef = jax.tree.flatten(like)
+    restored = [jax.random.wrap_key_data(a) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
+                else jnp.asarray(a) for a, x in zip(arrays, leaves)]
+    return treedef.unflatten(restored)
+
+
+def _pad(tree, size: int):
+    """Pad the member axis to `size` by repeating the last member (padding is discarded)."""
+    def pad(x):
+        extra = size - x.shape[MEMBER_AXIS]
+        return jnp.concatenate([x, jnp.repeat(x[-1:], extra, MEMBER_AXIS)]) if extra else x
+    return jax.tree.map(pad, tree)
+
+
+def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
+              devices: list | None = None, memory_budget: int | None = None,
+              evaluation: Evaluation = Evaluation(), checkpoint: Path | None = None,
+              on_epoch: Callable | None = None) -> dict:
+    """Train the members `(keys, hps)` (leading axis `MEMBER_AXIS`) of one static group.
+
+    Returns numpy arrays: `curves (M, epochs, len(METRICS))`, `diverged (M,)` (epoch, 0 if
+    never), `test_probs (M, N_test, 10)`, `robust (M, len(ATTACKS), len(eps))` when
+    `evaluation.attack_eps` is set, and `chunks`, the number of chunks run. `on_epoch(info)` is
+    called after each epoch with a dict (epoch, epochs, members, chunk, chunks, seconds).
+    With `checkpoint` (a folder), each chunk's state is saved after every epoch and a run that
+    finds one resumes from it; a finished chunk keeps only its results.
+    """
+    devices = devices or jax.devices()
+    n_members = keys.shape[MEMBER_AXIS]
+    budget = memory_budget or device_memory(devices[0])
+    size = chunk_size(n_members, len(devices), bytes_per_member(static, data.x_train.shape[0]),
+                      budget)
+    n_chunks = -(-n_members // size)
+    mesh = Mesh(np.array(devices), ("member",))
+    by_member = NamedSharding(mesh, PartitionSpec("member"))
+    replicated = NamedSharding(mesh, PartitionSpec())
+    data = jax.device_put(data, replicated)
+    n_train = data.x_train.shape[0]
+
+    init = jax.jit(jax.vmap(partial(train.init_member, static, n_train=n_train)),
+                   out_shardings=by_member)
+    epoch_fn = jax.jit(jax.vmap(partial(train.train_epoch, static), in_axes=(0, 0, None)),
+                       out_shardings=(by_member, by_member), donate_argnums=0)
+    eps = jnp.asarray(evaluation.attack_eps, jnp.float32)
+    n_att = evaluation.attack_samples
+
+    def final_eval(state, hp):
+        _, _, probs = train.evaluate(static, state, hp, data.x_test, data.y_test)
+        robust = (robust_accuracy(static, state, hp, data.x_test[:n_att], data.y_test[:n_att],
+                                  eps) if len(evaluation.attack_eps) else jnp.zeros((0, 0)))
+        return probs, robust
+
+    final = jax.jit(jax.vmap(final_eval))
+    results = []
+    for c in range(n_chunks):
+        lo, hi = c * size, min((c + 1) * size, n_members)
+        done_path = checkpoint / f"chunk{c}.done.npz" if checkpoint else None
+        if done_path and done_path.exists():
+            with np.load(done_path) as f:
+                results.append({k: f[k] for k in f.files})
+            continue
+        k_chunk = jax.device_put(_pad(keys[lo:hi], size), by_member)
+        hp_chunk = jax.device_put(_pad(jax.tree.map(lambda x: x[lo:hi], hps), size), by_member)
+        state = init(k_chunk, hp_chunk)
+        curves = np.full((size, static.epochs, len(train.METRICS)), np.nan, np.float32)
+        state_path = checkpoint / f"chunk{c}.state.npz" if checkpoint else None
+        if state_path and state_path.exists():
+            state, curves = jax.device_put(_load(state_path, (state, curves)), by_member)
+            curves = np.asarray(curves)
+        for epoch in range(int(np.asarray(state.epoch)[0]), static.epochs):
+            t0 = time.perf_counter()
+            state, metrics = epoch_fn(state, hp_chunk, data)
+            curves[:, epoch] = np.asarray(metrics)
+            if state_path:
+                _save(state_path, (state, curves))
+            if on_epoch:
+                on_epoch({"epoch": epoch + 1, "epochs": static.epochs, "members": hi - lo,
+                          "chunk": c + 1, "chunks": n_chunks,
+                          "seconds": time.perf_counter() - t0})
+        probs, robust = final(state, hp_chunk)
+        out = {"curves": curves[: hi - lo], "diverged": np.asarray(state.diverged)[: hi - lo],
+               "test_probs": np.asarray(probs)[: hi - lo], "robust": np.asarray(robust)[: hi - lo]}
+        if done_path:
+            tmp = done_path.with_name(done_path.name + ".tmp")
+            with open(tmp, "wb") as f:
+                np.savez(f, **out)
+            os.replace(tmp, done_path)
+            state_path.unlink(missing_ok=True)
+        results.append(out)
+        del state
+    merged = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
+    merged["chunks"] = n_chunks
+    return merged

@@ -1,0 +1,479 @@
+"""Write and read one sweep's results: `OUT/NAME/metrics.h5`, `summary.md` and PNG figures.
+
+Pure numpy/h5py/matplotlib. The input is the `run` dict built by the sweep module (see
+`write_results`); `read_metrics` turns metrics.h5 back into that dict, so summaries and figures
+can be regenerated from the file alone. Model parameters are never written.
+
+metrics.h5 (schema_version 1; M members, E epochs, N test samples, A attacks, P eps values):
+
+| path           | type                   | content                                                |
+|----------------|------------------------|--------------------------------------------------------|
+| `curves`       | float32 [M, E, metric] | per-epoch metrics, NaN past a member's epochs or       |
+|                |                        | its divergence; attribute `metrics` = metric names     |
+| `diverged`     | int32 [M]              | 1-based epoch in which the member diverged, 0 if never |
+| `test_probs`   | float16 [M, N, 10]     | final softmax on the test set (float16 to stay small)  |
+| `y_test`       | int32 [N]              | test labels                                            |
+| `robust`       | float32 [M, A, P]      | accuracy under attack; attributes `attacks` =          |
+|                |                        | ("fgsm", "pgd20") and `eps`; only if attacks ran       |
+| `settings/KEY` | [M], one per key       | str: UTF-8 variable-length string, int: int64,         |
+|                |                        | float: float64, bool: bool (a column mixing int and    |
+|                |                        | float is float64 with a bool attribute `int_mask`)     |
+| `groups/KEY`   | [G], one per key       | per static group: `label` str, `members` int64,        |
+|                |                        | `wall_time_s` float64, `chunks` int64                  |
+| attributes     | on the root            | `name`, `description`, `sweep_text`, `overrides`       |
+|                |                        | (JSON), `study` (JSON), `device`, `versions` (JSON),   |
+|                |                        | `wall_time_s`, `programs`, `ensemble`, `attack_eps`,   |
+|                |                        | `created` (ISO time), `schema_version` = 1             |
+
+Large datasets are gzip-compressed.
+
+Statistics are over seeds: mean and population std (ddof=0) of the final epoch, over members
+that did not diverge.
+"""
+
+import json
+import os
+import shutil
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import h5py
+import matplotlib
+import numpy as np
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+
+SCHEMA_VERSION = 1
+ATTACKS = ("fgsm", "pgd20")
+ATTACK_TITLES = {"fgsm": "FGSM", "pgd20": "PGD-20"}
+NETWORK_ORDER = ("fc", "lc", "cnn")
+DPI = 100
+_GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
+
+
+# ---------------------------------------------------------------- metrics.h5
+
+def write_metrics(path: Path, run: dict) -> None:
+    """Write `run` to the HDF5 file `path` in the schema of the module docstring."""
+    with h5py.File(path, "w") as f:
+        curves = f.create_dataset("curves", data=np.asarray(run["curves"], np.float32),
+                                  **_GZIP)
+        curves.attrs["metrics"] = list(run["metrics"])
+        f.create_dataset("diverged", data=np.asarray(run["diverged"], np.int32))
+        f.create_dataset("test_probs", data=np.asarray(run["test_probs"], np.float16),
+                         **_GZIP)
+        f.create_dataset("y_test", data=np.asarray(run["y_test"], np.int32), **_GZIP)
+        if run.get("robust") is not None:
+            robust = f.create_dataset("robust", data=np.asarray(run["robust"], np.float32))
+            robust.attrs["attacks"] = list(ATTACKS)
+            robust.attrs["eps"] = np.asarray(run["attack_eps"], np.float64)
+        # track_order keeps the keys in the sweep's order instead of h5py's alphabetical one.
+        settings = f.create_group("settings", track_order=True)
+        keys = list(run["settings"][0]) if run["settings"] else []
+        if any(set(s) != set(keys) for s in run["settings"]):
+            raise ValueError("every member's settings must have the same keys")
+        for key in keys:
+            _write_column(settings, key, [s[key] for s in run["settings"]])
+        groups = f.create_group("groups", track_order=True)
+        kinds = (("label", str), ("members", int), ("wall_time_s", float), ("chunks", int))
+        for key, kind in kinds:
+            _write_column(groups, key, [kind(g[key]) for g in run["groups"]])
+        a = f.attrs
+        for key in ("name", "description", "sweep_text", "device"):
+            a[key] = str(run[key])
+        for key in ("overrides", "study", "versions"):
+            a[key] = json.dumps(run[key])
+        a["wall_time_s"] = float(run["wall_time_s"])
+        a["programs"] = int(run["programs"])
+        a["ensemble"] = int(run["ensemble"])
+        a["attack_eps"] = np.asarray(run["attack_eps"], np.float64)
+        a["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        a["schema_version"] = SCHEMA_VERSION
+
+
+def _write_column(group, key, values):
+    # One typed dataset per key; the type is what lets read_metrics restore the python values.
+    values = [v.item() if isinstance(v, np.generic) else v for v in values]
+    kinds = {type(v) for v in values}
+    if kinds <= {str}:
+        group.create_dataset(key, data=np.array(values, dtype=object), dtype=h5py.string_dtype())
+    elif kinds <= {bool}:
+        group.create_dataset(key, data=np.array(values, dtype=bool))
+    elif kinds <= {int}:
+        group.create_dataset(key, data=np.array(values, dtype=np.int64))
+    elif kinds <= {int, float}:
+        # A TOML list such as [1e-6, 1e-3, 50] mixes ints and floats; remember which were ints.
+        ds = group.create_dataset(key, data=np.array(values, dtype=np.float64))
+        ds.attrs["int_mask"] = np.array([type(v) is int for v in values])
+    else:
+        names = sorted(k.__name__ for k in kinds)
+        raise TypeError(f"settings column {key!r}: unsupported value types {names}")
+
+
+def _read_column(ds) -> list:
+    if h5py.check_string_dtype(ds.dtype):
+        return [str(v) for v in ds.asstr()[()]]
+    values = ds[()].tolist()  # numpy scalars -> python bool/int/float
+    if "int_mask" in ds.attrs:
+        values = [int(v) if m else v for v, m in zip(values, ds.attrs["int_mask"])]
+    return values
+
+
+def read_metrics(path: Path) -> dict:
+    """Read metrics.h5 back into a dict with the keys and values of the `run` that wrote it.
+
+    Arrays come back with the run's dtypes; `test_probs` is float32 holding float16-rounded
+    values. Two keys are added: `created` (ISO time) and `schema_version`.
+    """
+    with h5py.File(path, "r") as f:
+        a = f.attrs
+        columns = {k: _read_column(ds) for k, ds in f["settings"].items()}
+        n = len(f["diverged"])
+        groups = {k: _read_column(ds) for k, ds in f["groups"].items()}
+        return {
+            "name": str(a["name"]),
+            "description": str(a["description"]),
+            "sweep_text": str(a["sweep_text"]),
+            "overrides": json.loads(a["overrides"]),
+            "metrics": tuple(str(m) for m in f["curves"].attrs["metrics"]),
+            "settings": [{k: col[i] for k, col in columns.items()} for i in range(n)],
+            "curves": f["curves"][()],
+            "diverged": f["diverged"][()],
+            "test_probs": f["test_probs"][()].astype(np.float32),
+            "y_test": f["y_test"][()],
+            "robust": f["robust"][()] if "robust" in f else None,
+            "attack_eps": [float(e) for e in a["attack_eps"]],
+            "ensemble": int(a["ensemble"]),
+            "study": json.loads(a["study"]),
+            "device": str(a["device"]),
+            "versions": json.loads(a["versions"]),
+            "wall_time_s": float(a["wall_time_s"]),
+            "programs": int(a["programs"]),
+            "groups": [dict(zip(groups, row)) for row in zip(*groups.values())],
+            "created": str(a["created"]),
+            "schema_version": int(a["schema_version"]),
+        }
+
+
+# ---------------------------------------------------------------- statistics
+
+def _networks(settings) -> list[str]:
+    seen = list(dict.fromkeys(s["network"] for s in settings))
+    return [n for n in NETWORK_ORDER if n in seen] + [n for n in seen if n not in NETWORK_ORDER]
+
+
+def _settings_groups(run) -> list[tuple[str, str, np.ndarray]]:
+    """(network, label, member indices) in table order."""
+    out = []
+    for net in _networks(run["settings"]):
+        members = [i for i, s in enumerate(run["settings"]) if s["network"] == net]
+        for label in dict.fromkeys(run["settings"][i]["label"] for i in members):
+            idx = [i for i in members if run["settings"][i]["label"] == label]
+            out.append((net, label, np.array(idx, dtype=int)))
+    return out
+
+
+def _final(curves: np.ndarray) -> np.ndarray:
+    """Per member, the metrics of its last epoch with all metrics finite (NaN row if none)."""
+    ok = np.isfinite(curves).all(axis=2)
+    last = curves.shape[1] - 1 - np.argmax(ok[:, ::-1], axis=1)
+    final = curves[np.arange(len(curves)), last].astype(np.float64)
+    final[~ok.any(axis=1)] = np.nan
+    return final
+
+
+def _mean_std(x) -> tuple[float, float]:
+    x = np.asarray(x, np.float64)
+    x = x[np.isfinite(x)]
+    return (float(x.mean()), float(x.std())) if x.size else (float("nan"), float("nan"))
+
+
+def summarize(run: dict) -> list[dict]:
+    """One row per (network, label) with the final-epoch statistics over seeds.
+
+    Row keys: network, label, n, n_diverged, diverged_epochs (sorted list), `<metric>_mean` and
+    `<metric>_std` for each metric, loss_gap_mean/std (test - train loss per member), and
+    study_test_acc / study_test_loss (None when the study gives no number for the network).
+    Means and population stds are over non-diverged members; final = last finite epoch.
+    """
+    metrics = list(run["metrics"])
+    final = _final(run["curves"])
+    gap = final[:, metrics.index("test_loss")] - final[:, metrics.index("train_loss")]
+    diverged = np.asarray(run["diverged"])
+    rows = []
+    for net, label, idx in _settings_groups(run):
+        ok = idx[diverged[idx] == 0]
+        row = {"network": net, "label": label, "n": len(idx), "n_diverged": len(idx) - len(ok),
+               "diverged_epochs": sorted(int(d) for d in diverged[idx] if d)}
+        for j, m in enumerate(metrics):
+            row[f"{m}_mean"], row[f"{m}_std"] = _mean_std(final[ok, j])
+        row["loss_gap_mean"], row["loss_gap_std"] = _mean_std(gap[ok])
+        study = run["study"].get(net, {})
+        row["study_test_acc"] = study.get("test_acc")
+        row["study_test_loss"] = study.get("test_loss")
+        rows.append(row)
+    return rows
+
+
+def ensemble_accuracy(probs: np.ndarray, y: np.ndarray, keep: np.ndarray) -> float:
+    """Accuracy of the argmax of the kept members' mean softmax; probs (m, N, 10), keep (m,) bool.
+
+    NaN if no member is kept (a diverged member's NaN softmax must never reach the mean).
+    """
+    keep = np.asarray(keep, bool)
+    if not keep.any():
+        return float("nan")
+    mean = np.asarray(probs, np.float64)[keep].mean(axis=0)
+    return float(np.mean(mean.argmax(axis=-1) == np.asarray(y)))
+
+
+def ensemble_table(run: dict) -> list[dict]:
+    """Bagging: per (network, label) and k = 1..K, single-member and k-member ensemble accuracy.
+
+    Members sharing (network, label, seed) with bag = 1..K form one ensemble; seeds are
+    independent ensembles. Row keys: network, label, k, single_mean/std (the bag=k members),
+    ensemble_mean/std (bags 1..k, diverged ones left out), left_out (diverged members left out,
+    summed over seeds), n_members (members considered, summed over seeds). Empty if not bagging.
+    """
+    settings, probs, y = run["settings"], run["test_probs"], run["y_test"]
+    diverged = np.asarray(run["diverged"])
+    rows = []
+    for net, label, idx in _settings_groups(run) if run["ensemble"] else []:
+        seeds = list(dict.fromkeys(settings[i]["seed"] for i in idx))
+        for k in range(1, run["ensemble"] + 1):
+            single, ensemble, left_out, n_members = [], [], 0, 0
+            for seed in seeds:
+                bags = {settings[i]["bag"]: i for i in idx if settings[i]["seed"] == seed}
+                if k in bags and not diverged[bags[k]]:
+                    single.append(ensemble_accuracy(probs[[bags[k]]], y, [True]))
+                members = [bags[b] for b in range(1, k + 1) if b in bags]
+                keep = diverged[members] == 0
+                ensemble.append(ensemble_accuracy(probs[members], y, keep))
+                left_out += int((~keep).sum())
+                n_members += len(members)
+            row = {"network": net, "label": label, "k": k, "left_out": left_out,
+                   "n_members": n_members}
+            row["single_mean"], row["single_std"] = _mean_std(single)
+            row["ensemble_mean"], row["ensemble_std"] = _mean_std(ensemble)
+            rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------- summary.md
+
+def _pct(mean, std) -> str:
+    return "—" if np.isnan(mean) else f"{100 * mean:.2f} ± {100 * std:.2f}"
+
+
+def _num(mean, std) -> str:
+    return "—" if np.isnan(mean) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return [line(header), "|" + "---|" * len(header), *map(line, rows), ""]
+
+
+def summary_markdown(run: dict) -> str:
+    """The text of summary.md: deterministic (no timestamps), so regeneration is byte-identical."""
+    lines = [f"# Sweep {run['name']}", "", run["description"].strip(), "",
+             f"Device: {run['device']}; wall time {run['wall_time_s']:.1f} s; "
+             f"{run['programs']} programs; {len(run['settings'])} members."]
+    if run["overrides"]:
+        given = ", ".join(f"{k}={v}" for k, v in run["overrides"].items())
+        lines.append(f"Overrides: {given}.")
+    lines += ["Final epoch, mean ± std (population) over seeds of members that did not diverge.",
+              ""]
+    rows = []
+    for r in summarize(run):
+        n, bad = r["n"], r["n_diverged"]
+        if bad == n:
+            row = [r["network"], r["label"], str(n), f"diverged ({n}/{n})"] + ["—"] * 4
+        else:
+            row = [r["network"], r["label"], f"{n} ({bad}/{n} diverged)" if bad else str(n)]
+            row += [_pct(r["train_acc_mean"], r["train_acc_std"]),
+                    _pct(r["test_acc_mean"], r["test_acc_std"]),
+                    _num(r["train_loss_mean"], r["train_loss_std"]),
+                    _num(r["test_loss_mean"], r["test_loss_std"]),
+                    _num(r["loss_gap_mean"], r["loss_gap_std"])]
+        study = r["study_test_acc"]
+        rows.append(row + ["—" if study is None else f"{100 * study:.2f}"])
+    lines += _table(["network", "setting", "seeds", "train acc", "test acc", "train loss",
+                     "test loss", "test−train loss", "study"], rows)
+    if run["ensemble"]:
+        lines += ["## Bagging ensembles", "",
+                  "Test accuracy (%) over seeds; left out = diverged members of all ensembles.", ""]
+        rows = [[r["network"], r["label"], r["k"], _pct(r["single_mean"], r["single_std"]),
+                 _pct(r["ensemble_mean"], r["ensemble_std"]), f"{r['left_out']}/{r['n_members']}"]
+                for r in ensemble_table(run)]
+        lines += _table(["network", "setting", "k", "single acc", "ensemble acc", "left out"], rows)
+    if run.get("robust") is not None and len(run["attack_eps"]):
+        lines += ["## Accuracy under attack", "",
+                  "Test accuracy (%) over seeds of members that did not diverge.", ""]
+        clean = _final(run["curves"])[:, list(run["metrics"]).index("test_acc")]
+        header = ["network", "setting", "clean"] + [
+            f"{ATTACK_TITLES[a]}@{e:g}" for a in ATTACKS for e in run["attack_eps"]]
+        robust = np.asarray(run["robust"], np.float64)
+        rows = []
+        for net, label, idx in _settings_groups(run):
+            ok = idx[np.asarray(run["diverged"])[idx] == 0]
+            if len(ok):
+                columns = robust[ok].reshape(len(ok), -1).T  # attack-major, as in the header
+                rows.append([net, label, _pct(*_mean_std(clean[ok]))]
+                            + [_pct(*_mean_std(c)) for c in columns])
+            else:
+                rows.append([net, label, f"diverged ({len(idx)}/{len(idx)})"]
+                            + ["—"] * (len(header) - 3))
+        lines += _table(header, rows)
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- figures
+
+def _band(ys: np.ndarray):
+    """Mean, min and max over members per epoch, NaN where no member has a value (no warnings)."""
+    ok = np.isfinite(ys)
+    count = ok.sum(axis=0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean = np.where(ok, ys, 0).sum(axis=0) / count
+    lo = np.where(ok, ys, np.inf).min(axis=0)
+    hi = np.where(ok, ys, -np.inf).max(axis=0)
+    empty = count == 0
+    return np.where(empty, np.nan, mean), np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
+
+
+def _plot_curves(run: dict, kind: str, path: Path) -> None:
+    """accuracy.png / loss.png: rows train and test, a column per network, a line per label."""
+    nets, metrics = _networks(run["settings"]), list(run["metrics"])
+    diverged, epochs = np.asarray(run["diverged"]), np.arange(1, run["curves"].shape[1] + 1)
+    fig, axes = plt.subplots(2, len(nets), figsize=(4 * len(nets), 6.5), squeeze=False)
+    for col, net in enumerate(nets):
+        groups = [(label, idx) for n, label, idx in _settings_groups(run) if n == net]
+        for row, split in enumerate(("train", "test")):
+            ax, j = axes[row, col], metrics.index(f"{split}_{kind}")
+            for c, (label, idx) in enumerate(groups):
+                color, bad = f"C{c % 10}", idx[diverged[idx] > 0]
+                if len(bad) == len(idx):
+                    first, last = diverged[bad].min(), diverged[bad].max()
+                    when = f"{first}–{last}" if last > first else f"{first}"
+                    text = f"{label} (diverged at epoch {when})"
+                    shown = idx
+                else:
+                    text = label + (f" ({len(bad)}/{len(idx)} diverged)" if len(bad) else "")
+                    shown = idx[diverged[idx] == 0]
+                mean, lo, hi = _band(run["curves"][shown, :, j])
+                ax.plot(epochs, mean, color=color, label=text)
+                ax.fill_between(epochs, lo, hi, color=color, alpha=0.2, linewidth=0)
+                for i in bad:  # mark where each diverged member's curve stops
+                    seen = np.flatnonzero(np.isfinite(run["curves"][i, :, j]))
+                    if seen.size:
+                        ax.plot(epochs[seen[-1]], run["curves"][i, seen[-1], j], "x",
+                                color=color, ms=8, mew=2)
+            values = run["curves"][np.concatenate([idx for _, idx in groups]), :, j]
+            if kind == "loss" and np.isfinite(values).any() and np.nanmin(values) > 0:
+                ax.set_yscale("log")
+            ax.set_title(f"{net}: {split} {kind}")
+            ax.set_xlabel("epoch")
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def _plot_bagging(run: dict, path: Path) -> None:
+    """bagging.png: per network, test accuracy vs members k, single vs ensemble (as the study)."""
+    table, nets = ensemble_table(run), _networks(run["settings"])
+    fig, axes = plt.subplots(1, len(nets), figsize=(4.5 * len(nets), 3.5), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        labels = list(dict.fromkeys(r["label"] for r in table if r["network"] == net))
+        for label in labels:
+            rows = [r for r in table if r["network"] == net and r["label"] == label]
+            prefix = f"{label} " if len(labels) > 1 else ""
+            for what in ("single", "ensemble"):
+                ax.errorbar([r["k"] for r in rows], [r[f"{what}_mean"] for r in rows],
+                            yerr=[r[f"{what}_std"] for r in rows], marker="o", capsize=3,
+                            label=prefix + what)
+        ax.set_title(net)
+        ax.set_xlabel("members k")
+        ax.set_ylabel("test accuracy")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+def _plot_robust(run: dict, path: Path) -> None:
+    """robust.png: per network, accuracy vs eps, one line per (label, attack)."""
+    nets, eps = _networks(run["settings"]), np.asarray(run["attack_eps"])
+    diverged, robust = np.asarray(run["diverged"]), np.asarray(run["robust"], np.float64)
+    fig, axes = plt.subplots(1, len(nets), figsize=(4.5 * len(nets), 3.5), squeeze=False)
+    for ax, net in zip(axes[0], nets):
+        groups = [(label, idx) for n, label, idx in _settings_groups(run) if n == net]
+        for c, (label, idx) in enumerate(groups):
+            ok = idx[diverged[idx] == 0]
+            for a, (attack, style) in enumerate(zip(ATTACKS, ("-", "--"))):
+                stats = [_mean_std(robust[ok, a, e]) for e in range(len(eps))]
+                ax.errorbar(eps, [m for m, _ in stats], yerr=[s for _, s in stats],
+                            color=f"C{c % 10}", linestyle=style, marker="o", capsize=3,
+                            label=f"{label} {ATTACK_TITLES[attack]}")
+        ax.set_title(net)
+        ax.set_xlabel("eps")
+        ax.set_ylabel("accuracy under attack")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+
+
+# ---------------------------------------------------------------- all together
+
+def write_results(out_dir: Path, run: dict) -> Path:
+    """Write out_dir/NAME/: metrics.h5, summary.md, accuracy.png, loss.png and, when they
+    apply, bagging.png and robust.png.
+
+    Atomic as a whole: everything is written into out_dir/.NAME.tmp-<pid> and then swapped in,
+    so a failure before the swap leaves an earlier complete result untouched. Returns the folder.
+    """
+    name = str(run["name"])
+    if not name or name.startswith(".") or "/" in name or os.sep in name:
+        raise ValueError(f"sweep name {name!r} is not a plain folder name")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    final = out_dir / name
+    tmp, backup = out_dir / f".{name}.tmp-{os.getpid()}", out_dir / f".{name}.old-{os.getpid()}"
+    # Summaries are computed from the float16 softmax that is stored, so a later regeneration
+    # from metrics.h5 gives the same ensemble accuracies, byte for byte.
+    run = dict(run, test_probs=np.asarray(run["test_probs"], np.float16).astype(np.float32))
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir()
+        write_metrics(tmp / "metrics.h5", run)
+        (tmp / "summary.md").write_text(summary_markdown(run), encoding="utf-8")
+        with warnings.catch_warnings():
+            # An all-diverged panel may have nothing to draw; matplotlib warns, the legend explains.
+            warnings.simplefilter("ignore", UserWarning)
+            _plot_curves(run, "acc", tmp / "accuracy.png")
+            _plot_curves(run, "loss", tmp / "loss.png")
+            if run["ensemble"]:
+                _plot_bagging(run, tmp / "bagging.png")
+            if run.get("robust") is not None and len(run["attack_eps"]):
+                _plot_robust(run, tmp / "robust.png")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if final.exists():
+        shutil.rmtree(backup, ignore_errors=True)
+        final.rename(backup)
+    try:
+        tmp.rename(final)
+    except BaseException:
+        if backup.exists():
+            backup.rename(final)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+    return final

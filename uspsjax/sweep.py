@@ -1,0 +1,579 @@
+"""Sweeps: read a TOML grid, split it into static groups, train each group as one vmapped
+population, write `results/NAME/`.
+
+    python -m uspsjax.sweep lr                 # sweeps/lr.toml
+    python -m uspsjax.sweep path/to/mine.toml --epochs 5 --seeds 2 --networks fc,cnn
+
+A sweep file (see `sweeps/*.toml`):
+
+    name = "lr"                      # results go to OUT/NAME
+    description = "..."
+    networks = ["fc", "lc", "cnn"]
+    seeds = 3
+    [base]                           # settings for every member
+    epochs = 20
+    lr = 1e-3
+    [per_network.lc]                 # settings for one network, over base
+    epochs = 30
+    [cpu.lc]                         # only when running on a CPU: the LC net is slow there
+    epochs = 2                       # (also `seeds`); said in the output, --epochs overrides
+    [axes]                           # the grid: every combination, for every network and seed
+    lr = [1e-6, 1e-3, 50]
+    dropout = [{label = "rate 0.1", dropout_conv = 0.1, dropout_dense = 0.1}, ...]  # tied settings
+    [ensemble]                       # bagging: `size` bootstrap members per (setting, seed)
+    size = 6
+    [evaluation]                     # robust accuracy after training
+    attack_eps = [0.05, 0.1]
+    [study.fc]                       # the study's own numbers, shown beside ours
+    test_acc = 0.9357
+
+A setting is any field of `train.Static` (static: one program per distinct combination) or of
+`train.Hparams` (dynamic: traced and vmapped), plus `init` as a name such as "constant(1e5)",
+which sets the family (static) and scale (dynamic).
+"""
+
+import argparse
+import dataclasses
+import itertools
+import json
+import math
+import platform
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+from uspsjax.errors import InputError
+from uspsjax.models import BATCHNORM, L1_AT, LC_FANS, NETWORKS, parse_init
+from uspsjax.train import ADVERSARIAL, DTYPES, HPARAM_DEFAULTS, Static
+
+SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
+TOP_KEYS = {"name", "description", "networks", "seeds", "base", "per_network", "cpu", "axes",
+            "ensemble", "evaluation", "study"}
+STATIC_FIELDS = {f.name: f.type for f in dataclasses.fields(Static)}
+SETTING_KEYS = (set(STATIC_FIELDS) - {"network"}) | set(HPARAM_DEFAULTS) | {"init"}
+CHOICES = {"init": None, "lc_fans": LC_FANS, "batchnorm": BATCHNORM, "l1_at": L1_AT,
+           "dropout_at": ("none", "conv", "dense", "both"), "adversarial": ADVERSARIAL,
+           "dtype": DTYPES}
+# (lowest, highest, lowest allowed itself, highest allowed itself)
+RANGES = {"lr": (0, math.inf, False, False), "momentum": (0, 1, True, False),
+          "dropout_conv": (0, 1, True, False), "dropout_dense": (0, 1, True, False),
+          "l1": (0, math.inf, True, False), "adv_eps": (0, 1, True, True),
+          "bn_momentum": (0, 1, True, False), "epochs": (1, math.inf, True, False),
+          "batch_size": (1, math.inf, True, False), "adv_steps": (1, math.inf, True, False),
+          "init_scale": (-math.inf, math.inf, False, False)}
+
+
+@dataclasses.dataclass(frozen=True)
+class Member:
+    """One model of the grid: its network, seed, bag, label and complete settings."""
+
+    network: str
+    seed: int
+    bag: int
+    label: str
+    static: Static
+    hparams: dict
+
+
+@dataclasses.dataclass
+class Sweep:
+    """A validated sweep file."""
+
+    path: Path
+    text: str
+    name: str
+    description: str
+    networks: list
+    seeds: int
+    base: dict
+    per_network: dict
+    cpu: dict
+    axes: dict
+    ensemble: int
+    attack_eps: tuple
+    attack_samples: int
+    study: dict
+
+
+def _check_setting(where: str, key: str, value, n_train: int) -> None:
+    """Raise InputError unless `value` is a valid value for setting `key`."""
+    if key not in SETTING_KEYS:
+        raise InputError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(SETTING_KEYS))})")
+    if key == "init":
+        if not isinstance(value, str):
+            raise InputError(f"{where}: init must be a string such as \"glorot_uniform\", got {value!r}")
+        try:
+            parse_init(value)
+        except ValueError as e:
+            raise InputError(f"{where}: {e}") from None
+        return
+    kind = STATIC_FIELDS.get(key, float)
+    if kind in ("str", str):
+        if value not in CHOICES[key]:
+            raise InputError(f"{where}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        return
+    if kind in ("bool", bool):
+        if not isinstance(value, bool):
+            raise InputError(f"{where}: {key} must be true or false, got {value!r}")
+        return
+    if kind in ("int", int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise InputError(f"{where}: {key} must be an integer, got {value!r}")
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise InputError(f"{where}: {key} must be a number, got {value!r}")
+    lo, hi, lo_ok, hi_ok = RANGES[key]
+    if key == "batch_size":
+        hi, hi_ok = n_train, True
+    bad = (math.isnan(value) or value < lo or value > hi or (value == lo and not lo_ok)
+           or (value == hi and not hi_ok))
+    if bad:
+        lo_s, hi_s = ("[" if lo_ok else "(") + f"{lo}", f"{hi}" + ("]" if hi_ok else ")")
+        raise InputError(f"{where}: {key} = {value!r} is impossible, it must lie in {lo_s}, {hi_s}")
+
+
+def _check_settings(where: str, table, n_train: int) -> dict:
+    """Validate a table of settings; returns it as a dict."""
+    if not isinstance(table, dict):
+        raise InputError(f"{where}: must be a table of settings, got {table!r}")
+    for key, value in table.items():
+        _check_setting(f"{where}.{key}", key, value, n_train)
+    return dict(table)
+
+
+def load_sweep(name_or_path: str, n_train: int = 7291) -> Sweep:
+    """Find (a name in `sweeps/` or a path), parse and validate a sweep file.
+
+    Every problem raises InputError naming the file, the key and the problem.
+    """
+    path = Path(name_or_path)
+    if not (path.suffix == ".toml" or path.exists()):
+        path = SWEEPS_DIR / f"{name_or_path}.toml"
+    if not path.is_file():
+        known = ", ".join(list_sweeps())
+        raise InputError(f"{name_or_path}: no such sweep (known: {known}) and no such file")
+    text = path.read_text()
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise InputError(f"{path}: not valid TOML: {e}") from None
+    where = str(path)
+    unknown = set(raw) - TOP_KEYS
+    if unknown:
+        raise InputError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
+    name = raw.get("name")
+    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
+        raise InputError(f"{where}: name must be a non-empty string without '/', got {name!r}")
+    networks = raw.get("networks", list(NETWORKS))
+    if not isinstance(networks, list) or not networks:
+        raise InputError(f"{where}: networks must be a non-empty list, got {networks!r}")
+    for net in networks:
+        if net not in NETWORKS:
+            raise InputError(f"{where}: networks: unknown network {net!r} (known: {', '.join(NETWORKS)})")
+    seeds = raw.get("seeds", 3)
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise InputError(f"{where}: seeds must be a positive integer, got {seeds!r}")
+    base = _check_settings(f"{where}: base", raw.get("base", {}), n_train)
+    per_network, cpu = raw.get("per_network", {}), raw.get("cpu", {})
+    for key, tables in (("per_network", per_network), ("cpu", cpu)):
+        if not isinstance(tables, dict):
+            raise InputError(f"{where}: {key} must be a table of network tables")
+        for net, table in tables.items():
+            if net not in NETWORKS:
+                raise InputError(f"{where}: {key}: unknown network {net!r}")
+            if not isinstance(table, dict):
+                raise InputError(f"{where}: {key}.{net} must be a table of settings")
+            table = dict(table)
+            net_seeds = table.pop("seeds", 1) if key == "cpu" else 1
+            if isinstance(net_seeds, bool) or not isinstance(net_seeds, int) or net_seeds < 1:
+                raise InputError(f"{where}: {key}.{net}.seeds must be a positive integer")
+            _check_settings(f"{where}: {key}.{net}", table, n_train)
+    axes = raw.get("axes", {})
+    if not isinstance(axes, dict):
+        raise InputError(f"{where}: axes must be a table of lists")
+    for axis, values in axes.items():
+        at = f"{where}: axes.{axis}"
+        if not isinstance(values, list) or not values:
+            raise InputError(f"{at}: an axis must be a non-empty list, got {values!r}")
+        for v in values:
+            if isinstance(v, dict):
+                label = v.get("label")
+                if label is not None and not isinstance(label, str):
+                    raise InputError(f"{at}: label must be a string, got {label!r}")
+                _check_settings(at, {k: x for k, x in v.items() if k != "label"}, n_train)
+            else:
+                _check_setting(at, axis, v, n_train)
+    ensemble = raw.get("ensemble", {})
+    size = ensemble.get("size", 0) if isinstance(ensemble, dict) else ensemble
+    if isinstance(size, bool) or not isinstance(size, int) or size < 0 or (
+            isinstance(ensemble, dict) and set(ensemble) - {"size"}):
+        raise InputError(f"{where}: ensemble must be a table with an integer size >= 1")
+    evaluation = raw.get("evaluation", {})
+    if not isinstance(evaluation, dict) or set(evaluation) - {"attack_eps", "attack_samples"}:
+        raise InputError(f"{where}: evaluation takes attack_eps (a list) and attack_samples")
+    eps = evaluation.get("attack_eps", [])
+    if not isinstance(eps, list) or not all(
+            isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e <= 1 for e in eps):
+        raise InputError(f"{where}: evaluation.attack_eps must be a list of numbers in (0, 1], got {eps!r}")
+    samples = evaluation.get("attack_samples", 2007)
+    if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+        raise InputError(f"{where}: evaluation.attack_samples must be a positive integer")
+    study = raw.get("study", {})
+    if not isinstance(study, dict) or not all(
+            isinstance(v, dict) and all(isinstance(x, (int, float)) for x in v.values())
+            for v in study.values()):
+        raise InputError(f"{where}: study must hold one table of numbers per network")
+    description = raw.get("description", "")
+    if not isinstance(description, str):
+        raise InputError(f"{where}: description must be a string")
+    return Sweep(path, text, name, description, networks, seeds, base, per_network, cpu, axes, size,
+                 tuple(float(e) for e in eps), samples, study)
+
+
+def list_sweeps() -> list[str]:
+    """The names of the sweeps shipped in `sweeps/`."""
+    return sorted(p.stem for p in SWEEPS_DIR.glob("*.toml"))
+
+
+def _axis_points(axis: str, values: list) -> list[tuple[str, dict]]:
+    """(label part, settings) for each value of one axis."""
+    points = []
+    for v in values:
+        if isinstance(v, dict):
+            settings = {k: x for k, x in v.items() if k != "label"}
+            label = v.get("label") or ",".join(f"{k}={x}" for k, x in settings.items())
+            points.append((label, settings))
+        else:
+            points.append((f"{axis}={v}", {axis: v}))
+    return points
+
+
+def cpu_limits(sweep: Sweep, overrides: dict, on_cpu: bool) -> dict:
+    """The sweep's `[cpu.NET]` settings that apply: on a CPU, for the networks run, less what the
+    command line overrides."""
+    if not on_cpu:
+        return {}
+    nets = overrides.get("networks", sweep.networks)
+    return {net: {k: v for k, v in table.items() if k not in overrides}
+            for net, table in sweep.cpu.items() if net in nets}
+
+
+def expand(sweep: Sweep, overrides: dict | None = None, on_cpu: bool = False) -> list[Member]:
+    """Every member of the grid: network x axes x seed (x bag), settings merged in the order
+    defaults < network's study defaults < base < per_network < cpu (on a CPU) < axis values
+    < overrides."""
+    overrides = overrides or {}
+    networks = overrides.get("networks", sweep.networks)
+    settings_over = {k: v for k, v in overrides.items() if k in SETTING_KEYS}
+    limits = cpu_limits(sweep, overrides, on_cpu)
+    grid = list(itertools.product(*(_axis_points(a, v) for a, v in sweep.axes.items())))
+    members = []
+    for net in networks:
+        limit = dict(limits.get(net, {}))
+        seeds = overrides.get("seeds", limit.pop("seeds", sweep.seeds))
+        for point in grid:
+            label = " ".join(part for part, _ in point) or "default"
+            settings = {**NETWORKS[net].defaults, **sweep.base, **sweep.per_network.get(net, {}),
+                        **limit}
+            for _, s in point:
+                settings.update(s)
+            settings.update(settings_over)
+            static, hparams = split_settings(net, settings, where=f"{sweep.path}: {net} {label}")
+            for seed in range(seeds):
+                for bag in range(1, sweep.ensemble + 1) if sweep.ensemble else [0]:
+                    members.append(Member(net, seed, bag, label, static, hparams))
+    return members
+
+
+def split_settings(network: str, settings: dict, where: str) -> tuple[Static, dict]:
+    """Split merged settings into the static part (a `Static`) and the dynamic part (a dict of
+    hyperparameters); `init` contributes to both."""
+    settings = dict(settings)
+    hparams = {k: float(settings.pop(k, v)) for k, v in HPARAM_DEFAULTS.items()}
+    if "init" in settings:
+        family, scale = parse_init(settings.pop("init"))
+        settings["init"] = family
+        hparams["init_scale"] = scale
+    static = Static(network=network, **settings)
+    if static.dropout_at not in NETWORKS[network].dropout_places:
+        raise InputError(f"{where}: dropout_at = {static.dropout_at!r} is impossible for {network} "
+                         f"(it has: {', '.join(NETWORKS[network].dropout_places)})")
+    return static, hparams
+
+
+def group_members(members: list[Member]) -> dict[Static, list[int]]:
+    """Member indices by static group, in order of first appearance: one program per group."""
+    groups: dict[Static, list[int]] = {}
+    for i, m in enumerate(members):
+        groups.setdefault(m.static, []).append(i)
+    return groups
+
+
+def describe_group(static: Static) -> str:
+    """A short label for a static group: the network and every static setting not at its
+    default."""
+    default = Static(network=static.network)
+    parts = [f"{f.name}={getattr(static, f.name)}" for f in dataclasses.fields(Static)
+             if f.name != "network" and getattr(static, f.name) != getattr(default, f.name)]
+    return " ".join([static.network, *parts])
+
+
+def _fingerprint(sweep: Sweep, overrides: dict) -> str:
+    """What a checkpoint must match to be resumed: the sweep file and the overrides."""
+    return json.dumps({"sweep": sweep.text, "overrides": overrides}, sort_keys=True)
+
+
+def environment() -> tuple[str, dict]:
+    """The device description and the versions of the packages that produced a result."""
+    import jax
+    from importlib.metadata import version
+    dev = jax.devices()[0]
+    device = f"{dev.platform}: {getattr(dev, 'device_kind', '')} x{len(jax.devices())}".strip()
+    if dev.platform == "cpu":
+        device = f"cpu: {platform.processor() or platform.machine()} ({_cpu_count()} cores)"
+    versions = {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "h5py")}
+    versions["python"] = platform.python_version()
+    return device, versions
+
+
+def _cpu_count() -> int:
+    import os
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+
+
+def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None, out: Path = Path("results"),
+              checkpoints: Path | None = None, resume: bool = False, devices=None,
+              memory_budget: int | None = None, log=print) -> dict:
+    """Train every static group of `sweep` and return the `run` dict that `results` writes.
+
+    One program is compiled per static group; each trains all its members at once. With
+    `checkpoints`, every group checkpoints after each epoch under `checkpoints/NAME/`, and
+    `resume` continues from there (skipping finished groups).
+    """
+    import jax
+    import numpy as np
+    from uspsjax import population, train
+
+    overrides = overrides or {}
+    on_cpu = (devices or jax.devices())[0].platform == "cpu"
+    members = expand(sweep, overrides, on_cpu)
+    groups = group_members(members)
+    for net, table in cpu_limits(sweep, overrides, on_cpu).items():
+        log(f"sweep {sweep.name}: on this CPU {net} runs with "
+            + ", ".join(f"{k}={v}" for k, v in table.items())
+            + " (the sweep's [cpu] table; --epochs/--seeds override it)")
+    data = train.as_data(dataset)
+    ckpt_root = checkpoints / sweep.name if checkpoints else None
+    if ckpt_root:
+        _prepare_checkpoints(ckpt_root, _fingerprint(sweep, overrides), resume)
+    log(f"sweep {sweep.name}: {len(members)} members in {len(groups)} static groups "
+        f"-> {len(groups)} compiled training programs")
+    evaluation = population.Evaluation(sweep.attack_eps, min(sweep.attack_samples,
+                                                              data.x_test.shape[0]))
+    n_members, max_epochs = len(members), max(s.epochs for s in groups)
+    curves = np.full((n_members, max_epochs, len(train.METRICS)), np.nan, np.float32)
+    diverged = np.zeros(n_members, np.int32)
+    probs = np.zeros((n_members, data.x_test.shape[0], 10), np.float32)
+    robust = np.zeros((n_members, len(population.ATTACKS), len(sweep.attack_eps)), np.float32)
+    group_info = []
+    t_start = time.perf_counter()
+    for g, (static, idx) in enumerate(groups.items()):
+        label = describe_group(static)
+        keys = jax.numpy.stack([population.member_key(members[i].seed, members[i].bag or None)
+                                for i in idx])
+        hps = population.stack([train.make_hparams(**members[i].hparams) for i in idx])
+        t0 = time.perf_counter()
+        samples = data.x_train.shape[0] // static.batch_size * static.batch_size
+
+        def progress(info, g=g, label=label, t0=t0, samples=samples):
+            elapsed = time.perf_counter() - t0
+            done = (info["chunk"] - 1) * static.epochs + info["epoch"]
+            total = info["chunks"] * static.epochs
+            rate = info["members"] * samples / info["seconds"]
+            chunk = f" chunk {info['chunk']}/{info['chunks']}" if info["chunks"] > 1 else ""
+            log(f"  [{g + 1}/{len(groups)}] {label}{chunk}: epoch {info['epoch']}/{info['epochs']}, "
+                f"{info['members']} members, {rate:,.0f} samples/s, "
+                f"~{elapsed / done * (total - done):.0f} s left")
+
+        ckpt = ckpt_root / f"group{g}" if ckpt_root else None
+        if ckpt:
+            ckpt.mkdir(parents=True, exist_ok=True)
+        res = population.run_group(static, keys, hps, data, devices=devices,
+                                   memory_budget=memory_budget, evaluation=evaluation,
+                                   checkpoint=ckpt, on_epoch=progress)
+        wall = time.perf_counter() - t0
+        if res["chunks"] > 1:
+            log(f"  [{g + 1}/{len(groups)}] {label}: ran in {res['chunks']} chunks to fit memory")
+        curves[idx, : static.epochs] = res["curves"]
+        diverged[idx] = res["diverged"]
+        probs[idx] = res["test_probs"]
+        if sweep.attack_eps:
+            robust[idx] = res["robust"]
+        group_info.append({"label": label, "members": len(idx), "wall_time_s": wall,
+                           "chunks": int(res["chunks"])})
+        log(f"  [{g + 1}/{len(groups)}] {label}: {len(idx)} members done in {wall:.1f} s")
+    device, versions = environment()
+    settings = []
+    for g, (static, idx) in enumerate(groups.items()):
+        for i in idx:
+            m = members[i]
+            settings.append((i, {"network": m.network, "seed": m.seed, "bag": m.bag,
+                                 "label": m.label, "group": g,
+                                 **{k: v for k, v in dataclasses.asdict(m.static).items()
+                                    if k != "network"}, **m.hparams}))
+    return {
+        "name": sweep.name, "description": sweep.description, "sweep_text": sweep.text,
+        "overrides": overrides, "metrics": train.METRICS,
+        "settings": [s for _, s in sorted(settings, key=lambda t: t[0])],
+        "curves": curves, "diverged": diverged, "test_probs": probs, "y_test": np.asarray(data.y_test),
+        "robust": robust if sweep.attack_eps else None, "attack_eps": list(sweep.attack_eps),
+        "ensemble": sweep.ensemble, "study": sweep.study, "device": device, "versions": versions,
+        "wall_time_s": time.perf_counter() - t_start, "programs": len(groups), "groups": group_info,
+    }
+
+
+def _prepare_checkpoints(root: Path, fingerprint: str, resume: bool) -> None:
+    """Start fresh checkpoints, or check that the ones to resume belong to this sweep."""
+    import shutil
+    stamp = root / "sweep.json"
+    if resume:
+        if not stamp.is_file():
+            raise InputError(f"{root}: nothing to resume (no checkpoint of this sweep)")
+        if stamp.read_text() != fingerprint:
+            raise InputError(f"{root}: the checkpoint is of a different sweep file or overrides; "
+                             "run without --resume to start again")
+        return
+    if root.exists():
+        shutil.rmtree(root)
+    root.mkdir(parents=True)
+    stamp.write_text(fingerprint)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports a bad flag as one line and exit status 2 (as InputError does)."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message}\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m uspsjax.sweep`."""
+    p = _Parser(prog="python -m uspsjax.sweep",
+                description="Train every member of a sweep (a grid of networks x settings x "
+                            "seeds) as vmapped populations, one compiled program per static "
+                            "group, and write results/NAME/ (metrics.h5, summary.md, figures).")
+    p.add_argument("sweep", nargs="?", help="a sweep name from sweeps/ (see --list), a path to a "
+                   "sweep TOML file, or 'all' for every study sweep in order")
+    p.add_argument("--list", action="store_true", help="list the shipped sweeps and exit")
+    p.add_argument("--networks", help="comma-separated networks to run (default: the sweep's)")
+    p.add_argument("--epochs", type=_positive_int, help="epochs for every member (overrides the sweep)")
+    p.add_argument("--seeds", type=_positive_int, help="seeds per setting (overrides the sweep)")
+    p.add_argument("--data", help="the USPS h5 file (default: $USPSJAX_DATA, the user cache, "
+                   "else download and verify the public copy)")
+    p.add_argument("--out", default="results", help="results folder (default: results/)")
+    p.add_argument("--checkpoints", default="checkpoints",
+                   help="where per-epoch checkpoints go (default: checkpoints/, git-ignored)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue an interrupted run from its last completed epoch")
+    p.add_argument("--devices", type=_positive_int,
+                   help="shard the member axis over this many local devices (default: all)")
+    p.add_argument("--distributed", action="store_true",
+                   help="call jax.distributed.initialize() first (multi-host; see README)")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    return p
+
+
+def _check_out(out: Path) -> None:
+    """Refuse an output folder that is a file or cannot be written, before any training."""
+    import os
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{out}: the output folder is a file")
+    if not os.access(probe, os.W_OK):
+        raise InputError(f"{out}: the output folder is not writable")
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status (2 for bad input, with a one-line error)."""
+    args = build_parser().parse_args(argv)
+    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    try:
+        if args.list:
+            for name in list_sweeps():
+                print(f"{name:12s} {load_sweep(name).description}")
+            return 0
+        if not args.sweep:
+            raise InputError("no sweep given (try --list)")
+        names = STUDY_ORDER if args.sweep == "all" else [args.sweep]
+        sweeps = [load_sweep(n) for n in names]
+        overrides = {}
+        if args.networks:
+            nets = [n.strip() for n in args.networks.split(",") if n.strip()]
+            bad = [n for n in nets if n not in NETWORKS]
+            if bad or not nets:
+                raise InputError(f"--networks: unknown network {bad[0] if bad else args.networks!r}"
+                                 f" (known: {', '.join(NETWORKS)})")
+            overrides["networks"] = nets
+        if args.epochs:
+            overrides["epochs"] = args.epochs
+        if args.seeds:
+            overrides["seeds"] = args.seeds
+        out = Path(args.out)
+        _check_out(out)
+        for sweep in sweeps:
+            expand(sweep, overrides)  # validates every member before anything trains
+        if args.resume and args.sweep != "all":
+            _prepare_checkpoints(Path(args.checkpoints) / sweeps[0].name,
+                                 _fingerprint(sweeps[0], overrides), resume=True)
+        from uspsjax import data as data_mod, results
+        dataset = data_mod.load(args.data)
+        if args.distributed:
+            import jax
+            jax.distributed.initialize()
+        devices = None
+        if args.devices:
+            import jax
+            if args.devices > len(jax.devices()):
+                raise InputError(f"--devices {args.devices}: only {len(jax.devices())} devices here")
+            devices = jax.devices()[: args.devices]
+        for sweep in sweeps:
+            done = out / sweep.name / "metrics.h5"
+            ckpt = Path(args.checkpoints) / sweep.name
+            if args.sweep == "all" and args.resume and done.exists() and not (ckpt / "sweep.json").exists():
+                log(f"sweep {sweep.name}: already complete in {done}, skipped")
+                continue
+            resume = args.resume and (ckpt / "sweep.json").exists()
+            run = run_sweep(sweep, dataset, overrides=overrides, out=out,
+                            checkpoints=Path(args.checkpoints), resume=resume, devices=devices, log=log)
+            folder = results.write_results(out, run)
+            import shutil
+            shutil.rmtree(ckpt, ignore_errors=True)
+            print((folder / "summary.md").read_text())
+            log(f"sweep {sweep.name}: {run['wall_time_s']:.0f} s on {run['device']}; wrote {folder}/")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"\ninterrupted: the last completed epoch is checkpointed in {args.checkpoints}/; "
+              f"continue with: python -m uspsjax.sweep {args.sweep} --resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+STUDY_ORDER = ["baseline", "init", "lr", "batch", "momentum", "bagging", "dropout", "l1",
+               "adversarial", "batchnorm"]
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,277 @@
+"""Training one member: a pure `train(key, hparams) -> (state, curves)` built from static settings.
+
+`Static` holds what changes the compiled program (network, batch size, epochs, initializer
+family, where batch norm / dropout / L1 sit, adversarial training); `Hparams` holds the numbers
+that are traced and can be vmapped over a population (learning rate, momentum, initializer
+scale, dropout rates, L1 coefficient, adversarial epsilon). Nothing here knows about populations:
+`population` vmaps these functions over a leading member axis.
+
+Curves have one row per epoch and the columns of `METRICS`. Train loss and accuracy are the
+running means over the epoch's batches (as Keras reports them, dropout on); test loss and
+accuracy are evaluated after the epoch with dropout off and batch-norm running averages.
+"""
+
+import dataclasses
+from functools import partial
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from uspsjax import attacks
+from uspsjax.models import NETWORKS, draw_kernel
+
+METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
+ADVERSARIAL = ("none", "fgsm", "pgd")
+DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+    """Settings that change shapes or the program: one compiled program per distinct value."""
+
+    network: str = "fc"
+    batch_size: int = 16
+    epochs: int = 20
+    init: str = "glorot_uniform"  # kernel family; its scale is the dynamic `init_scale`
+    lc_fans: str = "position"     # "position" or "keras": how LC kernels' fans are counted
+    batchnorm: str = "none"       # "none", "before" or "after" the activation
+    bn_momentum: float = 0.99
+    dropout_at: str = "none"      # "none", "conv", "dense" or "both"
+    l1_at: str = "none"           # "none", "hidden" or "last" (hidden layer)
+    adversarial: str = "none"     # "none", "fgsm" (with random start) or "pgd"
+    adv_steps: int = 7            # PGD steps in adversarial training
+    bootstrap: bool = False       # train each member on its own bootstrap resample
+    dtype: str = "float32"        # compute dtype; parameters stay float32
+
+
+@struct.dataclass
+class Hparams:
+    """Per-member numbers, traced (each a scalar; a population stacks them on a leading axis)."""
+
+    lr: jax.Array
+    momentum: jax.Array
+    init_scale: jax.Array
+    dropout_conv: jax.Array
+    dropout_dense: jax.Array
+    l1: jax.Array
+    adv_eps: jax.Array
+
+
+HPARAM_DEFAULTS = {"lr": 1e-3, "momentum": 0.0, "init_scale": 1.0, "dropout_conv": 0.0,
+                   "dropout_dense": 0.0, "l1": 0.0, "adv_eps": 0.0}
+
+
+def make_hparams(**values) -> Hparams:
+    """Hparams from keyword values (missing ones take `HPARAM_DEFAULTS`), as float32 arrays."""
+    merged = {**HPARAM_DEFAULTS, **values}
+    return Hparams(**{k: jnp.asarray(v, jnp.float32) for k, v in merged.items()})
+
+
+@struct.dataclass
+class MemberState:
+    """Everything one member carries from epoch to epoch."""
+
+    params: dict
+    batch_stats: dict
+    opt_state: optax.OptState
+    key: jax.Array          # shuffles and dropout; split off the member's seed key
+    train_idx: jax.Array    # (N,) indices of its training set: arange, or a bootstrap resample
+    epoch: jax.Array        # completed epochs
+    diverged: jax.Array     # epoch (1-based) in which the loss became non-finite, 0 if never
+
+
+class Data(NamedTuple):
+    """The arrays training reads; shared by every member (never vmapped)."""
+
+    x_train: jax.Array
+    y_train: jax.Array
+    x_test: jax.Array
+    y_test: jax.Array
+
+
+def make_model(static: Static):
+    """The Flax module for `static.network` with its static options."""
+    return NETWORKS[static.network](batchnorm=static.batchnorm, bn_momentum=static.bn_momentum,
+                                    dropout_at=static.dropout_at, l1_at=static.l1_at)
+
+
+def make_optimizer(hp: Hparams) -> optax.GradientTransformation:
+    """SGD with momentum, its learning rate and momentum held as optimizer state
+    (`inject_hyperparams`), so one transformation serves a whole population."""
+    return optax.inject_hyperparams(optax.sgd)(learning_rate=hp.lr, momentum=hp.momentum)
+
+
+def init_params(static: Static, key: jax.Array, init_scale: jax.Array):
+    """Flax variables with every kernel drawn from `static.init` times `init_scale`, biases zero
+    (the Keras defaults the study relied on)."""
+    model = make_model(static)
+    variables = jax.eval_shape(partial(model.init, train=False), jax.random.key(0),
+                               jnp.zeros((1, 256), jnp.float32))
+    variables = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), variables)
+    if "batch_stats" in variables:
+        variables["batch_stats"] = jax.tree_util.tree_map_with_path(
+            lambda path, v: jnp.ones_like(v) if path[-1].key == "var" else v,
+            variables["batch_stats"])
+
+    def draw(path, leaf, leaf_key):
+        name = path[-1].key
+        if name == "kernel":
+            per_position = leaf.ndim == 3 and static.lc_fans == "position"
+            return draw_kernel(static.init, leaf_key, leaf.shape, init_scale, per_position)
+        if name == "scale":  # batch-norm gain
+            return jnp.ones_like(leaf)
+        return leaf
+
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(variables["params"])
+    keys = jax.random.split(key, len(leaves))
+    params = treedef.unflatten([draw(p, v, k) for (p, v), k in zip(leaves, keys)])
+    return params, variables.get("batch_stats", {})
+
+
+def init_member(static: Static, key: jax.Array, hp: Hparams, n_train: int) -> MemberState:
+    """A fresh member from its seed key: parameters, optimizer state, its training indices."""
+    k_init, k_boot, k_run = jax.random.split(key, 3)
+    params, batch_stats = init_params(static, k_init, hp.init_scale)
+    if static.bootstrap:
+        train_idx = jax.random.randint(k_boot, (n_train,), 0, n_train)
+    else:
+        train_idx = jnp.arange(n_train)
+    return MemberState(params=params, batch_stats=batch_stats,
+                       opt_state=make_optimizer(hp).init(params), key=k_run,
+                       train_idx=train_idx.astype(jnp.int32), epoch=jnp.zeros((), jnp.int32),
+                       diverged=jnp.zeros((), jnp.int32))
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
+    """Per-sample softmax cross-entropy, computed in float32."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+
+
+def forward(static: Static, params, batch_stats, x, hp: Hparams, *, train: bool, key=None):
+    """Logits, updated batch statistics and the L1 activity penalty for a batch `x`."""
+    model = make_model(static)
+    dtype = jnp.dtype(static.dtype)
+    if dtype != jnp.float32:
+        params = jax.tree.map(lambda p: p.astype(dtype), params)
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    logits, updates = model.apply(
+        variables, x.astype(dtype), train=train, rates=(hp.dropout_conv, hp.dropout_dense),
+        rngs={"dropout": key} if train else {}, mutable=["batch_stats", "losses"])
+    penalty = sum(jnp.sum(v) for v in jax.tree.leaves(updates.get("losses", {})))
+    return logits, updates.get("batch_stats", batch_stats), jnp.asarray(penalty, jnp.float32)
+
+
+def adversarial_batch(static: Static, params, batch_stats, x, y, hp: Hparams, key):
+    """The batch `x` attacked at `hp.adv_eps` (FGSM with random start, or PGD) against the
+    member's current parameters, in evaluation mode."""
+    def loss_fn(x_in):
+        logits, _, _ = forward(static, params, batch_stats, x_in, hp, train=False)
+        return jnp.sum(cross_entropy(logits, y))
+
+    if static.adversarial == "fgsm":
+        return attacks.fgsm(loss_fn, x, hp.adv_eps, key=key, random_start=True)
+    return attacks.pgd(loss_fn, x, hp.adv_eps, steps=static.adv_steps,
+                       step_size=2.5 * hp.adv_eps / static.adv_steps, key=key)
+
+
+def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key):
+    """One SGD step on batch (x, y). Returns the new state, the batch loss and accuracy.
+
+    With adversarial training the objective is half clean and half adversarial loss
+    (Goodfellow et al. 2015). A member whose loss is not finite keeps its old state.
+    """
+    k_adv, k_drop = jax.random.split(key)
+
+    def objective(params):
+        logits, batch_stats, penalty = forward(static, params, state.batch_stats, x, hp,
+                                               train=True, key=k_drop)
+        ce = jnp.mean(cross_entropy(logits, y))
+        loss = ce
+        if static.adversarial != "none":
+            x_adv = adversarial_batch(static, params, state.batch_stats, x, y, hp, k_adv)
+            adv_logits, _, _ = forward(static, params, state.batch_stats, x_adv, hp, train=True,
+                                       key=k_drop)
+            loss = 0.5 * ce + 0.5 * jnp.mean(cross_entropy(adv_logits, y))
+        acc = jnp.mean(jnp.argmax(logits, -1) == y)
+        return loss + hp.l1 * penalty, (ce, acc, batch_stats)
+
+    grads, (ce, acc, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+    updates, opt_state = make_optimizer(hp).update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
+    healthy = jnp.isfinite(ce)
+    new = jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, state)
+    return new, ce, acc, healthy
+
+
+def evaluate(static: Static, state: MemberState, hp: Hparams, x, y, chunk: int = 512):
+    """Mean loss, accuracy and softmax probabilities `(N, 10)` over (x, y), in evaluation mode,
+    in chunks of `chunk` samples so the LC network's activations stay small."""
+    n = x.shape[0]
+    pad = -n % chunk
+    xs = jnp.pad(x, ((0, pad), (0, 0))).reshape(-1, chunk, x.shape[1])
+
+    def logits_of(xb):
+        return forward(static, state.params, state.batch_stats, xb, hp, train=False)[0]
+
+    logits = jax.lax.map(logits_of, xs).reshape(-1, 10)[:n].astype(jnp.float32)
+    loss = jnp.mean(cross_entropy(logits, y))
+    acc = jnp.mean(jnp.argmax(logits, -1) == y)
+    return loss, acc, jax.nn.softmax(logits)
+
+
+def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data):
+    """One epoch: a new shuffle of the member's training indices, full batches only (the last
+    partial batch is dropped; the next shuffle covers it), then evaluation on the test set.
+
+    Returns the new state and this epoch's metrics `(len(METRICS),)`; NaN once diverged.
+    """
+    n = state.train_idx.shape[0]
+    steps = n // static.batch_size
+    epoch_key = jax.random.fold_in(state.key, state.epoch)
+    k_perm, k_steps = jax.random.split(epoch_key)
+    order = jax.random.permutation(k_perm, state.train_idx)[: steps * static.batch_size]
+    batches = order.reshape(steps, static.batch_size)
+    step_keys = jax.random.split(k_steps, steps)
+
+    def body(carry, inputs):
+        st, healthy = carry
+        idx, k = inputs
+        st, loss, acc, ok = train_step(static, st, hp, data.x_train[idx], data.y_train[idx], k)
+        return (st, healthy & ok), (loss, acc)
+
+    was_healthy = state.diverged == 0
+    (state, healthy), (losses, accs) = jax.lax.scan(body, (state, was_healthy),
+                                                    (batches, step_keys))
+    epoch = state.epoch + 1
+    diverged = jnp.where(was_healthy & ~healthy, epoch, state.diverged)
+    state = state.replace(epoch=epoch, diverged=diverged)
+    test_loss, test_acc, _ = evaluate(static, state, hp, data.x_test, data.y_test)
+    metrics = jnp.stack([jnp.mean(losses), jnp.mean(accs), test_loss, test_acc])
+    return state, jnp.where(diverged > 0, jnp.nan, metrics)
+
+
+def make_train(static: Static, data: Data):
+    """A pure `train(key, hp) -> (state, curves)`: `static.epochs` epochs from the seed key,
+    curves of shape `(epochs, len(METRICS))`. It can be jitted and vmapped over (key, hp)."""
+    n_train = data.x_train.shape[0]
+
+    def train(key: jax.Array, hp: Hparams):
+        state = init_member(static, key, hp, n_train)
+
+        def epoch_body(st, _):
+            return train_epoch(static, st, hp, data)
+
+        return jax.lax.scan(epoch_body, state, None, length=static.epochs)
+
+    return train
+
+
+def as_data(dataset) -> Data:
+    """Device arrays from a `uspsjax.data.Dataset` (or any object with its four fields)."""
+    return Data(*(jnp.asarray(np.asarray(a)) for a in
+                  (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)))
