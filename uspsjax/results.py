@@ -34,16 +34,13 @@ that did not diverge.
 import json
 import os
 import shutil
-import warnings
 from datetime import datetime, timezone
 from pathlib import Path
 
 import h5py
-import matplotlib
 import numpy as np
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen before pyplot loads)
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 SCHEMA_VERSION = 1
 ATTACKS = ("fgsm", "pgd20")
@@ -129,32 +126,24 @@ def read_metrics(path: Path) -> dict:
     """
     with h5py.File(path, "r") as f:
         a = f.attrs
+        if int(a["schema_version"]) != SCHEMA_VERSION:
+            raise ValueError(f"{path}: schema_version {a['schema_version']}, "
+                             f"this code reads {SCHEMA_VERSION}")
+        run = {k: str(a[k]) for k in ("name", "description", "sweep_text", "device", "created")}
+        run.update({k: json.loads(a[k]) for k in ("overrides", "study", "versions")})
+        run.update({k: int(a[k]) for k in ("programs", "ensemble", "schema_version")})
+        run["wall_time_s"] = float(a["wall_time_s"])
+        run["attack_eps"] = [float(e) for e in a["attack_eps"]]
+        run["metrics"] = tuple(str(m) for m in f["curves"].attrs["metrics"])
+        for key in ("curves", "diverged", "y_test"):
+            run[key] = f[key][()]
+        run["test_probs"] = f["test_probs"][()].astype(np.float32)
+        run["robust"] = f["robust"][()] if "robust" in f else None
         columns = {k: _read_column(ds) for k, ds in f["settings"].items()}
-        n = len(f["diverged"])
+        run["settings"] = [{k: c[i] for k, c in columns.items()} for i in range(len(run["diverged"]))]
         groups = {k: _read_column(ds) for k, ds in f["groups"].items()}
-        return {
-            "name": str(a["name"]),
-            "description": str(a["description"]),
-            "sweep_text": str(a["sweep_text"]),
-            "overrides": json.loads(a["overrides"]),
-            "metrics": tuple(str(m) for m in f["curves"].attrs["metrics"]),
-            "settings": [{k: col[i] for k, col in columns.items()} for i in range(n)],
-            "curves": f["curves"][()],
-            "diverged": f["diverged"][()],
-            "test_probs": f["test_probs"][()].astype(np.float32),
-            "y_test": f["y_test"][()],
-            "robust": f["robust"][()] if "robust" in f else None,
-            "attack_eps": [float(e) for e in a["attack_eps"]],
-            "ensemble": int(a["ensemble"]),
-            "study": json.loads(a["study"]),
-            "device": str(a["device"]),
-            "versions": json.loads(a["versions"]),
-            "wall_time_s": float(a["wall_time_s"]),
-            "programs": int(a["programs"]),
-            "groups": [dict(zip(groups, row)) for row in zip(*groups.values())],
-            "created": str(a["created"]),
-            "schema_version": int(a["schema_version"]),
-        }
+        run["groups"] = [dict(zip(groups, row)) for row in zip(*groups.values())]
+    return run
 
 
 # ---------------------------------------------------------------- statistics
@@ -280,7 +269,8 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
 
 def summary_markdown(run: dict) -> str:
     """The text of summary.md: deterministic (no timestamps), so regeneration is byte-identical."""
-    lines = [f"# Sweep {run['name']}", "", run["description"].strip(), "",
+    description = run["description"].strip()
+    lines = [f"# Sweep {run['name']}", "", *([description, ""] if description else []),
              f"Device: {run['device']}; wall time {run['wall_time_s']:.1f} s; "
              f"{run['programs']} programs; {len(run['settings'])} members."]
     if run["overrides"]:
@@ -346,29 +336,44 @@ def _band(ys: np.ndarray):
     return np.where(empty, np.nan, mean), np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
 
 
+def _panels(rows: int, cols: int, width: float, height: float):
+    # Figure without pyplot: nothing is registered globally, so a failed plot leaks nothing.
+    fig = Figure(figsize=(width * cols, height * rows), dpi=DPI)
+    return fig, fig.subplots(rows, cols, squeeze=False)
+
+
+def _save(fig, axes, path: Path, integer_x: bool = True) -> None:
+    for ax in axes.flat:
+        if integer_x:  # epochs and k are whole numbers; no "1.5 epochs" ticks
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if ax.get_legend_handles_labels()[0]:  # an empty legend only draws a warning
+            ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def _plot_curves(run: dict, kind: str, path: Path) -> None:
     """accuracy.png / loss.png: rows train and test, a column per network, a line per label."""
     nets, metrics = _networks(run["settings"]), list(run["metrics"])
     diverged, epochs = np.asarray(run["diverged"]), np.arange(1, run["curves"].shape[1] + 1)
-    fig, axes = plt.subplots(2, len(nets), figsize=(4 * len(nets), 6.5), squeeze=False)
+    fig, axes = _panels(2, len(nets), 4.0, 3.3)
     for col, net in enumerate(nets):
         groups = [(label, idx) for n, label, idx in _settings_groups(run) if n == net]
         for row, split in enumerate(("train", "test")):
             ax, j = axes[row, col], metrics.index(f"{split}_{kind}")
             for c, (label, idx) in enumerate(groups):
                 color, bad = f"C{c % 10}", idx[diverged[idx] > 0]
-                if len(bad) == len(idx):
+                if len(bad) == len(idx):  # nothing healthy: show the runs up to divergence
                     first, last = diverged[bad].min(), diverged[bad].max()
                     when = f"{first}–{last}" if last > first else f"{first}"
-                    text = f"{label} (diverged at epoch {when})"
-                    shown = idx
+                    text, shown = f"{label} (diverged at epoch {when})", idx
                 else:
                     text = label + (f" ({len(bad)}/{len(idx)} diverged)" if len(bad) else "")
                     shown = idx[diverged[idx] == 0]
                 mean, lo, hi = _band(run["curves"][shown, :, j])
-                ax.plot(epochs, mean, color=color, label=text)
+                ax.plot(epochs, mean, ".-", color=color, label=text)
                 ax.fill_between(epochs, lo, hi, color=color, alpha=0.2, linewidth=0)
-                for i in bad:  # mark where each diverged member's curve stops
+                for i in bad:  # an x where each diverged member's curve stops
                     seen = np.flatnonzero(np.isfinite(run["curves"][i, :, j]))
                     if seen.size:
                         ax.plot(epochs[seen[-1]], run["curves"][i, seen[-1], j], "x",
@@ -376,57 +381,42 @@ def _plot_curves(run: dict, kind: str, path: Path) -> None:
             values = run["curves"][np.concatenate([idx for _, idx in groups]), :, j]
             if kind == "loss" and np.isfinite(values).any() and np.nanmin(values) > 0:
                 ax.set_yscale("log")
-            ax.set_title(f"{net}: {split} {kind}")
-            ax.set_xlabel("epoch")
-            ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+            ax.set(title=f"{net}: {split} {kind}", xlabel="epoch")
+    _save(fig, axes, path)
 
 
 def _plot_bagging(run: dict, path: Path) -> None:
     """bagging.png: per network, test accuracy vs members k, single vs ensemble (as the study)."""
     table, nets = ensemble_table(run), _networks(run["settings"])
-    fig, axes = plt.subplots(1, len(nets), figsize=(4.5 * len(nets), 3.5), squeeze=False)
+    fig, axes = _panels(1, len(nets), 4.5, 3.5)
     for ax, net in zip(axes[0], nets):
         labels = list(dict.fromkeys(r["label"] for r in table if r["network"] == net))
         for label in labels:
             rows = [r for r in table if r["network"] == net and r["label"] == label]
-            prefix = f"{label} " if len(labels) > 1 else ""
             for what in ("single", "ensemble"):
                 ax.errorbar([r["k"] for r in rows], [r[f"{what}_mean"] for r in rows],
                             yerr=[r[f"{what}_std"] for r in rows], marker="o", capsize=3,
-                            label=prefix + what)
-        ax.set_title(net)
-        ax.set_xlabel("members k")
-        ax.set_ylabel("test accuracy")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+                            label=f"{label} {what}" if len(labels) > 1 else what)
+        ax.set(title=net, xlabel="members k", ylabel="test accuracy")
+    _save(fig, axes, path)
 
 
 def _plot_robust(run: dict, path: Path) -> None:
     """robust.png: per network, accuracy vs eps, one line per (label, attack)."""
     nets, eps = _networks(run["settings"]), np.asarray(run["attack_eps"])
     diverged, robust = np.asarray(run["diverged"]), np.asarray(run["robust"], np.float64)
-    fig, axes = plt.subplots(1, len(nets), figsize=(4.5 * len(nets), 3.5), squeeze=False)
+    fig, axes = _panels(1, len(nets), 4.5, 3.5)
     for ax, net in zip(axes[0], nets):
         groups = [(label, idx) for n, label, idx in _settings_groups(run) if n == net]
         for c, (label, idx) in enumerate(groups):
             ok = idx[diverged[idx] == 0]
-            for a, (attack, style) in enumerate(zip(ATTACKS, ("-", "--"))):
+            for a, (attack, style) in enumerate(zip(ATTACKS, ("-", "--")) if len(ok) else []):
                 stats = [_mean_std(robust[ok, a, e]) for e in range(len(eps))]
                 ax.errorbar(eps, [m for m, _ in stats], yerr=[s for _, s in stats],
                             color=f"C{c % 10}", linestyle=style, marker="o", capsize=3,
                             label=f"{label} {ATTACK_TITLES[attack]}")
-        ax.set_title(net)
-        ax.set_xlabel("eps")
-        ax.set_ylabel("accuracy under attack")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
+        ax.set(title=net, xlabel="eps", ylabel="accuracy under attack")
+    _save(fig, axes, path, integer_x=False)
 
 
 # ---------------------------------------------------------------- all together
@@ -453,15 +443,12 @@ def write_results(out_dir: Path, run: dict) -> Path:
         tmp.mkdir()
         write_metrics(tmp / "metrics.h5", run)
         (tmp / "summary.md").write_text(summary_markdown(run), encoding="utf-8")
-        with warnings.catch_warnings():
-            # An all-diverged panel may have nothing to draw; matplotlib warns, the legend explains.
-            warnings.simplefilter("ignore", UserWarning)
-            _plot_curves(run, "acc", tmp / "accuracy.png")
-            _plot_curves(run, "loss", tmp / "loss.png")
-            if run["ensemble"]:
-                _plot_bagging(run, tmp / "bagging.png")
-            if run.get("robust") is not None and len(run["attack_eps"]):
-                _plot_robust(run, tmp / "robust.png")
+        _plot_curves(run, "acc", tmp / "accuracy.png")
+        _plot_curves(run, "loss", tmp / "loss.png")
+        if run["ensemble"]:
+            _plot_bagging(run, tmp / "bagging.png")
+        if run.get("robust") is not None and len(run["attack_eps"]):
+            _plot_robust(run, tmp / "robust.png")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

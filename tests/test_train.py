@@ -1,0 +1,150 @@
+"""The trainer: vmapped members equal single runs, determinism, divergence, and the semantics
+of bootstrap, dropout, L1 activity and batch normalization."""
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from uspsjax import population
+from uspsjax.models import FC, dropout
+from uspsjax.train import (Hparams, Static, forward, init_member, init_params, make_hparams,
+                           make_train, train_epoch)
+
+
+def single_runs(static, data, keys, hps):
+    train = jax.jit(make_train(static, data))
+    return [train(k, hp) for k, hp in zip(keys, hps)]
+
+
+@pytest.mark.parametrize("static", [
+    Static(network="fc", batch_size=16, epochs=2),
+    Static(network="cnn", batch_size=32, epochs=1, dropout_at="both"),
+    Static(network="fc", batch_size=32, epochs=2, batchnorm="before", bootstrap=True),
+])
+def test_vmapped_member_equals_its_single_run(small, static):
+    keys = [jax.random.key(s) for s in range(3)]
+    hps = [make_hparams(lr=lr, momentum=m, dropout_conv=0.25, dropout_dense=0.5)
+           for lr, m in [(0.01, 0.9), (0.05, 0.0), (0.001, 0.5)]]
+    states, curves = jax.jit(jax.vmap(make_train(static, small)))(
+        jnp.stack(keys), population.stack(hps))
+    for i, (state, curve) in enumerate(single_runs(static, small, keys, hps)):
+        np.testing.assert_allclose(curves[i], curve, rtol=2e-5, atol=2e-6)
+        for a, b in zip(jax.tree.leaves(jax.tree.map(lambda x: x[i], states.params)),
+                        jax.tree.leaves(state.params)):
+            np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5)
+    assert np.all(np.isfinite(curves))
+
+
+def test_same_seed_is_bit_identical(small):
+    train = jax.jit(make_train(Static(network="fc", epochs=2), small))
+    hp = make_hparams(lr=0.01)
+    _, a = train(jax.random.key(7), hp)
+    _, b = train(jax.random.key(7), hp)
+    _, c = train(jax.random.key(8), hp)
+    np.testing.assert_array_equal(a, b)
+    assert not np.array_equal(a, c)
+
+
+def test_divergent_members_are_frozen_and_isolated(small):
+    static = Static(network="fc", batch_size=16, epochs=3)
+    train = jax.jit(jax.vmap(make_train(static, small)))
+    healthy = [make_hparams(lr=0.01, momentum=0.9), make_hparams(lr=0.001)]
+    divergent = [make_hparams(lr=50.0), make_hparams(lr=1e-3, init_scale=1e5)]
+    keys = jnp.stack([jax.random.key(i) for i in range(4)])
+    mixed_state, mixed = train(keys, population.stack(healthy + divergent))
+    alone_state, alone = train(keys[:2], population.stack(healthy))
+    np.testing.assert_array_equal(mixed[:2], alone)
+    assert np.all(np.isfinite(alone))
+    div = np.asarray(mixed_state.diverged)
+    assert list(div[:2]) == [0, 0] and all(div[2:] >= 1)
+    for i in (2, 3):  # NaN from the divergence epoch on, and the parameters frozen finite
+        assert np.all(np.isnan(mixed[i, div[i] - 1:]))
+    assert all(np.all(np.isfinite(np.asarray(p)[:2]))
+               for p in jax.tree.leaves(mixed_state.params))
+
+
+def test_bootstrap_resamples_with_replacement_per_member(small):
+    static = Static(network="fc", bootstrap=True)
+    init = jax.vmap(partial(init_member, static, n_train=512))
+    hp = population.stack([make_hparams()] * 3)
+    keys = jnp.stack([population.member_key(0, bag) for bag in (1, 2, 3)])
+    idx = np.asarray(init(keys, hp).train_idx)
+    again = np.asarray(init(keys, hp).train_idx)
+    np.testing.assert_array_equal(idx, again)
+    for row in idx:
+        assert row.shape == (512,) and row.min() >= 0 and row.max() < 512
+        # With replacement: about 1 - 1/e of the samples are drawn at least once.
+        assert 0.58 < len(np.unique(row)) / 512 < 0.68
+    assert not np.array_equal(idx[0], idx[1]) and not np.array_equal(idx[1], idx[2])
+    plain = init_member(Static(network="fc"), jax.random.key(0), make_hparams(), 512)
+    np.testing.assert_array_equal(plain.train_idx, np.arange(512))
+
+
+def test_dropout_matches_hand_computation():
+    class Drop(FC):
+        def __call__(self, x, *, train, rates=(0.0, 0.0)):
+            return dropout(self, x, rates[1], train)
+
+    x = jnp.arange(1.0, 1001.0).reshape(10, 100)
+    key = jax.random.key(3)
+    rate = jnp.float32(0.25)
+    y = Drop().apply({}, x, train=True, rates=(0.0, rate), rngs={"dropout": key})
+    mask = jax.random.bernoulli(jax.random.fold_in(key, 0), 0.75, x.shape)
+    kept = np.asarray(y) != 0
+    np.testing.assert_allclose(np.asarray(y)[kept], np.asarray(x)[kept] / 0.75, rtol=1e-6)
+    assert 0.70 < kept.mean() < 0.80
+    np.testing.assert_array_equal(Drop().apply({}, x, train=False, rates=(0.0, rate)), x)
+    np.testing.assert_array_equal(
+        Drop().apply({}, x, train=True, rates=(0.0, 0.0), rngs={"dropout": key}), x)
+    del mask
+
+
+def test_l1_activity_penalty_matches_keras_semantics():
+    static = Static(network="fc", l1_at="hidden")
+    params, _ = init_params(static, jax.random.key(0), 1.0)
+    x = jax.random.uniform(jax.random.key(1), (8, 256))
+    _, _, penalty = forward(static, params, {}, x, make_hparams(), train=False)
+    # By hand: sum over hidden layers of sum |relu(activation)|, divided by the batch size.
+    h, expected = x, 0.0
+    for name in ["Dense_0", "Dense_1", "Dense_2", "Dense_3", "Dense_4"]:
+        h = jax.nn.relu(h @ params[name]["kernel"] + params[name]["bias"])
+        expected += float(jnp.sum(jnp.abs(h))) / 8
+    assert float(penalty) == pytest.approx(expected, rel=1e-5)
+    last = Static(network="fc", l1_at="last")
+    _, _, p_last = forward(last, params, {}, x, make_hparams(), train=False)
+    assert float(p_last) == pytest.approx(float(jnp.sum(jnp.abs(h))) / 8, rel=1e-5)
+    none = Static(network="fc")
+    assert float(forward(none, params, {}, x, make_hparams(), train=False)[2]) == 0.0
+
+
+def test_batchnorm_statistics_are_per_member_and_eval_uses_running_averages(small):
+    static = Static(network="fc", batchnorm="before", epochs=1, batch_size=64, bn_momentum=0.9)
+    keys = jnp.stack([jax.random.key(0), jax.random.key(1)])
+    hps = population.stack([make_hparams(lr=0.05), make_hparams(lr=0.001)])
+    init = jax.vmap(partial(init_member, static, n_train=512))
+    epoch = jax.jit(jax.vmap(partial(train_epoch, static), in_axes=(0, 0, None)))
+    state, _ = epoch(init(keys, hps), hps, small)
+    mean0 = state.batch_stats["BatchNorm_0"]["mean"]
+    assert not np.allclose(mean0[0], mean0[1])  # each member its own statistics
+    assert not np.allclose(mean0[0], 0.0)       # running averages were updated
+    for i in range(2):  # member i equals its own single run
+        single, _ = jax.jit(partial(train_epoch, static))(
+            init_member(static, keys[i], make_hparams(lr=[0.05, 0.001][i]), 512),
+            make_hparams(lr=[0.05, 0.001][i]), small)
+        np.testing.assert_allclose(mean0[i], single.batch_stats["BatchNorm_0"]["mean"],
+                                   rtol=1e-4, atol=1e-6)
+    # Evaluation uses the running averages: a batch of one gives the same logits as in a batch.
+    member = jax.tree.map(lambda v: v[0], state)
+    hp = make_hparams()
+    x = small.x_test[:16]
+    full = forward(static, member.params, member.batch_stats, x, hp, train=False)[0]
+    one = forward(static, member.params, member.batch_stats, x[:1], hp, train=False)[0]
+    np.testing.assert_allclose(full[:1], one, rtol=1e-5, atol=1e-6)
+    # ... whereas training mode normalizes by the batch's own statistics.
+    trained = forward(static, member.params, member.batch_stats, x, hp, train=True,
+                      key=jax.random.key(0))[0]
+    assert not np.allclose(trained, full, atol=1e-3)
+    assert isinstance(hp, Hparams)
