@@ -140,7 +140,8 @@ def read_metrics(path: Path) -> dict:
         run["test_probs"] = f["test_probs"][()].astype(np.float32)
         run["robust"] = f["robust"][()] if "robust" in f else None
         columns = {k: _read_column(ds) for k, ds in f["settings"].items()}
-        run["settings"] = [{k: c[i] for k, c in columns.items()} for i in range(len(run["diverged"]))]
+        n = len(run["diverged"])
+        run["settings"] = [{k: c[i] for k, c in columns.items()} for i in range(n)]
         groups = {k: _read_column(ds) for k, ds in f["groups"].items()}
         run["groups"] = [dict(zip(groups, row)) for row in zip(*groups.values())]
     return run

@@ -278,10 +278,16 @@ def expand(sweep: Sweep, overrides: dict | None = None, on_cpu: bool = False) ->
             for _, s in point:
                 settings.update(s)
             settings.update(settings_over)
+            if settings.get("dropout_at", "none") not in NETWORKS[net].dropout_places and any(
+                    "dropout_at" in s for _, s in point):
+                continue  # a placement axis reaches layers this network lacks: not its point
             static, hparams = split_settings(net, settings, where=f"{sweep.path}: {net} {label}")
             for seed in range(seeds):
                 for bag in range(1, sweep.ensemble + 1) if sweep.ensemble else [0]:
                     members.append(Member(net, seed, bag, label, static, hparams))
+    for net in networks:
+        if not any(m.network == net for m in members):
+            raise InputError(f"{sweep.path}: no point of the grid applies to {net}")
     return members
 
 

@@ -1,0 +1,123 @@
+"""Sweep files: validation of bad files, grid expansion and static grouping."""
+
+import pytest
+
+from uspsjax import sweep
+from uspsjax.errors import InputError
+from uspsjax.train import Static
+
+GOOD = """
+name = "t"
+networks = ["fc", "cnn"]
+seeds = 2
+[base]
+epochs = 1
+batch_size = 64
+[axes]
+lr = [0.01, 0.1]
+"""
+
+
+def write(tmp_path, text, name="s.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("name = 't'\nbogus = 1", "unknown key 'bogus'"),
+    ("name = 't'\nnetworks = ['rnn']", "unknown network 'rnn'"),
+    ("name = 't'\nnetworks = []", "networks must be a non-empty list"),
+    ("name = 't'\n[base]\ninit = 'glorot'", "unknown initializer 'glorot'"),
+    ("name = 't'\n[base]\nlr = -0.1", "lr = -0.1 is impossible"),
+    ("name = 't'\n[base]\nlr = 'fast'", "lr must be a number"),
+    ("name = 't'\n[base]\nmomentum = 1.0", "momentum = 1.0 is impossible"),
+    ("name = 't'\n[base]\nbatch_size = 0", "batch_size = 0 is impossible"),
+    ("name = 't'\n[base]\nbatch_size = 99999", "batch_size = 99999 is impossible"),
+    ("name = 't'\n[base]\nbatch_size = 16.5", "batch_size must be an integer"),
+    ("name = 't'\n[base]\nepochs = true", "epochs must be an integer"),
+    ("name = 't'\n[base]\nbatchnorm = 'sideways'", "batchnorm must be one of"),
+    ("name = 't'\n[base]\nwarmup = 3", "unknown setting 'warmup'"),
+    ("name = 't'\n[axes]\nlr = []", "an axis must be a non-empty list"),
+    ("name = 't'\n[axes]\nlr = 0.1", "an axis must be a non-empty list"),
+    ("name = 't'\n[axes]\nlr = [0.1, -1]", "lr = -1 is impossible"),
+    ("name = 't'\nseeds = 0", "seeds must be a positive integer"),
+    ("name = 't'\n[base\n", "not valid TOML"),
+    ("networks = ['fc']", "name must be a non-empty string"),
+    ("name = 't'\n[evaluation]\nattack_eps = [2.0]", "attack_eps must be a list of numbers"),
+    ("name = 't'\n[cpu.lc]\nseeds = 0", "cpu.lc.seeds must be a positive integer"),
+])
+def test_bad_sweep_files_name_file_key_and_problem(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(InputError) as err:
+        sweep.load_sweep(str(path))
+    message = str(err.value)
+    assert fragment in message and str(path) in message and "\n" not in message
+
+
+def test_impossible_placement_in_base_is_an_error(tmp_path):
+    path = write(tmp_path, "name = 't'\nnetworks = ['fc']\n[base]\ndropout_at = 'conv'")
+    with pytest.raises(InputError, match="impossible for fc"):
+        sweep.expand(sweep.load_sweep(str(path)))
+
+
+def test_unknown_sweep_name():
+    with pytest.raises(InputError, match="no such sweep"):
+        sweep.load_sweep("nonesuch")
+
+
+def test_shipped_sweeps_are_valid_and_have_the_study_values():
+    for name in sweep.list_sweeps():
+        assert sweep.expand(sweep.load_sweep(name))
+    assert sweep.load_sweep("lr").axes["lr"] == [1e-6, 1e-3, 50.0]
+    assert sweep.load_sweep("init").axes["init"] == ["constant(1e5)", "glorot_uniform",
+                                                      "constant(0.01)"]
+    assert sweep.load_sweep("batch").axes["batch_size"] == [16, 32, 1024]
+    momentum = sweep.load_sweep("momentum")
+    assert momentum.axes["momentum"] == [0.5, 0.9, 0.99]
+    assert (momentum.base["init"], momentum.base["lr"], momentum.base["batch_size"]) == (
+        "glorot_uniform", 1e-3, 16)
+    assert all(sweep.load_sweep(n).seeds >= 3 for n in sweep.list_sweeps())
+
+
+def test_expansion_and_grouping(tmp_path):
+    sw = sweep.load_sweep(str(write(tmp_path, GOOD)))
+    members = sweep.expand(sw)
+    assert len(members) == 2 * 2 * 2  # networks x lr x seeds
+    groups = sweep.group_members(members)
+    assert len(groups) == 2  # lr is dynamic: one program per network
+    assert {s.network for s in groups} == {"fc", "cnn"}
+    cnn = next(m for m in members if m.network == "cnn")
+    assert cnn.static.dropout_at == "both" and cnn.hparams["dropout_dense"] == 0.5
+    over = sweep.expand(sw, {"epochs": 3, "seeds": 1, "networks": ["fc"]})
+    assert len(over) == 2 and all(m.static.epochs == 3 for m in over)
+
+
+def test_init_splits_into_static_family_and_dynamic_scale():
+    members = sweep.expand(sweep.load_sweep("init"), {"networks": ["fc"], "seeds": 1})
+    assert [(m.static.init, m.hparams["init_scale"]) for m in members] == [
+        ("constant", 1e5), ("glorot_uniform", 1.0), ("constant", 0.01)]
+    assert len(sweep.group_members(members)) == 2
+
+
+def test_static_axes_make_groups_and_cpu_limits_apply():
+    batch = sweep.load_sweep("batch")
+    assert len(sweep.group_members(sweep.expand(batch))) == 9
+    cpu = sweep.expand(batch, on_cpu=True)
+    lc = [m for m in cpu if m.network == "lc"]
+    assert len(lc) == 3 and all(m.static.epochs == 1 for m in lc)
+    assert all(m.static.epochs == 20 for m in cpu if m.network != "lc")
+    assert all(m.static.epochs == 20 for m in sweep.expand(batch, on_cpu=False))
+    forced = sweep.expand(batch, {"epochs": 2}, on_cpu=True)
+    assert all(m.static.epochs == 2 for m in forced)
+
+
+def test_placement_axis_skips_networks_without_those_layers():
+    members = sweep.expand(sweep.load_sweep("dropout"), {"seeds": 1})
+    fc = {m.static.dropout_at for m in members if m.network == "fc"}
+    cnn = {m.static.dropout_at for m in members if m.network == "cnn"}
+    assert fc == {"dense"} and cnn == {"dense", "conv", "both"}
+
+
+def test_describe_group():
+    assert sweep.describe_group(Static(network="cnn", batch_size=1024)) == "cnn batch_size=1024"
