@@ -156,7 +156,7 @@ def test_summarize_rows():
     first = rows[0]
     assert first["n"] == 3 and first["n_diverged"] == 0
     assert first["test_acc_mean"] == pytest.approx(0.92)
-    assert first["test_acc_std"] == pytest.approx(np.std([0.90, 0.92, 0.94]), rel=1e-5)
+    assert first["test_acc_std"] == pytest.approx(np.std([0.90, 0.92, 0.94], ddof=1), rel=1e-5)
     assert first["study_test_acc"] == 0.9357
     assert rows[1]["n_diverged"] == 3 and math.isnan(rows[1]["test_acc_mean"])
     assert rows[1]["diverged_epochs"] == [1, 2, 2]
@@ -183,8 +183,8 @@ def test_summary_markdown(tmp_path):
     fc_row = next(line for line in text.splitlines() if line.startswith("| fc | lr=0.001 |"))
     cells = [c.strip() for c in fc_row.strip("|").split("|")]
     assert cells[2] == "3"
-    assert cells[4] == "92.00 ± 1.63"  # test acc: mean and population std of 90, 92, 94 %
-    assert cells[5] == "0.200 ± 0.082"  # train loss: 0.1, 0.2, 0.3
+    assert cells[4] == "92.00 ± 2.00"  # test acc: mean and sample std of 90, 92, 94 %
+    assert cells[5] == "0.200 ± 0.100"  # train loss: 0.1, 0.2, 0.3
     assert cells[8] == "93.57"  # the study's test accuracy
     assert "| fc | lr=50 | 3 | diverged (3/3) |" in text
     cnn_row = next(line for line in text.splitlines() if line.startswith("| cnn | lr=50 |"))
@@ -218,13 +218,13 @@ def test_ensemble_table_and_bagging_outputs(tmp_path):
     assert got == [
         (1, 0.5, 0.0, 0.5, 0.0, 0, 2),
         (2, 0.25, 0.0, 0.5, 0.0, 1, 4),  # seed 1's bag 2 diverged: its single is left out too
-        (3, 0.75, 0.0, 0.875, 0.125, 1, 6),  # seed 0: A+B+C = 3/4, seed 1: A+C = 4/4
+        (3, 0.75, 0.0, 0.875, np.std([0.75, 1.0], ddof=1), 1, 6),  # seed 0: A+B+C = 3/4, seed 1: A+C = 4/4
     ]
     assert results.ensemble_table(make_run()) == []
     folder = results.write_results(tmp_path, run)
     assert (folder / "bagging.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (folder / "summary.md").read_text()
-    assert "| fc | bagging | 3 | 75.00 ± 0.00 | 87.50 ± 12.50 | 1/6 |" in text
+    assert "| fc | bagging | 3 | 75.00 ± 0.00 | 87.50 ± 17.68 | 1/6 |" in text
 
 
 def test_rejects_unstorable_settings(tmp_path):

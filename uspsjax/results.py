@@ -27,7 +27,7 @@ metrics.h5 (schema_version 1; M members, E epochs, N test samples, A attacks, P 
 
 Large datasets are gzip-compressed.
 
-Statistics are over seeds: mean and population std (ddof=0) of the final epoch, over members
+Statistics are over seeds: mean and sample std (ddof=1) of the final epoch, over members
 that did not diverge.
 """
 
@@ -177,7 +177,10 @@ def _final(curves: np.ndarray) -> np.ndarray:
 def _mean_std(x) -> tuple[float, float]:
     x = np.asarray(x, np.float64)
     x = x[np.isfinite(x)]
-    return (float(x.mean()), float(x.std())) if x.size else (float("nan"), float("nan"))
+    if not x.size:
+        return float("nan"), float("nan")
+    # The sample std (ddof=1) estimates the spread of a new seed; one value has no spread.
+    return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
 
 
 def summarize(run: dict) -> list[dict]:
@@ -277,7 +280,7 @@ def summary_markdown(run: dict) -> str:
     if run["overrides"]:
         given = ", ".join(f"{k}={v}" for k, v in run["overrides"].items())
         lines.append(f"Overrides: {given}.")
-    lines += ["Final epoch, mean ± std (population) over seeds of members that did not diverge.",
+    lines += ["Final epoch, mean ± std (sample, ddof=1) over seeds of members that did not diverge.",
               ""]
     rows = []
     for r in summarize(run):

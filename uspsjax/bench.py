@@ -1,0 +1,365 @@
+"""Benchmark the training engine on the current device and set it against the device's own peaks.
+
+    python -m uspsjax.bench                  # full grid: fc, cnn, lc x batch 16/128/1024 x P members
+    python -m uspsjax.bench --quick          # a small grid (< 2 min on a 2-core CPU)
+
+Each row times one jitted, vmapped program that runs S training steps (`train.train_step` under
+`lax.scan`, each member on its own shuffle of real data) for P members, after a warm-up call, and
+reports member-samples/s, achieved FLOP/s from an analytic count, compile time, memory, the share
+of the matmul peak and (weights move ~9 times per step) of the memory-bandwidth bound, and for
+P > 1 the speed-up over P consecutive runs of the P=1 program. Peaks are measured in the same run.
+Writes `OUT/<device>.json` and `OUT/<device>.md` and prints the table.
+"""
+
+import json
+import math
+import re
+import resource
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uspsjax import population, train
+from uspsjax.errors import InputError
+from uspsjax.models import CNN, FC, LC, NETWORKS, count_params
+from uspsjax.sweep import _Parser, environment, expand, load_sweep, split_settings
+
+# (batch sizes, populations) per network; the LC net has 100x the weights, so fewer members.
+FULL_GRID = {"fc": ((16, 128, 1024), (1, 8, 64)), "cnn": ((16, 128, 1024), (1, 8, 64)),
+             "lc": ((16, 128, 1024), (1, 2, 8))}
+QUICK_GRID = {"fc": ((16, 128), (1, 8)), "cnn": ((16, 128), (1, 8)), "lc": ((16,), (1,))}
+WEIGHT_PASSES = 9  # weight-sized reads+writes per SGD step (DESIGN.md: forward, grads, momentum, update)
+FLOOR_SWEEPS = ("init", "lr", "batch", "momentum")
+
+
+def forward_macs(network: str) -> int:
+    """Multiply-accumulates of one forward pass of one sample, from the layer shapes."""
+    if network == "fc":
+        widths = (256, *FC.widths, 10)
+        return sum(a * b for a, b in zip(widths, widths[1:]))
+    if network == "lc":  # kernel 3, valid: L_out = L - 2; MACs L_out * k * C_in * F per layer
+        length, channels, macs = 256, 1, 0
+        for f in LC.filters:
+            length -= 2
+            macs += length * 3 * channels * f
+            channels = f
+        return macs + length * channels * 10
+    if network == "cnn":  # two valid 3x3 convs, 2x2 pool, Dense 128, Dense 10
+        side, channels, macs = 16, 1, 0
+        for f in (32, 64):
+            side -= 2
+            macs += side * side * 9 * channels * f
+            channels = f
+        side //= 2
+        return macs + side * side * channels * 128 + 128 * 10
+    raise InputError(f"unknown network {network!r}")
+
+
+def train_flops_per_sample(network: str) -> int:
+    """Training FLOPs per sample: 2 FLOPs per MAC, times 3 for forward, input and weight grads."""
+    return 3 * 2 * forward_macs(network)
+
+
+def device_slug(device) -> str:
+    """A file name for the device: "cpu", or its kind in lower case, e.g. "nvidia-h100-80gb-hbm3"."""
+    if device.platform == "cpu":
+        return "cpu"
+    return re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-") or device.platform
+
+
+def time_calls(step, carry, repeats: int, target_s: float):
+    """Seconds per call of `carry = step(carry)`: one warm-up call, then the best of `repeats`
+    measurements, each of enough calls to last about `target_s`. Returns (seconds, carry)."""
+    def run(carry, k):
+        t0 = time.perf_counter()
+        for _ in range(k):
+            carry = step(carry)
+        jax.block_until_ready(carry)
+        return carry, time.perf_counter() - t0
+
+    carry, first = run(carry, 1)
+    k = max(1, math.ceil(target_s / max(first, 1e-6)))
+    best = math.inf
+    for _ in range(repeats):
+        carry, t = run(carry, k)
+        best = min(best, t / k)
+    return best, carry
+
+
+def measure_peaks(device, dtype: str, repeats: int, target_s: float) -> dict:
+    """The device's matmul FLOP/s (a large square matmul in `dtype`) and copy bandwidth (bytes
+    read + written per second by `x + 1` on a large float32 array), both measured now."""
+    on_cpu = device.platform == "cpu"
+    n = 2048 if on_cpu else 8192
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
+    matmul = jax.jit(jnp.matmul)
+    t_mm, _ = time_calls(lambda _: matmul(a, a), None, repeats, target_s)
+    x = jnp.zeros((256 if on_cpu else 1024) * 2**20 // 4, jnp.float32)
+    add = jax.jit(lambda v: v + 1)
+    t_copy, _ = time_calls(add, x, repeats, target_s)  # threaded, so it cannot be cached away
+    return {"matmul_n": n, "matmul_dtype": dtype, "matmul_flop_per_s": 2 * n**3 / t_mm,
+            "copy_bytes": 2 * x.nbytes, "copy_bytes_per_s": 2 * x.nbytes / t_copy}
+
+
+def memory_high_water(device) -> tuple[int, str]:
+    """The process's memory high-water mark in bytes, and what it is (it only ever grows)."""
+    if device.platform == "cpu":  # Linux reports ru_maxrss in KiB
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "peak RSS (ru_maxrss)"
+    return (device.memory_stats() or {}).get("peak_bytes_in_use", 0), "peak_bytes_in_use"
+
+
+def bench_setup(network: str, batch_size: int, dtype: str):
+    """The `Static` and hyperparameters the study trains `network` with (plain SGD, lr 1e-3, its
+    own dropout), at this batch size and compute dtype."""
+    settings = {**NETWORKS[network].defaults, "batch_size": batch_size, "dtype": dtype}
+    return split_settings(network, settings, where=f"bench {network}")
+
+
+def run_steps(static: train.Static, state: train.MemberState, hp: train.Hparams,
+              batches: jax.Array, data: train.Data):
+    """`batches.shape[0]` training steps of one member on the sample indices `batches (S, B)`, as
+    `train_epoch` runs them. Returns the new state and the per-step losses."""
+    keys = jax.random.split(state.key, batches.shape[0])
+
+    def body(st, inputs):
+        idx, key = inputs
+        st, loss, _, _ = train.train_step(static, st, hp, data.x_train[idx], data.y_train[idx], key)
+        return st, loss
+
+    return jax.lax.scan(body, state, (batches, keys))
+
+
+def build_population(static, hparams: dict, data: train.Data, members: int, steps: int):
+    """Compile the program that trains `members` members for `steps` steps (member axis first,
+    state donated as in `population.run_group`). Returns (compiled, state, hp, batches, seconds
+    to lower and compile, XLA's memory for the program in bytes)."""
+    n = data.x_train.shape[0]
+    keys = jnp.stack([population.member_key(m) for m in range(members)])
+    hp = population.stack([train.make_hparams(**hparams)] * members)
+    state = jax.jit(jax.vmap(partial(train.init_member, static, n_train=n)))(keys, hp)
+    # Each member reads its own shuffle, so the gathers are as in real training.
+    order = [np.resize(np.random.default_rng(m).permutation(n), steps * static.batch_size)
+             for m in range(members)]
+    batches = jnp.asarray(np.stack(order).reshape(members, steps, static.batch_size), jnp.int32)
+    fn = jax.jit(jax.vmap(partial(run_steps, static), in_axes=(0, 0, 0, None)), donate_argnums=0)
+    t0 = time.perf_counter()
+    compiled = fn.lower(state, hp, batches, data).compile()
+    compile_s = time.perf_counter() - t0
+    mem = compiled.memory_analysis()
+    xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+                 - mem.alias_size_in_bytes) if mem is not None else None
+    return compiled, state, hp, batches, compile_s, xla_bytes
+
+
+def choose_steps(flops_per_step: float, peak: float, quick: bool) -> int:
+    """Steps per call: enough that one call lasts ~0.1 s (0.3 s in a full run) at a third of the
+    matmul peak, so per-call dispatch is amortized, but at least 2 and at most 10 (20)."""
+    target, cap = (0.1, 10) if quick else (0.3, 20)
+    return int(np.clip(round(target * peak / 3 / flops_per_step), 2, cap))
+
+
+def bench_network(network: str, batch_sizes, populations, data, device, peaks, baseline: int,
+                  args, log) -> list:
+    """Measure every (batch size, population) of one network; one dict per row. `baseline` is
+    the memory high-water mark before any training, subtracted from each row's."""
+    rows = []
+    fps = train_flops_per_sample(network)
+    bandwidth, peak = peaks["copy_bytes_per_s"], peaks["matmul_flop_per_s"]
+    repeats, target_s = (2, 0.3) if args.quick else (3, 1.0)
+    for b in batch_sizes:
+        static, hparams = bench_setup(network, b, args.dtype)
+        n_params = count_params(jax.eval_shape(partial(train.init_params, static),
+                                               jax.random.key(0), jnp.float32(1))[0])
+        single = None  # the P=1 program, for the sequential comparison
+        for p in sorted(set(populations) | ({1} if max(populations) > 1 else set())):
+            steps = 2 if args.quick and network == "lc" else choose_steps(p * b * fps, peak, args.quick)
+            compiled, state, hp, batches, compile_s, xla_bytes = build_population(
+                static, hparams, data, p, steps)
+            step = lambda st: compiled(st, hp, batches, data)[0]
+            seconds, state = time_calls(step, state, repeats, target_s)
+            if p == 1:
+                single = (compiled, state, hp)
+            high_water = memory_high_water(device)[0] - baseline
+            if p not in populations:
+                continue
+            samples_s = p * steps * b / seconds
+            bound = bandwidth / (WEIGHT_PASSES * 4 * n_params)  # member-steps/s
+            row = {"network": network, "batch_size": b, "population": p, "steps": steps,
+                   "n_params": n_params, "seconds_per_call": seconds,
+                   "member_samples_per_s": samples_s, "member_steps_per_s": samples_s / b,
+                   "flops_per_sample": fps, "flop_per_s": samples_s * fps,
+                   "pct_matmul_peak": 100 * samples_s * fps / peak, "compile_s": compile_s,
+                   "xla_memory_bytes": xla_bytes, "high_water_growth_bytes": high_water,
+                   "bw_bound_member_steps_per_s": bound,
+                   "pct_bw_bound": 100 * samples_s / b / bound}
+            if p > 1:  # P consecutive runs of the P=1 program, each on its member's batches
+                one, one_state, one_hp = single
+
+                def sequential(st, one=one, one_hp=one_hp, batches=batches, p=p):
+                    for m in range(p):
+                        st = one(st, one_hp, batches[m:m + 1], data)[0]
+                    return st
+
+                seq_s, one_state = time_calls(sequential, one_state, repeats, target_s)
+                single = (one, one_state, one_hp)  # the old state was donated
+                row["sequential_samples_per_s"] = p * steps * b / seq_s
+                row["vmap_speedup"] = seq_s / seconds
+            rows.append(row)
+            log(f"  {network} B={b} P={p}: {samples_s:,.0f} member-samples/s, "
+                f"{row['pct_matmul_peak']:.1f}% of matmul peak, compile {compile_s:.1f} s")
+            del state
+    return rows
+
+
+def flop_floor(sweep_name: str, n_train: int, peak: float) -> dict:
+    """Training FLOPs of the full-scale sweep (every member, every epoch, full batches only) and
+    the seconds they need at `peak` FLOP/s: a floor no implementation on this device can beat."""
+    members = expand(load_sweep(sweep_name))  # on_cpu=False: the full-scale grid
+    flops = sum(m.static.epochs * (n_train // m.static.batch_size * m.static.batch_size)
+                * train_flops_per_sample(m.network) for m in members)
+    return {"sweep": sweep_name, "members": len(members), "train_flops": flops,
+            "seconds_at_peak": flops / peak}
+
+
+def pick(rows, **match) -> list:
+    """The rows whose fields equal `match`."""
+    return [r for r in rows if all(r[k] == v for k, v in match.items())]
+
+
+def target_summary(rows: list) -> list[dict]:
+    """The performance-target ratios, each {"text", "value", "target"} (target None: no target)."""
+    out = []
+    for net in ("cnn", "lc"):
+        for b in sorted({r["batch_size"] for r in pick(rows, network=net) if r["batch_size"] >= 128}):
+            best = max(pick(rows, network=net, batch_size=b), key=lambda r: r["pct_matmul_peak"])
+            out.append({"text": f"{net} B={b}: {best['pct_matmul_peak']:.1f}% of matmul peak "
+                        f"(best P={best['population']})", "value": best["pct_matmul_peak"],
+                        "target": None})
+    for r in pick(rows, network="lc", batch_size=16):
+        out.append({"text": f"lc B=16 P={r['population']}: {r['pct_bw_bound']:.0f}% of the "
+                    "weight-traffic bandwidth bound", "value": r["pct_bw_bound"], "target": None})
+    fc16 = [r for r in pick(rows, network="fc", batch_size=16) if r["population"] > 1]
+    if fc16:
+        big = max(fc16, key=lambda r: r["population"])
+        p = big["population"]
+        out.append({"text": f"fc B=16 P={p}: vmapped {big['vmap_speedup']:.1f}x sequential "
+                    "(target >= 4x at P=64)", "value": big["vmap_speedup"], "target": 4.0})
+        ones = pick(rows, network="fc", population=1)
+        if ones:
+            ref = max(ones, key=lambda r: r["batch_size"])
+            ratio = 100 * big["member_samples_per_s"] / ref["member_samples_per_s"]
+            out.append({"text": f"fc B=16 P={p}: {ratio:.0f}% of one fc model's samples/s at "
+                        f"B={ref['batch_size']} (target >= 50% vs B=1024, P=64)",
+                        "value": ratio, "target": 50.0})
+    return out
+
+
+def markdown(result: dict) -> str:
+    """The Markdown report: peaks, the table, target ratios and the FLOP floors."""
+    pk = result["peaks"]
+    lines = [f"# Benchmark: {result['device']} ({result['dtype']}{', quick' if result['quick'] else ''})",
+             "", f"Matmul peak {pk['matmul_flop_per_s'] / 1e9:,.0f} GFLOP/s ({pk['matmul_n']}^3 "
+             f"{pk['matmul_dtype']}); copy bandwidth {pk['copy_bytes_per_s'] / 1e9:,.1f} GB/s. "
+             f"Memory: XLA's size of each program; high-water growth = {result['memory_source']} "
+             "beyond its value before training (it only grows, so a row shows the largest so far).",
+             "", "| net | B | P | steps | member-samples/s | GFLOP/s | % peak | % BW bound "
+             "| compile s | XLA MB | high-water growth MB | vmap speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    mb = lambda v: f"{v / 2**20:,.0f}" if v is not None else "-"
+    for r in result["rows"]:
+        bw = f"{r['pct_bw_bound']:.0f}" if r["batch_size"] == 16 else "-"
+        speedup = f"{r['vmap_speedup']:.1f}x" if "vmap_speedup" in r else "-"
+        lines.append(f"| {r['network']} | {r['batch_size']} | {r['population']} | {r['steps']} "
+                     f"| {r['member_samples_per_s']:,.0f} | {r['flop_per_s'] / 1e9:,.1f} "
+                     f"| {r['pct_matmul_peak']:.1f} | {bw} | {r['compile_s']:.1f} "
+                     f"| {mb(r['xla_memory_bytes'])} | {mb(r['high_water_growth_bytes'])} | {speedup} |")
+    lines += ["", "Targets:", *[f"- {t['text']}" for t in result["targets"]], "",
+              "FLOP floor of the full-scale Task 2 sweeps (training only, at the matmul peak):",
+              *[f"- {f['sweep']}: {f['members']} members, {f['train_flops']:.3g} FLOP, "
+                f">= {f['seconds_at_peak']:,.0f} s" for f in result["flop_floor"]]]
+    return "\n".join(lines) + "\n"
+
+
+def _int_list(flag: str, text: str | None) -> tuple | None:
+    """Comma-separated positive integers, or None when the flag was not given."""
+    if text is None:
+        return None
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise InputError(f"{flag}: expected comma-separated positive integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise InputError(f"{flag}: expected comma-separated positive integers, got {text!r}")
+    return values
+
+
+def build_parser() -> _Parser:
+    """The command line of `python -m uspsjax.bench`."""
+    p = _Parser(prog="python -m uspsjax.bench", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help="a small grid (under two minutes on 2 cores)")
+    p.add_argument("--networks", help="comma-separated networks (default: fc,cnn,lc)")
+    p.add_argument("--batch-sizes", help="comma-separated batch sizes (default: 16,128,1024)")
+    p.add_argument("--populations", help="comma-separated member counts (default per network)")
+    p.add_argument("--dtype", choices=train.DTYPES, default="float32",
+                   help="compute dtype; parameters stay float32")
+    p.add_argument("--out", default="results/bench", help="output folder (default: results/bench)")
+    p.add_argument("--data", help="the USPS h5 file (default: as `uspsjax.sweep`)")
+    return p
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status (2 for bad input, with a one-line error)."""
+    args = build_parser().parse_args(argv)
+    log = lambda msg: print(msg, file=sys.stderr, flush=True)
+    try:
+        nets = [n.strip() for n in (args.networks or "fc,cnn,lc").split(",") if n.strip()]
+        bad = [n for n in nets if n not in NETWORKS]
+        if bad or not nets:
+            raise InputError(f"--networks: unknown network {bad[0] if bad else args.networks!r} "
+                             f"(known: {', '.join(NETWORKS)})")
+        batch_sizes = _int_list("--batch-sizes", args.batch_sizes)
+        populations = _int_list("--populations", args.populations)
+        from uspsjax import data as data_mod
+        data = train.as_data(data_mod.load(args.data))
+        n_train = data.x_train.shape[0]
+        if batch_sizes and max(batch_sizes) > n_train:
+            raise InputError(f"--batch-sizes: {max(batch_sizes)} exceeds the {n_train} training samples")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    t_start = time.perf_counter()
+    device = jax.devices()[0]
+    description, versions = environment()
+    peaks = measure_peaks(device, args.dtype, 2 if args.quick else 5, 0.2 if args.quick else 0.5)
+    log(f"bench on {description}: matmul {peaks['matmul_flop_per_s'] / 1e9:,.0f} GFLOP/s, "
+        f"copy {peaks['copy_bytes_per_s'] / 1e9:,.1f} GB/s")
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    baseline, memory_source = memory_high_water(device)
+    rows = []
+    for net in nets:
+        rows += bench_network(net, batch_sizes or grid[net][0], populations or grid[net][1],
+                              data, device, peaks, baseline, args, log)
+    result = {"device": device_slug(device), "device_description": description,
+              "platform": device.platform, "dtype": args.dtype, "quick": args.quick,
+              "versions": versions, "peaks": peaks, "memory_source": memory_source,
+              "weight_passes": WEIGHT_PASSES, "rows": rows, "targets": target_summary(rows),
+              "flop_floor": [flop_floor(s, n_train, peaks["matmul_flop_per_s"]) for s in FLOOR_SWEEPS]}
+    result["wall_time_s"] = time.perf_counter() - t_start
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    stem = result["device"] + ("" if args.dtype == "float32" else f"-{args.dtype}")
+    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
+    report = markdown(result)
+    (out / f"{stem}.md").write_text(report)
+    print(report)
+    log(f"bench: {result['wall_time_s']:.0f} s; wrote {out / stem}.json and .md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
