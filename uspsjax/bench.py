@@ -92,16 +92,18 @@ def time_calls(step, carry, repeats: int, target_s: float):
 
 
 def measure_peaks(device, dtype: str, repeats: int, target_s: float) -> dict:
-    """The device's matmul FLOP/s (a large square matmul in `dtype`) and copy bandwidth (bytes
-    read + written per second by `x + 1` on a large float32 array), both measured now."""
+    """The device's matmul FLOP/s (a large square matmul in `dtype`) and memory bandwidth (bytes
+    read + written per second by an in-place `x + 1` on a large float32 array), measured now."""
     on_cpu = device.platform == "cpu"
     n = 2048 if on_cpu else 8192
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32).astype(dtype)
     matmul = jax.jit(jnp.matmul)
     t_mm, _ = time_calls(lambda _: matmul(a, a), None, repeats, target_s)
     x = jnp.zeros((256 if on_cpu else 1024) * 2**20 // 4, jnp.float32)
-    add = jax.jit(lambda v: v + 1)
-    t_copy, _ = time_calls(add, x, repeats, target_s)  # threaded, so it cannot be cached away
+    # Donated, so it runs in place: a fresh 256 MB output each call would time the kernel's
+    # page zero-filling (DESIGN.md), not the memory bus.
+    add = jax.jit(lambda v: v + 1, donate_argnums=0)
+    t_copy, _ = time_calls(add, x, repeats, target_s)
     return {"matmul_n": n, "matmul_dtype": dtype, "matmul_flop_per_s": 2 * n**3 / t_mm,
             "copy_bytes": 2 * x.nbytes, "copy_bytes_per_s": 2 * x.nbytes / t_copy}
 
@@ -176,8 +178,10 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
         n_params = count_params(jax.eval_shape(partial(train.init_params, static),
                                                jax.random.key(0), jnp.float32(1))[0])
         single = None  # the P=1 program, for the sequential comparison
+        # One step count per batch size, so the P=1 program replays any member's batches.
+        steps = (2 if args.quick and network == "lc"
+                 else choose_steps(max(populations) * b * fps, peak, args.quick))
         for p in sorted(set(populations) | ({1} if max(populations) > 1 else set())):
-            steps = 2 if args.quick and network == "lc" else choose_steps(p * b * fps, peak, args.quick)
             compiled, state, hp, batches, compile_s, xla_bytes = build_population(
                 static, hparams, data, p, steps)
             step = lambda st: compiled(st, hp, batches, data)[0]
