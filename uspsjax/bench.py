@@ -1,7 +1,7 @@
 """Benchmark the training engine on the current device and set it against the device's own peaks.
 
-    python -m uspsjax.bench                  # full grid: fc, cnn, lc x batch 16/128/1024 x P members
-    python -m uspsjax.bench --quick          # a small grid (< 2 min on a 2-core CPU)
+    python -m uspsjax.bench            # fc, cnn, lc x batch 16/128/1024 x P members
+    python -m uspsjax.bench --quick    # a small grid (< 2 min on a 2-core CPU)
 
 Each row times one jitted, vmapped program that runs S training steps (`train.train_step` under
 `lax.scan`, each member on its own shuffle of real data) for P members, after a warm-up call, and
@@ -26,14 +26,16 @@ import numpy as np
 
 from uspsjax import population, train
 from uspsjax.errors import InputError
-from uspsjax.models import CNN, FC, LC, NETWORKS, count_params
-from uspsjax.sweep import _Parser, environment, expand, load_sweep, split_settings
+from uspsjax.models import FC, LC, NETWORKS, count_params
+from uspsjax.sweep import _check_out, _Parser, environment, expand, load_sweep, split_settings
 
 # (batch sizes, populations) per network; the LC net has 100x the weights, so fewer members.
 FULL_GRID = {"fc": ((16, 128, 1024), (1, 8, 64)), "cnn": ((16, 128, 1024), (1, 8, 64)),
              "lc": ((16, 128, 1024), (1, 2, 8))}
 QUICK_GRID = {"fc": ((16, 128), (1, 8)), "cnn": ((16, 128), (1, 8)), "lc": ((16,), (1,))}
-WEIGHT_PASSES = 9  # weight-sized reads+writes per SGD step (DESIGN.md: forward, grads, momentum, update)
+# Weight-sized reads + writes per SGD step (DESIGN.md: forward, input and weight gradients,
+# momentum, update).
+WEIGHT_PASSES = 9
 FLOOR_SWEEPS = ("init", "lr", "batch", "momentum")
 
 
@@ -66,7 +68,7 @@ def train_flops_per_sample(network: str) -> int:
 
 
 def device_slug(device) -> str:
-    """A file name for the device: "cpu", or its kind in lower case, e.g. "nvidia-h100-80gb-hbm3"."""
+    """A file name for the device: "cpu", or its kind as a slug ("nvidia-h100-80gb-hbm3")."""
     if device.platform == "cpu":
         return "cpu"
     return re.sub(r"[^a-z0-9]+", "-", device.device_kind.lower()).strip("-") or device.platform
@@ -74,7 +76,8 @@ def device_slug(device) -> str:
 
 def time_calls(step, carry, repeats: int, target_s: float):
     """Seconds per call of `carry = step(carry)`: one warm-up call, then the best of `repeats`
-    measurements, each of enough calls to last about `target_s`. Returns (seconds, carry)."""
+    measurements, each of enough calls to last about `target_s` (one measurement when a single
+    call already lasts 5 times that). Returns (seconds, carry)."""
     def run(carry, k):
         t0 = time.perf_counter()
         for _ in range(k):
@@ -85,7 +88,7 @@ def time_calls(step, carry, repeats: int, target_s: float):
     carry, first = run(carry, 1)
     k = max(1, math.ceil(target_s / max(first, 1e-6)))
     best = math.inf
-    for _ in range(repeats):
+    for _ in range(1 if first > 5 * target_s else repeats):
         carry, t = run(carry, k)
         best = min(best, t / k)
     return best, carry
@@ -165,59 +168,76 @@ def choose_steps(flops_per_step: float, peak: float, quick: bool) -> int:
     return int(np.clip(round(target * peak / 3 / flops_per_step), 2, cap))
 
 
+def measure(compiled, state, hp, batches, data, repeats: int, target_s: float):
+    """Seconds per call of a compiled population program (its state threaded and donated)."""
+    return time_calls(lambda st: compiled(st, hp, batches, data)[0], state, repeats, target_s)
+
+
+def measure_sequential(single, batches, data, repeats: int, target_s: float):
+    """Seconds to train the members of `batches (P, S, B)` one after another with the P=1 program
+    `single = (compiled, state, hp)`. Returns (seconds, the P=1 state)."""
+    one, state, hp = single
+
+    def sequential(st):
+        for m in range(batches.shape[0]):
+            st = one(st, hp, batches[m:m + 1], data)[0]
+        return st
+
+    return time_calls(sequential, state, repeats, target_s)
+
+
 def bench_network(network: str, batch_sizes, populations, data, device, peaks, baseline: int,
-                  args, log) -> list:
-    """Measure every (batch size, population) of one network; one dict per row. `baseline` is
-    the memory high-water mark before any training, subtracted from each row's."""
-    rows = []
+                  args, log) -> tuple[list, list]:
+    """Measure every (batch size, population) of one network. Returns a dict per row, and one per
+    configuration that failed (out of memory). `baseline` is the memory high-water mark before
+    any training, subtracted from each row's."""
+    rows, skipped = [], []
     fps = train_flops_per_sample(network)
-    bandwidth, peak = peaks["copy_bytes_per_s"], peaks["matmul_flop_per_s"]
-    repeats, target_s = (2, 0.3) if args.quick else (3, 1.0)
+    peak = peaks["matmul_flop_per_s"]
+    timing = (2, 0.3) if args.quick else (3, 1.0)  # repeats, seconds per measurement
     for b in batch_sizes:
         static, hparams = bench_setup(network, b, args.dtype)
         n_params = count_params(jax.eval_shape(partial(train.init_params, static),
                                                jax.random.key(0), jnp.float32(1))[0])
-        single = None  # the P=1 program, for the sequential comparison
+        bound = peaks["copy_bytes_per_s"] / (WEIGHT_PASSES * 4 * n_params)  # member-steps/s
         # One step count per batch size, so the P=1 program replays any member's batches.
         steps = (2 if args.quick and network == "lc"
                  else choose_steps(max(populations) * b * fps, peak, args.quick))
-        for p in sorted(set(populations) | ({1} if max(populations) > 1 else set())):
-            compiled, state, hp, batches, compile_s, xla_bytes = build_population(
-                static, hparams, data, p, steps)
-            step = lambda st: compiled(st, hp, batches, data)[0]
-            seconds, state = time_calls(step, state, repeats, target_s)
+        single = None  # the P=1 program, state and hparams, for the sequential comparison
+        for p in sorted({1, *populations}):
+            try:
+                compiled, state, hp, batches, compile_s, xla_bytes = build_population(
+                    static, hparams, data, p, steps)
+                seconds, state = measure(compiled, state, hp, batches, data, *timing)
+            except jax.errors.JaxRuntimeError as e:  # out of memory: record it, go on
+                log(f"  {network} B={b} P={p}: failed: {str(e).splitlines()[0]}")
+                skipped.append({"network": network, "batch_size": b, "population": p,
+                                "error": str(e).splitlines()[0]})
+                break  # larger populations would fail too
             if p == 1:
                 single = (compiled, state, hp)
-            high_water = memory_high_water(device)[0] - baseline
             if p not in populations:
                 continue
             samples_s = p * steps * b / seconds
-            bound = bandwidth / (WEIGHT_PASSES * 4 * n_params)  # member-steps/s
             row = {"network": network, "batch_size": b, "population": p, "steps": steps,
                    "n_params": n_params, "seconds_per_call": seconds,
                    "member_samples_per_s": samples_s, "member_steps_per_s": samples_s / b,
                    "flops_per_sample": fps, "flop_per_s": samples_s * fps,
                    "pct_matmul_peak": 100 * samples_s * fps / peak, "compile_s": compile_s,
-                   "xla_memory_bytes": xla_bytes, "high_water_growth_bytes": high_water,
+                   "xla_memory_bytes": xla_bytes,
+                   "high_water_growth_bytes": memory_high_water(device)[0] - baseline,
                    "bw_bound_member_steps_per_s": bound,
                    "pct_bw_bound": 100 * samples_s / b / bound}
-            if p > 1:  # P consecutive runs of the P=1 program, each on its member's batches
-                one, one_state, one_hp = single
-
-                def sequential(st, one=one, one_hp=one_hp, batches=batches, p=p):
-                    for m in range(p):
-                        st = one(st, one_hp, batches[m:m + 1], data)[0]
-                    return st
-
-                seq_s, one_state = time_calls(sequential, one_state, repeats, target_s)
-                single = (one, one_state, one_hp)  # the old state was donated
+            if p > 1:
+                seq_s, one_state = measure_sequential(single, batches, data, *timing)
+                single = (single[0], one_state, single[2])  # the old state was donated
                 row["sequential_samples_per_s"] = p * steps * b / seq_s
                 row["vmap_speedup"] = seq_s / seconds
             rows.append(row)
             log(f"  {network} B={b} P={p}: {samples_s:,.0f} member-samples/s, "
                 f"{row['pct_matmul_peak']:.1f}% of matmul peak, compile {compile_s:.1f} s")
-            del state
-    return rows
+            del state, compiled
+    return rows, skipped
 
 
 def flop_floor(sweep_name: str, n_train: int, peak: float) -> dict:
@@ -239,7 +259,8 @@ def target_summary(rows: list) -> list[dict]:
     """The performance-target ratios, each {"text", "value", "target"} (target None: no target)."""
     out = []
     for net in ("cnn", "lc"):
-        for b in sorted({r["batch_size"] for r in pick(rows, network=net) if r["batch_size"] >= 128}):
+        large = {r["batch_size"] for r in pick(rows, network=net) if r["batch_size"] >= 128}
+        for b in sorted(large):
             best = max(pick(rows, network=net, batch_size=b), key=lambda r: r["pct_matmul_peak"])
             out.append({"text": f"{net} B={b}: {best['pct_matmul_peak']:.1f}% of matmul peak "
                         f"(best P={best['population']})", "value": best["pct_matmul_peak"],
@@ -266,9 +287,11 @@ def target_summary(rows: list) -> list[dict]:
 def markdown(result: dict) -> str:
     """The Markdown report: peaks, the table, target ratios and the FLOP floors."""
     pk = result["peaks"]
-    lines = [f"# Benchmark: {result['device']} ({result['dtype']}{', quick' if result['quick'] else ''})",
+    quick = ", quick" if result["quick"] else ""
+    lines = [f"# Benchmark: {result['device']} ({result['dtype']}{quick})",
              "", f"Matmul peak {pk['matmul_flop_per_s'] / 1e9:,.0f} GFLOP/s ({pk['matmul_n']}^3 "
-             f"{pk['matmul_dtype']}); copy bandwidth {pk['copy_bytes_per_s'] / 1e9:,.1f} GB/s. "
+             f"{pk['matmul_dtype']}); memory bandwidth {pk['copy_bytes_per_s'] / 1e9:,.1f} GB/s "
+             "(in-place x + 1, read + write). "
              f"Memory: XLA's size of each program; high-water growth = {result['memory_source']} "
              "beyond its value before training (it only grows, so a row shows the largest so far).",
              "", "| net | B | P | steps | member-samples/s | GFLOP/s | % peak | % BW bound "
@@ -281,7 +304,11 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['network']} | {r['batch_size']} | {r['population']} | {r['steps']} "
                      f"| {r['member_samples_per_s']:,.0f} | {r['flop_per_s'] / 1e9:,.1f} "
                      f"| {r['pct_matmul_peak']:.1f} | {bw} | {r['compile_s']:.1f} "
-                     f"| {mb(r['xla_memory_bytes'])} | {mb(r['high_water_growth_bytes'])} | {speedup} |")
+                     f"| {mb(r['xla_memory_bytes'])} | {mb(r['high_water_growth_bytes'])} "
+                     f"| {speedup} |")
+    lines += [""] * bool(result["skipped"])
+    lines += [f"- not run: {s['network']} B={s['batch_size']} P={s['population']} and larger P: "
+              f"{s['error']}" for s in result["skipped"]]
     lines += ["", "Targets:", *[f"- {t['text']}" for t in result["targets"]], "",
               "FLOP floor of the full-scale Task 2 sweeps (training only, at the matmul peak):",
               *[f"- {f['sweep']}: {f['members']} members, {f['train_flops']:.3g} FLOP, "
@@ -296,7 +323,7 @@ def _int_list(flag: str, text: str | None) -> tuple | None:
     try:
         values = tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
-        raise InputError(f"{flag}: expected comma-separated positive integers, got {text!r}") from None
+        values = ()
     if not values or min(values) < 1:
         raise InputError(f"{flag}: expected comma-separated positive integers, got {text!r}")
     return values
@@ -305,7 +332,7 @@ def _int_list(flag: str, text: str | None) -> tuple | None:
 def build_parser() -> _Parser:
     """The command line of `python -m uspsjax.bench`."""
     p = _Parser(prog="python -m uspsjax.bench", description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="a small grid (under two minutes on 2 cores)")
+    p.add_argument("--quick", action="store_true", help="a small grid (< 2 minutes on 2 cores)")
     p.add_argument("--networks", help="comma-separated networks (default: fc,cnn,lc)")
     p.add_argument("--batch-sizes", help="comma-separated batch sizes (default: 16,128,1024)")
     p.add_argument("--populations", help="comma-separated member counts (default per network)")
@@ -328,11 +355,13 @@ def main(argv=None) -> int:
                              f"(known: {', '.join(NETWORKS)})")
         batch_sizes = _int_list("--batch-sizes", args.batch_sizes)
         populations = _int_list("--populations", args.populations)
+        _check_out(Path(args.out))
         from uspsjax import data as data_mod
         data = train.as_data(data_mod.load(args.data))
         n_train = data.x_train.shape[0]
         if batch_sizes and max(batch_sizes) > n_train:
-            raise InputError(f"--batch-sizes: {max(batch_sizes)} exceeds the {n_train} training samples")
+            raise InputError(f"--batch-sizes: {max(batch_sizes)} exceeds the {n_train} "
+                             "training samples")
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -344,15 +373,18 @@ def main(argv=None) -> int:
         f"copy {peaks['copy_bytes_per_s'] / 1e9:,.1f} GB/s")
     grid = QUICK_GRID if args.quick else FULL_GRID
     baseline, memory_source = memory_high_water(device)
-    rows = []
+    rows, skipped = [], []
     for net in nets:
-        rows += bench_network(net, batch_sizes or grid[net][0], populations or grid[net][1],
-                              data, device, peaks, baseline, args, log)
+        done, failed = bench_network(net, batch_sizes or grid[net][0], populations or grid[net][1],
+                                     data, device, peaks, baseline, args, log)
+        rows, skipped = rows + done, skipped + failed
     result = {"device": device_slug(device), "device_description": description,
               "platform": device.platform, "dtype": args.dtype, "quick": args.quick,
               "versions": versions, "peaks": peaks, "memory_source": memory_source,
-              "weight_passes": WEIGHT_PASSES, "rows": rows, "targets": target_summary(rows),
-              "flop_floor": [flop_floor(s, n_train, peaks["matmul_flop_per_s"]) for s in FLOOR_SWEEPS]}
+              "weight_passes": WEIGHT_PASSES, "rows": rows, "skipped": skipped,
+              "targets": target_summary(rows),
+              "flop_floor": [flop_floor(s, n_train, peaks["matmul_flop_per_s"])
+                             for s in FLOOR_SWEEPS]}
     result["wall_time_s"] = time.perf_counter() - t_start
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

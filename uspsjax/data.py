@@ -22,6 +22,7 @@ import numpy as np
 from uspsjax.errors import InputError
 
 ENV_VAR = "USPSJAX_DATA"
+MIRROR_VAR = "USPSJAX_MIRROR"  # a base URL serving usps.bz2 and usps.t.bz2 instead of LIBSVM's
 FILENAME = "usps.h5"
 SPLITS = ("train", "test")
 N_PIXELS = 256
@@ -53,7 +54,8 @@ def cache_dir() -> Path:
 
 
 def locate(path: str | None = None, *, base_url: str | None = None) -> Path:
-    """Return the HDF5 file to use: `path`, else $USPSJAX_DATA, else the cache (download if empty).
+    """Return the HDF5 file to use: `path`, else $USPSJAX_DATA, else the cache (download if empty,
+    from `base_url` or $USPSJAX_MIRROR if set, else the LIBSVM site).
 
     A given `path` or a set variable that names no file is an error rather than a reason to
     fall through, so a typo never silently trains on some other copy.
@@ -72,7 +74,7 @@ def locate(path: str | None = None, *, base_url: str | None = None) -> Path:
     cached = cache_dir() / FILENAME
     if cached.is_file():
         return cached
-    return download(cache_dir(), base_url)
+    return download(cache_dir(), base_url or os.environ.get(MIRROR_VAR) or None)
 
 
 def _fetch(url: str, md5: str) -> bytes:

@@ -39,6 +39,7 @@ import json
 import math
 import platform
 import sys
+import tempfile
 import time
 import tomllib
 from pathlib import Path
@@ -501,14 +502,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_out(out: Path) -> None:
     """Refuse an output folder that is a file or cannot be written, before any training."""
-    import os
     probe = out
     while not probe.exists():
         probe = probe.parent
     if not probe.is_dir():
         raise InputError(f"{out}: the output folder is a file")
-    if not os.access(probe, os.W_OK):
-        raise InputError(f"{out}: the output folder is not writable")
+    # Try it: permission bits say nothing for root, nor for read-only or virtual file systems.
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise InputError(f"{out}: the output folder is not writable ({e.strerror})") from None
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,56 @@
+"""The benchmark: analytic FLOP counts, a small end-to-end run, and bad flags."""
+
+import json
+
+import pytest
+
+from uspsjax import bench
+
+# Forward multiply-accumulates per sample, counted by hand from the layer shapes.
+FC_MACS = 256 * 256 + 256 * 128 + 128 * 64 + 64 * 32 + 32 * 16 + 16 * 10
+CNN_MACS = (14 * 14 * 3 * 3 * 1 * 32      # conv 32, 3x3 valid: 16 -> 14
+            + 12 * 12 * 3 * 3 * 32 * 64   # conv 64: 14 -> 12, then pool to 6x6x64 = 2304
+            + 2304 * 128 + 128 * 10)
+LC_MACS = (254 * 3 * 1 * 256 + 252 * 3 * 256 * 128 + 250 * 3 * 128 * 64 + 248 * 3 * 64 * 32
+           + 246 * 3 * 32 * 16           # L_out * k * C_in * F per layer
+           + 246 * 16 * 10)              # flatten (3936) -> Dense 10
+
+
+def test_flop_counts_match_the_layer_shapes():
+    assert bench.train_flops_per_sample("fc") == 6 * FC_MACS == 655_296
+    assert bench.train_flops_per_sample("cnn") == 6 * CNN_MACS == 18_041_088
+    assert bench.train_flops_per_sample("lc") == 6 * LC_MACS == 198_315_648
+
+
+def test_quick_fc_run_writes_json_and_table(tmp_path, shared_h5, capsys):
+    out = tmp_path / "bench"
+    argv = ["--quick", "--networks", "fc", "--batch-sizes", "16", "--populations", "1,2",
+            "--out", str(out), "--data", str(shared_h5)]
+    assert bench.main(argv) == 0
+    result = json.loads((out / "cpu.json").read_text())
+    assert result["peaks"]["matmul_flop_per_s"] > 0 and result["peaks"]["copy_bytes_per_s"] > 0
+    rows = result["rows"]
+    assert [(r["network"], r["batch_size"], r["population"]) for r in rows] == [
+        ("fc", 16, 1), ("fc", 16, 2)]
+    for r in rows:
+        assert r["member_samples_per_s"] > 0 and r["flop_per_s"] > 0
+        assert r["flops_per_sample"] == 6 * FC_MACS
+        assert r["n_params"] == 109_722
+    assert rows[1]["vmap_speedup"] > 0
+    assert {f["sweep"] for f in result["flop_floor"]} == {"init", "lr", "batch", "momentum"}
+    assert all(f["seconds_at_peak"] > 0 for f in result["flop_floor"])
+    assert any("sequential" in t["text"] for t in result["targets"])
+    assert "| fc | 16 | 2 |" in (out / "cpu.md").read_text()
+    assert "| fc | 16 | 2 |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv", [["--batch-sizes", "0"], ["--populations", "two"],
+                                  ["--networks", "rnn"], ["--dtype", "float16"]])
+def test_bad_flag_exits_2(argv, capsys):
+    try:
+        status = bench.main(argv)
+    except SystemExit as e:  # argparse's own checks (choices) exit from parse_args
+        status = e.code
+    assert status == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: ") and "\n" not in err
