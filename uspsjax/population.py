@@ -110,8 +110,8 @@ def chunk_size(n_members: int, n_devices: int, member_bytes: int, budget: int) -
     """The most members per chunk that fit `budget` bytes per device, a multiple of the device
     count (at least one member per device)."""
     per_device = max(1, budget // max(member_bytes, 1))
-    size = min(n_members, per_device * n_devices)
-    return max(n_devices, size - size % n_devices)
+    needed = -(-n_members // n_devices)  # members per device if all run at once (padded)
+    return min(needed, per_device) * n_devices
 
 
 def _save(path: Path, tree) -> None:
@@ -153,7 +153,8 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
     Returns numpy arrays: `curves (M, epochs, len(METRICS))`, `diverged (M,)` (epoch, 0 if
     never), `test_probs (M, N_test, 10)`, `robust (M, len(ATTACKS), len(eps))` when
     `evaluation.attack_eps` is set, and `chunks`, the number of chunks run. `on_epoch(info)` is
-    called after each epoch with a dict (epoch, epochs, members, chunk, chunks, seconds).
+    called after each epoch with a dict (epoch, epochs, members, chunk, chunks, seconds,
+    members_per_device: how the member axis of the parameters is laid out over the devices).
     With `checkpoint` (a folder), each chunk's state is saved after every epoch and a run that
     finds one resumes from it; a finished chunk keeps only its results.
     """
@@ -197,8 +198,8 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         curves = np.full((size, static.epochs, len(train.METRICS)), np.nan, np.float32)
         state_path = checkpoint / f"chunk{c}.state.npz" if checkpoint else None
         if state_path and state_path.exists():
-            state, curves = jax.device_put(_load(state_path, (state, curves)), by_member)
-            curves = np.asarray(curves)
+            state, curves = _load(state_path, (state, curves))
+            state, curves = jax.device_put(state, by_member), np.array(curves)
         for epoch in range(int(np.asarray(state.epoch)[0]), static.epochs):
             t0 = time.perf_counter()
             state, metrics = epoch_fn(state, hp_chunk, data)
@@ -206,9 +207,12 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
             if state_path:
                 _save(state_path, (state, curves))
             if on_epoch:
+                leaf = jax.tree.leaves(state.params)[0]
                 on_epoch({"epoch": epoch + 1, "epochs": static.epochs, "members": hi - lo,
                           "chunk": c + 1, "chunks": n_chunks,
-                          "seconds": time.perf_counter() - t0})
+                          "seconds": time.perf_counter() - t0,
+                          "members_per_device": [s.data.shape[MEMBER_AXIS]
+                                                 for s in leaf.addressable_shards]})
         probs, robust = final(state, hp_chunk)
         out = {"curves": curves[: hi - lo], "diverged": np.asarray(state.diverged)[: hi - lo],
                "test_probs": np.asarray(probs)[: hi - lo], "robust": np.asarray(robust)[: hi - lo]}

@@ -1,0 +1,154 @@
+"""Populations: checkpoint and resume after SIGKILL, Ctrl-C, sharding across devices, memory
+chunks."""
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from uspsjax import population, results
+from uspsjax.train import Static, make_hparams
+
+SLOW = """
+name = "slow"
+networks = ["fc"]
+seeds = 3
+[base]
+epochs = 6
+batch_size = 8
+lr = 0.01
+momentum = 0.9
+[axes]
+lr = [0.01, 0.003]
+"""
+
+
+def sweep_cmd(path, out, ck, *extra):
+    return [sys.executable, "-m", "uspsjax.sweep", str(path), "--out", str(out),
+            "--checkpoints", str(ck), "--quiet", *extra]
+
+
+def env(shared_h5, **extra):
+    return {**os.environ, "USPSJAX_DATA": str(shared_h5), "PYTHONPATH": os.getcwd(), **extra}
+
+
+def wait_for_epoch(ck_dir, proc, epochs=1, timeout=240):
+    """Wait until the checkpoint holds at least `epochs` completed epochs of group 0."""
+    state = ck_dir / "group0" / "chunk0.state.npz"
+    start = time.time()
+    while time.time() - start < timeout:
+        if state.exists():
+            try:
+                with np.load(state) as f:
+                    curves = f[f"arr_{len(f.files) - 1}"]
+                if np.isfinite(curves[0, :, 0]).sum() >= epochs:
+                    return
+            except (OSError, ValueError, KeyError):
+                pass  # caught between write and rename: try again
+        assert proc.poll() is None, "the sweep ended before it could be interrupted"
+        time.sleep(0.2)
+    raise AssertionError("no checkpoint appeared")
+
+
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, shared_h5):
+    path = tmp_path / "slow.toml"
+    path.write_text(SLOW)
+    e = env(shared_h5)
+    whole = subprocess.run(sweep_cmd(path, tmp_path / "whole", tmp_path / "ck1"), env=e,
+                           capture_output=True, text=True, timeout=600)
+    assert whole.returncode == 0, whole.stderr
+    proc = subprocess.Popen(sweep_cmd(path, tmp_path / "cut", tmp_path / "ck2"), env=e,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_epoch(tmp_path / "ck2" / "slow", proc, epochs=2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "cut" / "slow").exists()
+    resumed = subprocess.run(sweep_cmd(path, tmp_path / "cut", tmp_path / "ck2", "--resume"),
+                             env=e, capture_output=True, text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr
+    a = results.read_metrics(tmp_path / "whole" / "slow" / "metrics.h5")
+    b = results.read_metrics(tmp_path / "cut" / "slow" / "metrics.h5")
+    np.testing.assert_array_equal(a["curves"], b["curves"])
+    np.testing.assert_array_equal(a["test_probs"], b["test_probs"])
+    # A finished run leaves no checkpoint; resuming it again is an error, not a re-run.
+    again = subprocess.run(sweep_cmd(path, tmp_path / "cut", tmp_path / "ck2", "--resume"),
+                           env=e, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2 and "nothing to resume" in again.stderr
+
+
+def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, shared_h5):
+    path = tmp_path / "slow.toml"
+    path.write_text(SLOW)
+    proc = subprocess.Popen(sweep_cmd(path, tmp_path / "out", tmp_path / "ck"),
+                            env=env(shared_h5), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_epoch(tmp_path / "ck" / "slow", proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130
+    assert "--resume" in err and "Traceback" not in err
+    assert (tmp_path / "ck" / "slow" / "group0" / "chunk0.state.npz").exists()
+    assert not (tmp_path / "out" / "slow").exists()
+
+
+SHARDED = textwrap.dedent("""
+    import sys, jax, jax.numpy as jnp, numpy as np
+    from uspsjax import population, train
+    from uspsjax.data import load
+    n_dev = int(sys.argv[1])
+    ds = load()
+    data = train.Data(*(jnp.asarray(a) for a in (ds.x_train[:256], ds.y_train[:256],
+                                                 ds.x_test[:128], ds.y_test[:128])))
+    static = train.Static(network="fc", epochs=2, batch_size=32)
+    keys = jnp.stack([population.member_key(s) for s in range(6)])
+    hps = population.stack([train.make_hparams(lr=0.01 * (1 + i)) for i in range(6)])
+    devices = jax.devices()[:n_dev]
+    layouts = []
+    res = population.run_group(static, keys, hps, data, devices=devices,
+                               on_epoch=lambda info: layouts.append(info["members_per_device"]))
+    print("DEVICES", len(jax.devices()), "LAYOUT", layouts[-1])
+    np.save(sys.argv[2], res["curves"])
+""")
+
+
+def test_sharded_population_equals_one_device(tmp_path, shared_h5):
+    script = tmp_path / "sharded.py"
+    script.write_text(SHARDED)
+    e = env(shared_h5, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+    outputs = {}
+    for n in (1, 4):
+        proc = subprocess.run([sys.executable, str(script), str(n), str(tmp_path / f"c{n}.npy")],
+                              env=e, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        outputs[n] = proc.stdout
+    # 6 members padded to 8, two on each of the 4 devices; on one device all 6 together.
+    assert "DEVICES 4 LAYOUT [2, 2, 2, 2]" in outputs[4]
+    assert "DEVICES 4 LAYOUT [6]" in outputs[1]
+    np.testing.assert_allclose(np.load(tmp_path / "c1.npy"), np.load(tmp_path / "c4.npy"),
+                               rtol=1e-5, atol=1e-6)
+
+
+def test_population_runs_in_chunks_when_memory_is_short(small):
+    static = Static(network="fc", epochs=2, batch_size=32)
+    keys = jnp.stack([population.member_key(s) for s in range(5)])
+    hps = population.stack([make_hparams(lr=0.01 * (1 + i)) for i in range(5)])
+    whole = population.run_group(static, keys, hps, small)
+    member = population.bytes_per_member(static, small.x_train.shape[0])
+    chunked = population.run_group(static, keys, hps, small, memory_budget=2 * member)
+    assert whole["chunks"] == 1 and chunked["chunks"] == 3
+    for key in ("curves", "diverged", "test_probs"):
+        np.testing.assert_allclose(whole[key], chunked[key], rtol=1e-5, atol=1e-6)
+
+
+def test_memory_estimate_chunks_a_large_lc_population():
+    lc = population.bytes_per_member(Static(network="lc", batch_size=16), 7291)
+    assert lc > 4 * 4 * 33_177_770  # parameters, momentum, gradients, update
+    # 64 LC members do not fit 16 GB: they run in chunks; 8 devices keep chunks a multiple of 8.
+    assert population.chunk_size(64, 1, lc, 16 * 2**30) < 64
+    assert population.chunk_size(64, 8, lc, 2 * 2**30) % 8 == 0
