@@ -255,8 +255,9 @@ def cpu_limits(sweep: Sweep, overrides: dict, on_cpu: bool) -> dict:
     if not on_cpu:
         return {}
     nets = overrides.get("networks", sweep.networks)
-    return {net: {k: v for k, v in table.items() if k not in overrides}
-            for net, table in sweep.cpu.items() if net in nets}
+    limits = {net: {k: v for k, v in table.items() if k not in overrides}
+              for net, table in sweep.cpu.items() if net in nets}
+    return {net: table for net, table in limits.items() if table}
 
 
 def expand(sweep: Sweep, overrides: dict | None = None, on_cpu: bool = False) -> list[Member]:
@@ -340,6 +341,8 @@ def environment() -> tuple[str, dict]:
         device = f"cpu: {platform.processor() or platform.machine()} ({_cpu_count()} cores)"
     versions = {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "h5py")}
     versions["python"] = platform.python_version()
+    # TF32 on recent GPUs unless set to "float32"/"highest": part of what produced the numbers.
+    versions["matmul_precision"] = str(jax.config.jax_default_matmul_precision or "default")
     return device, versions
 
 
@@ -490,6 +493,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="results", help="results folder (default: results/)")
     p.add_argument("--checkpoints", default="checkpoints",
                    help="where per-epoch checkpoints go (default: checkpoints/, git-ignored)")
+    p.add_argument("--no-checkpoints", action="store_true",
+                   help="do not checkpoint (fast accelerators: writing an LC population every "
+                        "epoch costs more than training it); --resume is then impossible")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last completed epoch")
     p.add_argument("--devices", type=_positive_int,
@@ -544,6 +550,8 @@ def main(argv=None) -> int:
         _check_out(out)
         for sweep in sweeps:
             expand(sweep, overrides)  # validates every member before anything trains
+        if args.resume and args.no_checkpoints and args.sweep != "all":
+            raise InputError("--resume and --no-checkpoints: nothing to resume from")
         if args.resume and args.sweep != "all":
             _prepare_checkpoints(Path(args.checkpoints) / sweeps[0].name,
                                  _fingerprint(sweeps[0], overrides), resume=True)
@@ -566,7 +574,8 @@ def main(argv=None) -> int:
                 continue
             resume = args.resume and (ckpt / "sweep.json").exists()
             run = run_sweep(sweep, dataset, overrides=overrides, out=out,
-                            checkpoints=Path(args.checkpoints), resume=resume, devices=devices, log=log)
+                            checkpoints=None if args.no_checkpoints else Path(args.checkpoints),
+                            resume=resume, devices=devices, log=log)
             folder = results.write_results(out, run)
             import shutil
             shutil.rmtree(ckpt, ignore_errors=True)

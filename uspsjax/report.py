@@ -1,0 +1,425 @@
+"""Rebuild `results/REPORT.md` from what is in `results/`, without training anything.
+
+    python -m uspsjax.report [--results results]
+
+For every experiment of the study: its number where it gave one, uspsjax's mean ± std over
+seeds, the figures, and one line per claim saying whether it holds, with the evidence. Every
+verdict is computed from the committed `metrics.h5` files, so the report is byte-for-byte
+reproducible from `results/`.
+"""
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from uspsjax import results
+
+NETS = ("fc", "lc", "cnn")
+NAMES = {"fc": "FC", "lc": "LC", "cnn": "CNN"}
+METRIC = {"train_loss": 0, "train_acc": 1, "test_loss": 2, "test_acc": 3}
+
+
+class Study:
+    """One sweep's results with lookups by network and setting label."""
+
+    def __init__(self, run: dict):
+        self.run = run
+        self.rows = {(r["network"], r["label"]): r for r in results.summarize(run)}
+
+    def networks(self) -> list[str]:
+        """The networks this sweep ran, in the study's order."""
+        return [n for n in NETS if any(net == n for net, _ in self.rows)]
+
+    def labels(self, net: str) -> list[str]:
+        """The settings run for `net`, in sweep order."""
+        return [label for n, label in self.rows if n == net]
+
+    def acc(self, net: str, label: str) -> float | None:
+        """Mean final test accuracy of a setting; None when every seed diverged or it is absent."""
+        row = self.rows.get((net, label))
+        if row is None or row["n_diverged"] == row["n"]:
+            return None
+        return row["test_acc_mean"]
+
+    def cell(self, net: str, label: str) -> str:
+        """Test accuracy as 'mean ± std %', or how it diverged."""
+        row = self.rows.get((net, label))
+        if row is None:
+            return "not run"
+        if row["n_diverged"] == row["n"]:
+            return f"diverged ({row['n']}/{row['n']})"
+        text = f"{100 * row['test_acc_mean']:.2f} ± {100 * row['test_acc_std']:.2f}"
+        return text + (f" ({row['n_diverged']}/{row['n']} diverged)" if row["n_diverged"] else "")
+
+    def curve(self, net: str, label: str, epoch: int) -> float:
+        """Mean test accuracy at a 1-based epoch over the setting's healthy members."""
+        idx = [i for i, s in enumerate(self.run["settings"])
+               if s["network"] == net and s["label"] == label]
+        values = self.run["curves"][idx, epoch - 1, METRIC["test_acc"]]
+        values = values[np.isfinite(values)]
+        return float(values.mean()) if values.size else math.nan
+
+    def epochs(self, net: str) -> int:
+        """The epochs a network's members trained in this sweep."""
+        return max(s["epochs"] for s in self.run["settings"] if s["network"] == net)
+
+
+def pct(x: float | None) -> str:
+    """A fraction as a percentage, or 'diverged' when None."""
+    return "diverged" if x is None or math.isnan(x) else f"{100 * x:.2f} %"
+
+
+def verdict(holds: bool | None, claim: str, evidence: str) -> str:
+    """One line: the claim, whether it holds, and the numbers that show it."""
+    word = {True: "**holds**", False: "**does not hold**", None: "**undecided**"}[holds]
+    return f"- {claim}: {word} — {evidence}."
+
+
+def rank(study: Study, net: str) -> list[tuple[str, float | None]]:
+    """The settings of a network from best to worst final test accuracy (diverged last)."""
+    scored = [(label, study.acc(net, label)) for label in study.labels(net)]
+    return sorted(scored, key=lambda t: -1.0 if t[1] is None else t[1], reverse=True)
+
+
+def evidence_of(pairs) -> str:
+    """'a 97.1 % > b 93.0 %' style evidence from (label, accuracy) pairs."""
+    return ", ".join(f"{label} {pct(a)}" for label, a in pairs)
+
+
+def table(study: Study, study_numbers: dict | None = None) -> list[str]:
+    """A network x setting table of final test accuracy (mean ± std over seeds)."""
+    lines = ["| network | setting | seeds | test accuracy (ours) | study |", "|---|---|---|---|---|"]
+    for net in study.networks():
+        for label in study.labels(net):
+            row = study.rows[(net, label)]
+            theirs = (study_numbers or {}).get(net, {}).get("test_acc")
+            lines.append(f"| {NAMES[net]} | {label} | {row['n']} | {study.cell(net, label)} | "
+                         f"{pct(theirs) if theirs is not None else '—'} |")
+    return lines
+
+
+def figures(name: str, extra: tuple = ()) -> list[str]:
+    """Links to a sweep's figures."""
+    return [" ".join(f"![{name} {f}]({name}/{f}.png)" for f in ("accuracy", "loss", *extra))]
+
+
+def section_baseline(s: Study) -> list[str]:
+    """Task 1: the three networks against the study's test accuracy."""
+    out = table(s, s.run["study"])
+    for net in s.networks():
+        ours, theirs = s.acc(net, "default"), s.run["study"].get(net, {}).get("test_acc")
+        if theirs is not None:
+            out.append(verdict(ours is not None and ours >= theirs,
+                               f"uspsjax's {NAMES[net]} reaches at least the study's accuracy",
+                               f"{pct(ours)} (ours, {s.epochs(net)} epochs) vs {pct(theirs)}"))
+    return out
+
+
+def section_best_worst(s: Study, best: str, worst: str | None, what: str) -> list[str]:
+    """Claims of the form 'BEST gives the highest accuracy (and WORST the lowest)' per net."""
+    out = table(s)
+    for net in s.networks():
+        order = rank(s, net)
+        out.append(verdict(order[0][0] == best, f"{NAMES[net]}: {best} gives the best {what}",
+                           evidence_of(order)))
+        if worst:
+            out.append(verdict(order[-1][0] == worst,
+                               f"{NAMES[net]}: {worst} gives the lowest accuracy",
+                               evidence_of(order)))
+    return out
+
+
+def diverged_members(s: Study, label: str) -> tuple[int, int]:
+    """(diverged, total) members of a setting, over all networks."""
+    rows = [r for (net, lab), r in s.rows.items() if lab == label]
+    return sum(r["n_diverged"] for r in rows), sum(r["n"] for r in rows)
+
+
+def section_init(s: Study) -> list[str]:
+    """Task 2.1: initializers."""
+    out = section_best_worst(s, "init=glorot_uniform", "init=constant(1e5)", "accuracy")
+    d, n = diverged_members(s, "init=constant(1e5)")
+    small = [pct(s.acc(net, "init=constant(0.01)")) for net in s.networks()]
+    out.append(f"- The study's explanations are wrong. A constant initializer gives every unit "
+               f"of a layer the same weights, and gradient descent keeps them identical (the "
+               f"symmetry is never broken), so each layer acts as one unit: Constant(0.01) "
+               f"reaches only {', '.join(small)} ({', '.join(NAMES[n] for n in s.networks())}), "
+               f"not because it 'learns too fast'. Constant(1e5) is not 'slow': its activations "
+               f"overflow and {d} of {n} members diverged (NaN loss).")
+    return out
+
+
+def section_lr(s: Study) -> list[str]:
+    """Task 2.2: learning rates."""
+    out = table(s)
+    for net in s.networks():
+        order = rank(s, net)
+        out.append(verdict(order[0][0] == "lr=0.001", f"{NAMES[net]}: lr 1e-3 is best",
+                           evidence_of(order)))
+    if "lc" in s.networks():
+        order = rank(s, "lc")
+        out.append(verdict(order[-1][0] == "lr=1e-06",
+                           "LC: lr 1e-6 gives the lowest LC accuracy", evidence_of(order)))
+    d, n = diverged_members(s, "lr=50.0")
+    out.append(f"- lr 50 does not 'converge quickly to a local optimum': {d} of {n} members "
+               f"diverged (NaN loss), the rest ended with dead ReLUs at chance level. lr 1e-6 "
+               f"is simply too small to move in {s.epochs(s.networks()[0])} epochs.")
+    return out
+
+
+def section_batch(s: Study) -> list[str]:
+    """Task 2.3: batch sizes at equal epochs."""
+    out = table(s)
+    for net in s.networks():
+        other = "batch_size=32" if net == "lc" else "batch_size=1024"
+        a, b = s.acc(net, "batch_size=16"), s.acc(net, other)
+        out.append(verdict(a is not None and (b is None or a > b),
+                           f"{NAMES[net]}: batch 16 beats {other.split('=')[1]} at equal epochs",
+                           f"16: {pct(a)}, {other.split('=')[1]}: {pct(b)}"))
+    out.append("- At equal epochs a batch of 1024 takes 64 times fewer steps than 16; at a "
+               "fixed learning rate that, not 'gradient quality', is why it lags.")
+    return out
+
+
+def section_momentum(s: Study, lr: Study | None) -> list[str]:
+    """Task 2.4: momentum, against no momentum (the lr sweep's lr 1e-3, same settings)."""
+    out = table(s)
+    for net in s.networks():
+        e = min(10, s.epochs(net), lr.epochs(net) if lr and net in lr.networks() else 10)
+        without = lr.curve(net, "lr=0.001", e) if lr and "lr=0.001" in lr.labels(net) else None
+        at = {m: s.curve(net, f"momentum={m}", e) for m in (0.9, 0.99)}
+        if without is not None and not math.isnan(without):
+            out.append(verdict(all(v > without for v in at.values()),
+                               f"{NAMES[net]}: momentum 0.9 and 0.99 beat no momentum by epoch {e}",
+                               f"test accuracy at epoch {e}: 0.9 {pct(at[0.9])}, "
+                               f"0.99 {pct(at[0.99])}, none (the lr sweep's lr 1e-3) {pct(without)}"))
+        a, b = s.acc(net, "momentum=0.99"), s.acc(net, "momentum=0.9")
+        out.append(verdict(a is not None and b is not None and a > b,
+                           f"{NAMES[net]}: momentum 0.99 beats 0.9 (final)",
+                           f"0.99 {pct(a)}, 0.9 {pct(b)}"))
+    return out
+
+
+STUDY_BAGGING = {"fc": [(0.926, 0.926), (0.924, 0.933), (0.928, 0.931), (0.933, 0.934),
+                        (0.179, 0.179), (0.917, 0.179)],
+                 "cnn": [(0.939, 0.939), (0.947, 0.954), (0.950, 0.955), (0.941, 0.956),
+                         (0.944, 0.959), (0.933, 0.958)]}
+
+
+def section_bagging(s: Study) -> list[str]:
+    """Task 3.1: bagging ensembles, k = 1..K, beside the study's table."""
+    rows = results.ensemble_table(s.run)
+    out = ["| network | k | single (ours) | ensemble (ours) | left out | study single | "
+           "study ensemble |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        theirs = STUDY_BAGGING.get(r["network"], [])
+        single, ens = theirs[r["k"] - 1] if r["k"] <= len(theirs) else ("—", "—")
+        out.append(f"| {NAMES[r['network']]} | {r['k']} | "
+                   f"{100 * r['single_mean']:.2f} ± {100 * r['single_std']:.2f} | "
+                   f"{100 * r['ensemble_mean']:.2f} ± {100 * r['ensemble_std']:.2f} | "
+                   f"{r['left_out']}/{r['n_members']} | "
+                   f"{single if single == '—' else pct(single)} | "
+                   f"{ens if ens == '—' else pct(ens)} |")
+    for net in s.networks():
+        mine = [r for r in rows if r["network"] == net]
+        if not mine:
+            continue
+        k = mine[-1]
+        out.append(verdict(k["ensemble_mean"] > mine[0]["single_mean"],
+                           f"{NAMES[net]}: a {k['k']}-member ensemble beats a single member",
+                           f"{100 * k['ensemble_mean']:.2f} % vs "
+                           f"{100 * np.mean([r['single_mean'] for r in mine]):.2f} % "
+                           f"(mean single)"))
+    cnn = [r for r in rows if r["network"] == "cnn"]
+    if cnn:
+        best = max(cnn, key=lambda r: r["ensemble_mean"])
+        out.append(verdict(best["ensemble_mean"] >= 0.978,
+                           "target: a bagged CNN reaches test error <= 2.2 % (tangent distance, "
+                           "Keysers et al. 2000)",
+                           f"best ensemble (k = {best['k']}) {100 * best['ensemble_mean']:.2f} % "
+                           f"± {100 * best['ensemble_std']:.2f}, error "
+                           f"{100 * (1 - best['ensemble_mean']):.2f} %"))
+    left = sum(r["left_out"] for r in rows if r["k"] == max(x["k"] for x in rows))
+    out.append(f"- The study's 6-member Dense ensemble at 0.179 is an averaging bug, not a "
+               f"property of bagging: its 5th member had diverged (0.179 alone) and was averaged "
+               f"in. uspsjax leaves diverged members out and reports them ({left} left out here).")
+    return out
+
+
+def section_dropout(s: Study) -> list[str]:
+    """Task 3.2: dropout placement and rate."""
+    out = table(s)
+    if "cnn" in s.networks():
+        conv, dense = (s.acc("cnn", f"dropout_at={p} rate 0.5") for p in ("conv", "dense"))
+        out.append(verdict(dense is not None and conv is not None and dense > conv,
+                           "CNN: dropout after the dense layer works better than after the "
+                           "convolutions (rate 0.5)", f"dense {pct(dense)}, conv {pct(conv)}"))
+    for net in s.networks():
+        gaps = [(label, s.rows[(net, label)]["loss_gap_mean"]) for label in s.labels(net)]
+        text = ", ".join(f"{label} {g:+.3f}" for label, g in gaps if not math.isnan(g))
+        out.append(f"- {NAMES[net]}: test − train loss per setting: {text}.")
+    return out
+
+
+def section_l1(s: Study) -> list[str]:
+    """Task 3.3: L1 activity penalties."""
+    out = table(s)
+    for net in s.networks():
+        none = s.acc(net, "l1=0.0")
+        best = max(((label, s.acc(net, label)) for label in s.labels(net) if label != "l1=0.0"),
+                   key=lambda t: -1.0 if t[1] is None else t[1])
+        out.append(verdict(none is not None and (best[1] is None or best[1] <= none),
+                           f"{NAMES[net]}: an L1 activity penalty does not improve accuracy",
+                           f"no penalty {pct(none)}, best with one ({best[0]}) {pct(best[1])}"))
+    return out
+
+
+def section_adversarial(s: Study) -> list[str]:
+    """Task 4: adversarial training, judged by accuracy under attack."""
+    out = table(s)
+    run, eps = s.run, list(s.run["attack_eps"])
+    if run["robust"] is not None and eps:
+        head = " | ".join(f"FGSM {e}" for e in eps) + " | " + " | ".join(f"PGD-20 {e}" for e in eps)
+        out += ["", f"| network | training | clean | {head} |", "|---|---|---|" + "---|" * 2 * len(eps)]
+        for net in s.networks():
+            for label in s.labels(net):
+                idx = [i for i, st in enumerate(run["settings"])
+                       if st["network"] == net and st["label"] == label and run["diverged"][i] == 0]
+                rob = run["robust"][idx].mean(axis=0) if idx else np.full((2, len(eps)), np.nan)
+                cells = " | ".join(pct(float(v)) for v in rob.reshape(-1))
+                out.append(f"| {NAMES[net]} | {label} | {s.cell(net, label)} | {cells} |")
+        at = eps.index(0.1) if 0.1 in eps else 0
+        for net in s.networks():
+            std_idx = _robust(run, net, "standard", at)
+            best = max(((label, _robust(run, net, label, at)) for label in s.labels(net)
+                        if label != "standard"), key=lambda t: t[1])
+            out.append(verdict(best[1] > std_idx,
+                               f"{NAMES[net]}: adversarial training raises PGD-20 accuracy at "
+                               f"eps {eps[at]}", f"{best[0]} {pct(best[1])}, standard {pct(std_idx)}"))
+            clean = {label: s.acc(net, label) for label in s.labels(net)}
+            better = [label for label, a in clean.items()
+                      if label != "standard" and a is not None and clean["standard"] is not None
+                      and a > clean["standard"]]
+            out.append(verdict(bool(better), f"{NAMES[net]}: adversarial training improves "
+                               "clean test accuracy (the study's claim)",
+                               evidence_of(clean.items())))
+    return out
+
+
+def _robust(run: dict, net: str, label: str, at: int) -> float:
+    """Mean PGD-20 accuracy of a setting's healthy members at eps index `at`."""
+    idx = [i for i, st in enumerate(run["settings"])
+           if st["network"] == net and st["label"] == label and run["diverged"][i] == 0]
+    return float(run["robust"][idx, 1, at].mean()) if idx else math.nan
+
+
+def section_batchnorm(s: Study) -> list[str]:
+    """Batch normalization placements x batch size x learning rate."""
+    out = table(s)
+    for net in s.networks():
+        def a(bn, bs, lr):
+            return s.acc(net, f"batchnorm={bn} batch_size={bs} lr={lr}")
+        b16, b1024 = a("before", 16, 0.001), a("before", 1024, 0.001)
+        out.append(verdict(b16 is not None and b1024 is not None and b1024 > b16,
+                           f"{NAMES[net]}: with batch norm, batch 1024 (better batch statistics) "
+                           "beats batch 16 at equal epochs (lr 1e-3)",
+                           f"1024: {pct(b1024)}, 16: {pct(b16)}"))
+        none, bn = a("none", 1024, 0.1), max((a(p, 1024, 0.1) or 0.0) for p in ("before", "after"))
+        out.append(verdict(bn > (none or 0.0),
+                           f"{NAMES[net]}: batch norm lets the large learning rate 0.1 train "
+                           "better (batch 1024)", f"with batch norm {pct(bn)}, without {pct(none)}"))
+    return out
+
+
+SECTIONS = [
+    ("baseline", "Task 1 — the three networks", section_baseline, ()),
+    ("init", "Task 2.1 — parameter initialization", section_init, ()),
+    ("lr", "Task 2.2 — learning rate", section_lr, ()),
+    ("batch", "Task 2.3 — batch size", section_batch, ()),
+    ("momentum", "Task 2.4 — momentum", section_momentum, ()),
+    ("bagging", "Task 3.1 — bagging ensembles", section_bagging, ("bagging",)),
+    ("dropout", "Task 3.2 — dropout", section_dropout, ()),
+    ("l1", "Task 3.3 — L1 activity penalty", section_l1, ()),
+    ("adversarial", "Task 4 — adversarial training", section_adversarial, ("robust",)),
+    ("batchnorm", "Beyond the study — batch normalization", section_batchnorm, ()),
+]
+
+
+def build_report(root: Path) -> str:
+    """The text of REPORT.md from the sweeps and benchmarks under `root`."""
+    studies = {name: Study(results.read_metrics(root / name / "metrics.h5"))
+               for name, *_ in SECTIONS if (root / name / "metrics.h5").is_file()}
+    lines = ["# uspsjax reproduction report", "",
+             "Every number below is read from `results/*/metrics.h5` by `python -m uspsjax.report`; "
+             "accuracies are final-epoch test accuracy, mean ± std (sample) over seeds, "
+             "diverged members left out and counted.", ""]
+    if studies:
+        first = next(iter(studies.values())).run
+        devices = sorted({st.run["device"] for st in studies.values()})
+        total = sum(st.run["wall_time_s"] for st in studies.values())
+        lines += [f"- Device: {'; '.join(devices)}",
+                  "- Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(first["versions"].items())),
+                  f"- Total wall time: {total / 60:.1f} min "
+                  + "(" + ", ".join(f"{n} {st.run['wall_time_s']:.0f} s"
+                                    for n, st in studies.items()) + ")"]
+    benches = sorted(p.name for p in (root / "bench").glob("*.md")) if (root / "bench").is_dir() else []
+    if benches:
+        lines.append("- Benchmarks: " + ", ".join(f"[{b}](bench/{b})" for b in benches))
+    lines.append("")
+    for name, title, section, extra in SECTIONS:
+        lines += [f"## {title}", ""]
+        study = studies.get(name)
+        if study is None:
+            lines += [f"Not run yet: `python -m uspsjax.sweep {name}`.", ""]
+            continue
+        run = study.run
+        lines += [run["description"], "",
+                  f"Settings as run: {_epochs_note(study)}; {run['programs']} compiled programs, "
+                  f"{len(run['settings'])} members, {run['wall_time_s']:.0f} s on {run['device']}."
+                  + (f" Overrides: {json.dumps(run['overrides'], sort_keys=True)}."
+                     if run["overrides"] else ""), ""]
+        if name == "momentum":
+            lines += section(study, studies.get("lr"))
+        else:
+            lines += section(study)
+        lines += ["", *figures(name, extra), ""]
+    return "\n".join(lines)
+
+
+def _epochs_note(study: Study) -> str:
+    """Epochs and seeds per network, as actually run."""
+    parts = []
+    for net in study.networks():
+        seeds = {s["seed"] for s in study.run["settings"] if s["network"] == net}
+        parts.append(f"{NAMES[net]} {study.epochs(net)} epochs × {len(seeds)} seeds")
+    return ", ".join(parts)
+
+
+def main(argv=None) -> int:
+    """Write RESULTS/REPORT.md atomically; exit status 2 with a one-line error on bad input."""
+    parser = argparse.ArgumentParser(prog="python -m uspsjax.report", description=__doc__.split("\n")[0])
+    parser.add_argument("--results", default="results", help="the results folder (default results/)")
+    args = parser.parse_args(argv)
+    root = Path(args.results)
+    if not root.is_dir():
+        print(f"error: {root}: no such results folder", file=sys.stderr)
+        return 2
+    try:
+        text = build_report(root)
+    except (OSError, ValueError, KeyError) as e:
+        print(f"error: {root}: cannot read the results ({e})", file=sys.stderr)
+        return 2
+    tmp = root / "REPORT.md.tmp"
+    tmp.write_text(text)
+    os.replace(tmp, root / "REPORT.md")
+    print(root / "REPORT.md")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
