@@ -147,10 +147,11 @@ def section_init(s: Study) -> list[str]:
     small = [pct(s.acc(net, "init=constant(0.01)")) for net in s.networks()]
     out.append(f"- The study's explanations are wrong. A constant initializer gives every unit "
                f"of a layer the same weights, and gradient descent keeps them identical (the "
-               f"symmetry is never broken), so each layer acts as one unit: Constant(0.01) "
-               f"reaches only {', '.join(small)} ({', '.join(NAMES[n] for n in s.networks())}), "
-               f"not because it 'learns too fast'. Constant(1e5) is not 'slow': its activations "
-               f"overflow and {d} of {n} members diverged (NaN loss).")
+               f"symmetry is never broken), so each layer acts as a single unit (for LC: a "
+               f"single filter per position, which still learns): Constant(0.01) reaches "
+               f"{', '.join(small)} ({', '.join(NAMES[n] for n in s.networks())}) — not because "
+               f"it 'learns too fast'. Constant(1e5) is not 'slow': its activations overflow "
+               f"and {d} of {n} members diverged (NaN loss).")
     return out
 
 

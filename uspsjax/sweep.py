@@ -46,7 +46,7 @@ from pathlib import Path
 
 from uspsjax.errors import InputError
 from uspsjax.models import BATCHNORM, L1_AT, LC_FANS, NETWORKS, parse_init
-from uspsjax.train import ADVERSARIAL, DTYPES, HPARAM_DEFAULTS, Static
+from uspsjax.train import ADVERSARIAL, DTYPES, HPARAM_DEFAULTS, LR_SCHEDULES, Static
 
 SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
 TOP_KEYS = {"name", "description", "networks", "seeds", "base", "per_network", "cpu", "axes",
@@ -55,7 +55,7 @@ STATIC_FIELDS = {f.name: f.type for f in dataclasses.fields(Static)}
 SETTING_KEYS = (set(STATIC_FIELDS) - {"network"}) | set(HPARAM_DEFAULTS) | {"init"}
 CHOICES = {"init": None, "lc_fans": LC_FANS, "batchnorm": BATCHNORM, "l1_at": L1_AT,
            "dropout_at": ("none", "conv", "dense", "both"), "adversarial": ADVERSARIAL,
-           "dtype": DTYPES}
+           "dtype": DTYPES, "lr_schedule": LR_SCHEDULES}
 # (lowest, highest, lowest allowed itself, highest allowed itself)
 RANGES = {"lr": (0, math.inf, False, False), "momentum": (0, 1, True, False),
           "dropout_conv": (0, 1, True, False), "dropout_dense": (0, 1, True, False),

@@ -26,6 +26,7 @@ from uspsjax.models import NETWORKS, draw_kernel
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 ADVERSARIAL = ("none", "fgsm", "pgd")
+LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
 
 
@@ -42,6 +43,7 @@ class Static:
     bn_momentum: float = 0.99
     dropout_at: str = "none"      # "none", "conv", "dense" or "both"
     l1_at: str = "none"           # "none", "hidden" or "last" (hidden layer)
+    lr_schedule: str = "constant"  # "constant", or "cosine" decay to 0 over the run
     adversarial: str = "none"     # "none", "fgsm" (with random start) or "pgd"
     adv_steps: int = 7            # PGD steps in adversarial training
     bootstrap: bool = False       # train each member on its own bootstrap resample
@@ -178,11 +180,12 @@ def adversarial_batch(static: Static, params, batch_stats, x, y, hp: Hparams, ke
                        step_size=2.5 * hp.adv_eps / static.adv_steps, key=key)
 
 
-def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key):
+def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progress=0.0):
     """One SGD step on batch (x, y). Returns the new state, the batch loss and accuracy.
 
-    With adversarial training the objective is half clean and half adversarial loss
-    (Goodfellow et al. 2015). A member whose loss is not finite keeps its old state.
+    `progress` in [0, 1) is how far the run is, for the cosine learning-rate schedule. With
+    adversarial training the objective is half clean and half adversarial loss (Goodfellow
+    et al. 2015). A member whose loss is not finite keeps its old state.
     """
     k_adv, k_drop = jax.random.split(key)
 
@@ -200,7 +203,11 @@ def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key):
         return loss + hp.l1 * penalty, (ce, acc, batch_stats)
 
     grads, (ce, acc, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
-    updates, opt_state = make_optimizer(hp).update(grads, state.opt_state, state.params)
+    opt_state = state.opt_state
+    if static.lr_schedule == "cosine":
+        lr = hp.lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
+    updates, opt_state = make_optimizer(hp).update(grads, opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
     healthy = jnp.isfinite(ce)
@@ -240,13 +247,15 @@ def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data):
 
     def body(carry, inputs):
         st, healthy = carry
-        idx, k = inputs
-        st, loss, acc, ok = train_step(static, st, hp, data.x_train[idx], data.y_train[idx], k)
+        idx, k, i = inputs
+        progress = (state.epoch * steps + i) / (static.epochs * steps)
+        st, loss, acc, ok = train_step(static, st, hp, data.x_train[idx], data.y_train[idx], k,
+                                       progress)
         return (st, healthy & ok), (loss, acc)
 
     was_healthy = state.diverged == 0
-    (state, healthy), (losses, accs) = jax.lax.scan(body, (state, was_healthy),
-                                                    (batches, step_keys))
+    (state, healthy), (losses, accs) = jax.lax.scan(
+        body, (state, was_healthy), (batches, step_keys, jnp.arange(steps)))
     epoch = state.epoch + 1
     diverged = jnp.where(was_healthy & ~healthy, epoch, state.diverged)
     state = state.replace(epoch=epoch, diverged=diverged)
