@@ -233,3 +233,26 @@ def test_rejects_unstorable_settings(tmp_path):
     with pytest.raises(TypeError, match="schedule"):
         results.write_results(tmp_path, run)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_merge_keeps_the_networks_the_new_run_did_not_train(tmp_path):
+    old = make_run()
+    new = make_run()
+    keep_cnn = [i for i, s in enumerate(new["settings"]) if s["network"] == "fc"]
+    new = dict(new, settings=[dict(new["settings"][i], extra=1) for i in keep_cnn],
+               curves=new["curves"][keep_cnn, :2], diverged=new["diverged"][keep_cnn],
+               test_probs=new["test_probs"][keep_cnn], robust=new["robust"][keep_cnn],
+               groups=new["groups"][:1], programs=1, device="gpu: test", wall_time_s=1.0)
+    merged = results.merge_runs(old, new, defaults={"extra": 0})
+    nets = [s["network"] for s in merged["settings"]]
+    assert nets == ["cnn"] * 6 + ["fc"] * 6
+    assert [s["extra"] for s in merged["settings"]] == [0] * 6 + [1] * 6
+    assert merged["curves"].shape == (12, EPOCHS, 4)
+    assert np.all(np.isnan(merged["curves"][6:, 2:]))  # the new run had 2 epochs
+    assert merged["device"] == "cpu: test; gpu: test" and merged["programs"] == 2
+    assert [g["device"] for g in merged["groups"]] == ["cpu: test", "gpu: test"]
+    folder = results.write_results(tmp_path, merged)
+    back = results.read_metrics(folder / "metrics.h5")
+    assert [s["group"] for s in back["settings"]] == [0] * 6 + [1] * 6
+    with pytest.raises(ValueError, match="different sweep"):
+        results.merge_runs(dict(old, sweep_text="other"), new, {})

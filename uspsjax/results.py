@@ -468,3 +468,49 @@ def write_results(out_dir: Path, run: dict) -> Path:
         raise
     shutil.rmtree(backup, ignore_errors=True)
     return final
+
+
+def merge_runs(old: dict, new: dict, defaults: dict) -> dict:
+    """`new` plus the members of `old` (an earlier run of the same sweep file) whose networks
+    `new` did not train: so one sweep's networks can run on different machines.
+
+    Settings that `old` lacks (written by an older uspsjax) take `defaults`. Each static group
+    keeps the device it ran on; `device` lists every device that contributed.
+    """
+    if old["sweep_text"] != new["sweep_text"]:
+        raise ValueError("the earlier results are of a different sweep file")
+    ran = {s["network"] for s in new["settings"]}
+    keep = [i for i, s in enumerate(old["settings"]) if s["network"] not in ran]
+    kept_nets = sorted({old["settings"][i]["network"] for i in keep})
+    old_groups = [dict(g) for g in old["groups"] if g["label"].split()[0] in kept_nets]
+    for g in old_groups:
+        g.setdefault("device", old["device"])
+    new_groups = [{**g, "device": g.get("device", new["device"])} for g in new["groups"]]
+    remap = {}
+    for i in keep:  # old group numbers -> positions among the kept groups
+        remap.setdefault(old["settings"][i]["group"], len(remap))
+    keys = list(new["settings"][0])
+    settings = [{k: old["settings"][i].get(k, defaults.get(k)) for k in keys} for i in keep]
+    for s, i in zip(settings, keep):
+        s["group"] = remap[old["settings"][i]["group"]]
+    settings += [dict(s, group=s["group"] + len(remap)) for s in new["settings"]]
+    epochs = max(old["curves"].shape[1], new["curves"].shape[1])
+
+    def pad(curves):
+        extra = epochs - curves.shape[1]
+        return np.pad(curves, ((0, 0), (0, extra), (0, 0)), constant_values=np.nan)
+
+    devices = list(dict.fromkeys([old["device"]] * bool(keep) + [new["device"]]))
+    merged = dict(new, settings=settings,
+                  curves=np.concatenate([pad(old["curves"][keep]), pad(new["curves"])]),
+                  diverged=np.concatenate([old["diverged"][keep], new["diverged"]]),
+                  test_probs=np.concatenate([old["test_probs"][keep], new["test_probs"]]),
+                  groups=old_groups + new_groups, programs=len(old_groups) + new["programs"],
+                  device="; ".join(devices),
+                  wall_time_s=sum(g["wall_time_s"] for g in old_groups) + new["wall_time_s"],
+                  overrides={**new["overrides"], "merged": {"networks": kept_nets,
+                                                            "device": old["device"],
+                                                            "overrides": old["overrides"]}})
+    if new["robust"] is not None and old["robust"] is not None:
+        merged["robust"] = np.concatenate([old["robust"][keep], new["robust"]])
+    return merged

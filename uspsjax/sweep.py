@@ -420,7 +420,7 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None, out: Path
         if sweep.attack_eps:
             robust[idx] = res["robust"]
         group_info.append({"label": label, "members": len(idx), "wall_time_s": wall,
-                           "chunks": int(res["chunks"])})
+                           "chunks": int(res["chunks"]), "device": environment()[0]})
         log(f"  [{g + 1}/{len(groups)}] {label}: {len(idx)} members done in {wall:.1f} s")
     device, versions = environment()
     settings = []
@@ -502,6 +502,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="shard the member axis over this many local devices (default: all)")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host; see README)")
+    p.add_argument("--merge", action="store_true",
+                   help="keep, from the existing results of this sweep, the networks this run "
+                        "does not train (e.g. LC trained on a GPU, the rest here)")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -576,6 +579,12 @@ def main(argv=None) -> int:
             run = run_sweep(sweep, dataset, overrides=overrides, out=out,
                             checkpoints=None if args.no_checkpoints else Path(args.checkpoints),
                             resume=resume, devices=devices, log=log)
+            if args.merge and done.exists():
+                defaults = {k: v for k, v in dataclasses.asdict(Static()).items()}
+                try:
+                    run = results.merge_runs(results.read_metrics(done), run, defaults)
+                except (OSError, ValueError, KeyError) as e:
+                    raise InputError(f"{done}: cannot merge: {e}") from None
             folder = results.write_results(out, run)
             import shutil
             shutil.rmtree(ckpt, ignore_errors=True)
