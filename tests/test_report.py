@@ -26,7 +26,7 @@ def test_report_regenerates_byte_for_byte(tmp_path, capsys):
     # lr: fc's lr 0.001 members reach 90/92/94 %; lr 50 diverged in all 3 fc seeds.
     assert "| FC | lr=50 | 3 | diverged (3/3) | — |" in text
     assert "| FC | lr=0.001 | 3 | 92.00 ± 2.00 | — |" in text
-    assert "- FC: lr 1e-3 is best: **holds**" in text
+    assert "- FC: lr=0.001 gives the best accuracy: **holds**" in text
     assert "![lr accuracy](lr/accuracy.png)" in text
     assert "(1 left out here)" in text  # the bagging fixture's diverged member
 

@@ -157,19 +157,18 @@ def section_init(s: Study) -> list[str]:
 
 def section_lr(s: Study) -> list[str]:
     """Task 2.2: learning rates."""
-    out = table(s)
-    for net in s.networks():
-        order = rank(s, net)
-        out.append(verdict(order[0][0] == "lr=0.001", f"{NAMES[net]}: lr 1e-3 is best",
-                           evidence_of(order)))
+    out = section_best_worst(s, "lr=0.001", None, "accuracy")
     if "lc" in s.networks():
         order = rank(s, "lc")
         out.append(verdict(order[-1][0] == "lr=1e-06",
                            "LC: lr 1e-6 gives the lowest LC accuracy", evidence_of(order)))
     d, n = diverged_members(s, "lr=50.0")
+    alive = [f"{NAMES[net]} {pct(s.acc(net, 'lr=50.0'))}" for net in s.networks()
+             if s.acc(net, "lr=50.0") is not None]
     out.append(f"- lr 50 does not 'converge quickly to a local optimum': {d} of {n} members "
-               f"diverged (NaN loss), the rest ended with dead ReLUs at chance level. lr 1e-6 "
-               f"is simply too small to move in {s.epochs(s.networks()[0])} epochs.")
+               f"diverged (NaN loss)" + (f"; the others ended at {', '.join(alive)} (chance, "
+                                         f"the largest class, is 17.9 %)" if alive else "")
+               + f". lr 1e-6 is simply too small to move in {s.epochs(s.networks()[0])} epochs.")
     return out
 
 
