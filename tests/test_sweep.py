@@ -121,3 +121,16 @@ def test_placement_axis_skips_networks_without_those_layers():
 
 def test_describe_group():
     assert sweep.describe_group(Static(network="cnn", batch_size=1024)) == "cnn batch_size=1024"
+
+
+def test_merge_checks_the_kept_members_against_the_sweep(tmp_path):
+    from pathlib import Path
+    from uspsjax import results
+    committed = Path(__file__).resolve().parents[1] / "results" / "baseline" / "metrics.h5"
+    old = results.read_metrics(committed)
+    sw = sweep.load_sweep("baseline")
+    sweep.check_mergeable(sw, old, ["cnn"])  # FC and LC were trained as baseline.toml says
+    changed = tmp_path / "baseline.toml"
+    changed.write_text(sw.text.replace("lr = 0.01", "lr = 0.02"))
+    with pytest.raises(InputError, match="not trained with this sweep's settings"):
+        sweep.check_mergeable(sweep.load_sweep(str(changed)), old, ["cnn"])

@@ -471,14 +471,13 @@ def write_results(out_dir: Path, run: dict) -> Path:
 
 
 def merge_runs(old: dict, new: dict, defaults: dict) -> dict:
-    """`new` plus the members of `old` (an earlier run of the same sweep file) whose networks
-    `new` did not train: so one sweep's networks can run on different machines.
+    """`new` plus the members of `old` (an earlier run of the same sweep) whose networks `new`
+    did not train: so one sweep's networks can run on different machines. The caller checks
+    that the kept members match the sweep (`sweep.check_mergeable`).
 
     Settings that `old` lacks (written by an older uspsjax) take `defaults`. Each static group
     keeps the device it ran on; `device` lists every device that contributed.
     """
-    if old["sweep_text"] != new["sweep_text"]:
-        raise ValueError("the earlier results are of a different sweep file")
     ran = {s["network"] for s in new["settings"]}
     keep = [i for i, s in enumerate(old["settings"]) if s["network"] not in ran]
     kept_nets = sorted({old["settings"][i]["network"] for i in keep})
@@ -510,7 +509,8 @@ def merge_runs(old: dict, new: dict, defaults: dict) -> dict:
                   wall_time_s=sum(g["wall_time_s"] for g in old_groups) + new["wall_time_s"],
                   overrides={**new["overrides"], "merged": {"networks": kept_nets,
                                                             "device": old["device"],
-                                                            "overrides": old["overrides"]}})
+                                                            "overrides": old["overrides"],
+                                                            "sweep_text": old["sweep_text"]}})
     if new["robust"] is not None and old["robust"] is not None:
         merged["robust"] = np.concatenate([old["robust"][keep], new["robust"]])
     return merged

@@ -309,6 +309,32 @@ def split_settings(network: str, settings: dict, where: str) -> tuple[Static, di
     return static, hparams
 
 
+def member_settings(m: Member) -> dict:
+    """The row of settings a member's results are stored with (its static group aside)."""
+    return {"network": m.network, "seed": m.seed, "bag": m.bag, "label": m.label,
+            **{k: v for k, v in dataclasses.asdict(m.static).items() if k != "network"},
+            **m.hparams}
+
+
+def check_mergeable(sweep: Sweep, old: dict, trained: list[str]) -> None:
+    """Raise InputError unless the members of `old` that a merge keeps (the networks not in
+    `trained`) are exactly what `sweep` specifies for them, on the kind of device they ran on."""
+    kept = [s for s in old["settings"] if s["network"] not in trained]
+    if not kept:
+        return
+    nets = [n for n in NETWORKS if any(s["network"] == n for s in kept)]
+    over = {k: v for k, v in old["overrides"].items() if k in ("epochs", "seeds")}
+    expected = [member_settings(m) for m in expand(sweep, {**over, "networks": nets},
+                                                   on_cpu=old["device"].startswith("cpu"))]
+    defaults = {**dataclasses.asdict(Static()), **HPARAM_DEFAULTS}
+    have = sorted(json.dumps({k: s.get(k, defaults.get(k)) for k in expected[0]}, sort_keys=True)
+                  for s in kept)
+    want = sorted(json.dumps(e, sort_keys=True) for e in expected)
+    if have != want:
+        raise InputError(f"{sweep.path}: the earlier results of {', '.join(nets)} were not "
+                         "trained with this sweep's settings; cannot merge")
+
+
 def group_members(members: list[Member]) -> dict[Static, list[int]]:
     """Member indices by static group, in order of first appearance: one program per group."""
     groups: dict[Static, list[int]] = {}
@@ -427,10 +453,7 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None, out: Path
     for g, (static, idx) in enumerate(groups.items()):
         for i in idx:
             m = members[i]
-            settings.append((i, {"network": m.network, "seed": m.seed, "bag": m.bag,
-                                 "label": m.label, "group": g,
-                                 **{k: v for k, v in dataclasses.asdict(m.static).items()
-                                    if k != "network"}, **m.hparams}))
+            settings.append((i, {**member_settings(m), "group": g}))
     return {
         "name": sweep.name, "description": sweep.description, "sweep_text": sweep.text,
         "overrides": overrides, "metrics": train.METRICS,
@@ -580,11 +603,12 @@ def main(argv=None) -> int:
                             checkpoints=None if args.no_checkpoints else Path(args.checkpoints),
                             resume=resume, devices=devices, log=log)
             if args.merge and done.exists():
-                defaults = {k: v for k, v in dataclasses.asdict(Static()).items()}
                 try:
-                    run = results.merge_runs(results.read_metrics(done), run, defaults)
+                    old = results.read_metrics(done)
                 except (OSError, ValueError, KeyError) as e:
                     raise InputError(f"{done}: cannot merge: {e}") from None
+                check_mergeable(sweep, old, list({s["network"] for s in run["settings"]}))
+                run = results.merge_runs(old, run, dataclasses.asdict(Static()))
             folder = results.write_results(out, run)
             import shutil
             shutil.rmtree(ckpt, ignore_errors=True)
