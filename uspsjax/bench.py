@@ -205,6 +205,10 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
                  else choose_steps(max(populations) * b * fps, peak, args.quick))
         single = None  # the P=1 program, state and hparams, for the sequential comparison
         for p in sorted({1, *populations}):
+            if args.max_gflop_per_step and p * b * fps > args.max_gflop_per_step * 1e9:
+                skipped.append({"network": network, "batch_size": b, "population": p,
+                                "error": f"over --max-gflop-per-step {args.max_gflop_per_step}"})
+                break  # larger populations are over it too
             try:
                 compiled, state, hp, batches, compile_s, xla_bytes = build_population(
                     static, hparams, data, p, steps)
@@ -338,6 +342,9 @@ def build_parser() -> _Parser:
     p.add_argument("--populations", help="comma-separated member counts (default per network)")
     p.add_argument("--dtype", choices=train.DTYPES, default="float32",
                    help="compute dtype; parameters stay float32")
+    p.add_argument("--max-gflop-per-step", type=float,
+                   help="skip configurations whose training step exceeds this many GFLOP "
+                        "(keeps a full run on a small CPU to minutes)")
     p.add_argument("--out", default="results/bench", help="output folder (default: results/bench)")
     p.add_argument("--data", help="the USPS h5 file (default: as `uspsjax.sweep`)")
     return p
@@ -355,6 +362,9 @@ def main(argv=None) -> int:
                              f"(known: {', '.join(NETWORKS)})")
         batch_sizes = _int_list("--batch-sizes", args.batch_sizes)
         populations = _int_list("--populations", args.populations)
+        if args.max_gflop_per_step is not None and not args.max_gflop_per_step > 0:
+            raise InputError(f"--max-gflop-per-step: expected a positive number, "
+                             f"got {args.max_gflop_per_step}")
         _check_out(Path(args.out))
         from uspsjax import data as data_mod
         data = train.as_data(data_mod.load(args.data))
