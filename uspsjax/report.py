@@ -359,12 +359,14 @@ def build_report(root: Path) -> str:
              "accuracies are final-epoch test accuracy, mean ± std (sample) over seeds, "
              "diverged members left out and counted.", ""]
     if studies:
-        first = next(iter(studies.values())).run
-        devices = sorted({st.run["device"] for st in studies.values()})
+        by_device = {}
+        for name, st in studies.items():
+            by_device.setdefault(st.run["device"], (st.run["versions"], []))[1].append(name)
         total = sum(st.run["wall_time_s"] for st in studies.values())
-        lines += [f"- Device: {'; '.join(devices)}",
-                  "- Packages: " + ", ".join(f"{k} {v}" for k, v in sorted(first["versions"].items())),
-                  f"- Total wall time: {total / 60:.1f} min "
+        for device, (versions, names) in sorted(by_device.items()):
+            lines += [f"- Device: {device} ({', '.join(names)}); packages: "
+                      + ", ".join(f"{k} {v}" for k, v in sorted(versions.items()))]
+        lines += [f"- Total wall time: {total / 60:.1f} min "
                   + "(" + ", ".join(f"{n} {st.run['wall_time_s']:.0f} s"
                                     for n, st in studies.items()) + ")"]
     benches = sorted(p.name for p in (root / "bench").glob("*.md")) if (root / "bench").is_dir() else []
