@@ -8,7 +8,6 @@ import sys
 import textwrap
 import time
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
