@@ -46,6 +46,17 @@ class Study:
             return None
         return row["test_acc_mean"]
 
+    def beats(self, net: str, a: str, b: str) -> bool | None:
+        """Whether setting `a` has a higher final test accuracy than `b` by more than their
+        combined std over seeds; None when the difference is within that noise. A setting that
+        diverged in every seed loses to any that did not."""
+        acc_a, acc_b = self.acc(net, a), self.acc(net, b)
+        if acc_a is None or acc_b is None:
+            return None if acc_a is acc_b else acc_b is None
+        row_a, row_b = self.rows[(net, a)], self.rows[(net, b)]
+        noise = math.hypot(row_a["test_acc_std"], row_b["test_acc_std"])
+        return None if abs(acc_a - acc_b) <= noise else acc_a > acc_b
+
     def cell(self, net: str, label: str) -> str:
         """Test accuracy as 'mean ± std %', or how it diverged."""
         row = self.rows.get((net, label))
@@ -76,7 +87,8 @@ def pct(x: float | None) -> str:
 
 def verdict(holds: bool | None, claim: str, evidence: str) -> str:
     """One line: the claim, whether it holds, and the numbers that show it."""
-    word = {True: "**holds**", False: "**does not hold**", None: "**undecided**"}[holds]
+    word = {True: "**holds**", False: "**does not hold**",
+            None: "**undecided** (the difference is within the spread over seeds)"}[holds]
     return f"- {claim}: {word} — {evidence}."
 
 
@@ -199,7 +211,7 @@ def section_momentum(s: Study, lr: Study | None) -> list[str]:
                                f"test accuracy at epoch {e}: 0.9 {pct(at[0.9])}, "
                                f"0.99 {pct(at[0.99])}, none (the lr sweep's lr 1e-3) {pct(without)}"))
         a, b = s.acc(net, "momentum=0.99"), s.acc(net, "momentum=0.9")
-        out.append(verdict(a is not None and b is not None and a > b,
+        out.append(verdict(s.beats(net, "momentum=0.99", "momentum=0.9"),
                            f"{NAMES[net]}: momentum 0.99 beats 0.9 (final)",
                            f"0.99 {pct(a)}, 0.9 {pct(b)}"))
     return out
@@ -256,7 +268,7 @@ def section_dropout(s: Study) -> list[str]:
     out = table(s)
     if "cnn" in s.networks():
         conv, dense = (s.acc("cnn", f"dropout_at={p} rate 0.5") for p in ("conv", "dense"))
-        out.append(verdict(dense is not None and conv is not None and dense > conv,
+        out.append(verdict(s.beats("cnn", "dropout_at=dense rate 0.5", "dropout_at=conv rate 0.5"),
                            "CNN: dropout after the dense layer works better than after the "
                            "convolutions (rate 0.5)", f"dense {pct(dense)}, conv {pct(conv)}"))
     for net in s.networks():
@@ -273,7 +285,8 @@ def section_l1(s: Study) -> list[str]:
         none = s.acc(net, "l1=0.0")
         best = max(((label, s.acc(net, label)) for label in s.labels(net) if label != "l1=0.0"),
                    key=lambda t: -1.0 if t[1] is None else t[1])
-        out.append(verdict(none is not None and (best[1] is None or best[1] <= none),
+        # "Does not improve" holds unless some penalty is clearly (beyond the noise) better.
+        out.append(verdict(s.beats(net, best[0], "l1=0.0") is not True,
                            f"{NAMES[net]}: an L1 activity penalty does not improve accuracy",
                            f"no penalty {pct(none)}, best with one ({best[0]}) {pct(best[1])}"))
     return out
@@ -302,10 +315,9 @@ def section_adversarial(s: Study) -> list[str]:
                                f"{NAMES[net]}: adversarial training raises PGD-20 accuracy at "
                                f"eps {eps[at]}", f"{best[0]} {pct(best[1])}, standard {pct(std_idx)}"))
             clean = {label: s.acc(net, label) for label in s.labels(net)}
-            better = [label for label, a in clean.items()
-                      if label != "standard" and a is not None and clean["standard"] is not None
-                      and a > clean["standard"]]
-            out.append(verdict(bool(better), f"{NAMES[net]}: adversarial training improves "
+            wins = [s.beats(net, label, "standard") for label in clean if label != "standard"]
+            holds = True if True in wins else (None if None in wins else False)
+            out.append(verdict(holds, f"{NAMES[net]}: adversarial training improves "
                                "clean test accuracy (the study's claim)",
                                evidence_of(clean.items())))
     return out
@@ -324,15 +336,19 @@ def section_batchnorm(s: Study) -> list[str]:
     for net in s.networks():
         def a(bn, bs, lr):
             return s.acc(net, f"batchnorm={bn} batch_size={bs} lr={lr}")
-        b16, b1024 = a("before", 16, 0.001), a("before", 1024, 0.001)
-        out.append(verdict(b16 is not None and b1024 is not None and b1024 > b16,
+        label = lambda bn, bs, lr: f"batchnorm={bn} batch_size={bs} lr={lr}"
+        out.append(verdict(s.beats(net, label("before", 1024, 0.001), label("before", 16, 0.001)),
                            f"{NAMES[net]}: with batch norm, batch 1024 (better batch statistics) "
                            "beats batch 16 at equal epochs (lr 1e-3)",
-                           f"1024: {pct(b1024)}, 16: {pct(b16)}"))
-        none, bn = a("none", 1024, 0.1), max((a(p, 1024, 0.1) or 0.0) for p in ("before", "after"))
-        out.append(verdict(bn > (none or 0.0),
-                           f"{NAMES[net]}: batch norm lets the large learning rate 0.1 train "
-                           "better (batch 1024)", f"with batch norm {pct(bn)}, without {pct(none)}"))
+                           f"1024: {pct(a('before', 1024, 0.001))}, "
+                           f"16: {pct(a('before', 16, 0.001))}"))
+        for bs in (16, 1024):
+            best = max(("before", "after"), key=lambda p: a(p, bs, 0.1) or 0.0)
+            out.append(verdict(s.beats(net, label(best, bs, 0.1), label("none", bs, 0.1)),
+                               f"{NAMES[net]}: batch norm lets the large learning rate 0.1 "
+                               f"train better (batch {bs})",
+                               f"batch norm {best} {pct(a(best, bs, 0.1))}, "
+                               f"without {pct(a('none', bs, 0.1))}"))
     return out
 
 
