@@ -146,3 +146,21 @@ def test_batchnorm_statistics_are_per_member_and_eval_uses_running_averages(smal
                       key=jax.random.key(0))[0]
     assert not np.allclose(trained, full, atol=1e-3)
     assert isinstance(hp, Hparams)
+
+
+def test_cosine_schedule_scales_the_learning_rate(small):
+    from uspsjax.train import train_step
+    x, y, key = small.x_train[:16], small.y_train[:16], jax.random.key(0)
+    cosine, constant = Static(network="fc", lr_schedule="cosine"), Static(network="fc")
+    state = init_member(constant, jax.random.key(1), make_hparams(lr=0.1), 512)
+    # Halfway through, cosine decay has halved the rate: the same step as lr 0.05 constant.
+    half, *_ = train_step(cosine, state, make_hparams(lr=0.1), x, y, key, progress=0.5)
+    # The learning rate lives in the optimizer state: start a member at lr 0.05 (same params).
+    state_05 = init_member(constant, jax.random.key(1), make_hparams(lr=0.05), 512)
+    slow, *_ = train_step(constant, state_05, make_hparams(lr=0.05), x, y, key)
+    for a, b in zip(jax.tree.leaves(half.params), jax.tree.leaves(slow.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+    start, *_ = train_step(cosine, state, make_hparams(lr=0.1), x, y, key, progress=0.0)
+    full, *_ = train_step(constant, state, make_hparams(lr=0.1), x, y, key)
+    for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(full.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
