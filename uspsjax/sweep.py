@@ -412,6 +412,7 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None, out: Path
     probs = np.zeros((n_members, data.x_test.shape[0], 10), np.float32)
     robust = np.zeros((n_members, len(population.ATTACKS), len(sweep.attack_eps)), np.float32)
     group_info = []
+    device, versions = environment()
     t_start = time.perf_counter()
     for g, (static, idx) in enumerate(groups.items()):
         label = describe_group(static)
@@ -446,9 +447,8 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None, out: Path
         if sweep.attack_eps:
             robust[idx] = res["robust"]
         group_info.append({"label": label, "members": len(idx), "wall_time_s": wall,
-                           "chunks": int(res["chunks"]), "device": environment()[0]})
+                           "chunks": int(res["chunks"]), "device": device})
         log(f"  [{g + 1}/{len(groups)}] {label}: {len(idx)} members done in {wall:.1f} s")
-    device, versions = environment()
     settings = []
     for g, (static, idx) in enumerate(groups.items()):
         for i in idx:
