@@ -37,7 +37,9 @@ import dataclasses
 import itertools
 import json
 import math
+import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -373,11 +375,10 @@ def environment() -> tuple[str, dict]:
 
 
 def _cpu_count() -> int:
-    import os
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
-def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None, out: Path = Path("results"),
+def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
               checkpoints: Path | None = None, resume: bool = False, devices=None,
               memory_budget: int | None = None, log=print) -> dict:
     """Train every static group of `sweep` and return the `run` dict that `results` writes.
@@ -467,7 +468,6 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None, out: Path
 
 def _prepare_checkpoints(root: Path, fingerprint: str, resume: bool) -> None:
     """Start fresh checkpoints, or check that the ones to resume belong to this sweep."""
-    import shutil
     stamp = root / "sweep.json"
     if resume:
         if not stamp.is_file():
@@ -599,7 +599,7 @@ def main(argv=None) -> int:
                 log(f"sweep {sweep.name}: already complete in {done}, skipped")
                 continue
             resume = args.resume and (ckpt / "sweep.json").exists()
-            run = run_sweep(sweep, dataset, overrides=overrides, out=out,
+            run = run_sweep(sweep, dataset, overrides=overrides,
                             checkpoints=None if args.no_checkpoints else Path(args.checkpoints),
                             resume=resume, devices=devices, log=log)
             if args.merge and done.exists():
@@ -610,7 +610,6 @@ def main(argv=None) -> int:
                 check_mergeable(sweep, old, list({s["network"] for s in run["settings"]}))
                 run = results.merge_runs(old, run, dataclasses.asdict(Static()))
             folder = results.write_results(out, run)
-            import shutil
             shutil.rmtree(ckpt, ignore_errors=True)
             print((folder / "summary.md").read_text())
             log(f"sweep {sweep.name}: {run['wall_time_s']:.0f} s on {run['device']}; wrote {folder}/")
