@@ -11,7 +11,7 @@ import pytest
 from uspsjax import population
 from uspsjax.models import FC, dropout
 from uspsjax.train import (Hparams, Static, forward, init_member, init_params, make_hparams,
-                           make_train, train_epoch)
+                           make_train, shift_images, train_epoch)
 
 
 def single_runs(static, data, keys, hps):
@@ -23,6 +23,7 @@ def single_runs(static, data, keys, hps):
     Static(network="fc", batch_size=16, epochs=2),
     Static(network="cnn", batch_size=32, epochs=1, dropout_at="both"),
     Static(network="fc", batch_size=32, epochs=2, batchnorm="before", bootstrap=True),
+    Static(network="fc", batch_size=16, epochs=1, augment=2),
 ])
 def test_vmapped_member_equals_its_single_run(small, static):
     keys = [jax.random.key(s) for s in range(3)]
@@ -164,3 +165,19 @@ def test_cosine_schedule_scales_the_learning_rate(small):
     full, *_ = train_step(constant, state, make_hparams(lr=0.1), x, y, key)
     for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(full.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_shift_images_translates_each_image_by_its_own_offset(small):
+    x = small.x_train[:64]
+    shifted = np.asarray(shift_images(x, jax.random.key(3), 2))
+    images = np.pad(np.asarray(x).reshape(-1, 16, 16), ((0, 0), (2, 2), (2, 2)))
+    seen = set()
+    for image, out in zip(images, shifted.reshape(-1, 16, 16)):
+        # The one window of the zero-padded image this output is: its offset in [-2, 2]^2.
+        hits = [(dy - 2, dx - 2) for dy in range(5) for dx in range(5)
+                if np.array_equal(image[dy:dy + 16, dx:dx + 16], out)]
+        assert hits, "output is not a whole-pixel translation of its input"
+        seen.add(hits[0])
+    assert len(seen) > 5  # offsets differ between images
+    np.testing.assert_array_equal(shift_images(x, jax.random.key(3), 2), shifted)
+    assert not np.array_equal(shift_images(x, jax.random.key(4), 2), shifted)

@@ -64,6 +64,7 @@ RANGES = {"lr": (0, math.inf, False, False), "momentum": (0, 1, True, False),
           "l1": (0, math.inf, True, False), "adv_eps": (0, 1, True, True),
           "bn_momentum": (0, 1, True, False), "epochs": (1, math.inf, True, False),
           "batch_size": (1, math.inf, True, False), "adv_steps": (1, math.inf, True, False),
+          "augment": (0, 15, True, True),
           "init_scale": (-math.inf, math.inf, False, False)}
 
 

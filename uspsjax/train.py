@@ -47,6 +47,7 @@ class Static:
     adversarial: str = "none"     # "none", "fgsm" (with random start) or "pgd"
     adv_steps: int = 7            # PGD steps in adversarial training
     bootstrap: bool = False       # train each member on its own bootstrap resample
+    augment: int = 0              # random shifts of up to this many pixels per training image
     dtype: str = "float32"        # compute dtype; parameters stay float32
 
 
@@ -231,6 +232,19 @@ def evaluate(static: Static, state: MemberState, hp: Hparams, x, y, chunk: int =
     return loss, acc, jax.nn.softmax(logits)
 
 
+def shift_images(x: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
+    """Each 16x16 image of `x` `(B, 256)` translated by its own random whole-pixel offset in
+    [-max_shift, max_shift] along each axis, the uncovered border filled with 0 (background)."""
+    side = 16
+    images = jnp.pad(x.reshape(-1, side, side), ((0, 0), (max_shift,) * 2, (max_shift,) * 2))
+    offsets = jax.random.randint(key, (x.shape[0], 2), 0, 2 * max_shift + 1)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1]), (side, side))
+
+    return jax.vmap(crop)(images, offsets).reshape(x.shape)
+
+
 def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data):
     """One epoch: a new shuffle of the member's training indices, full batches only (the last
     partial batch is dropped; the next shuffle covers it), then evaluation on the test set.
@@ -249,8 +263,11 @@ def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data):
         st, healthy = carry
         idx, k, i = inputs
         progress = (state.epoch * steps + i) / (static.epochs * steps)
-        st, loss, acc, ok = train_step(static, st, hp, data.x_train[idx], data.y_train[idx], k,
-                                       progress)
+        x = data.x_train[idx]
+        if static.augment:
+            k, k_shift = jax.random.split(k)
+            x = shift_images(x, k_shift, static.augment)
+        st, loss, acc, ok = train_step(static, st, hp, x, data.y_train[idx], k, progress)
         return (st, healthy & ok), (loss, acc)
 
     was_healthy = state.diverged == 0
