@@ -54,11 +54,15 @@ def test_sweep_end_to_end(tmp_path, shared_h5, capsys):
     assert sorted(p.name for p in (out / "tiny").iterdir()) == [
         "accuracy.png", "loss.png", "metrics.h5", "summary.md"]
     assert not (tmp_path / "ck" / "tiny").exists()  # checkpoints go once results are written
-    # --quiet silences progress; overrides are recorded.
+    # --quiet silences progress; overrides reach every member and are recorded.
     code, _, stderr = run_main(capsys, str(path), "--data", str(shared_h5), "--out", str(out),
-                               "--checkpoints", str(tmp_path / "ck"), "--epochs", "1", "--quiet")
+                               "--checkpoints", str(tmp_path / "ck"), "--epochs", "1", "--quiet",
+                               "--dtype", "bfloat16")
     assert code == 0 and stderr == ""
-    assert results.read_metrics(out / "tiny" / "metrics.h5")["overrides"] == {"epochs": 1}
+    run = results.read_metrics(out / "tiny" / "metrics.h5")
+    assert run["overrides"] == {"epochs": 1, "dtype": "bfloat16"}
+    assert [s["dtype"] for s in run["settings"]] == ["bfloat16"] * 4
+    assert np.all(run["curves"][:2, -1, 3] > 0.8)
 
 
 def test_list(capsys):
@@ -200,6 +204,7 @@ def cli_cases(tmp_path):
         "epochs-text": (["lr", "--epochs", "ten"], "positive integer"),
         "seeds-negative": (["lr", "--seeds", "-2"], "positive integer"),
         "unknown-flag": (["lr", "--learning-rate", "3"], "unrecognized arguments"),
+        "bad-dtype": (["lr", "--dtype", "float16"], "invalid choice"),
         "bad-network": (["lr", "--networks", "fc,rnn"], "unknown network 'rnn'"),
         "too-many-devices": (["lr", "--networks", "fc", "--devices", "64"], "--devices 64"),
         "nothing-to-resume": (["lr", "--resume", "--checkpoints", str(tmp_path / "none")],
@@ -211,7 +216,7 @@ def cli_cases(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["unknown-sweep", "epochs-zero", "epochs-text",
-                                  "seeds-negative", "unknown-flag", "bad-network",
+                                  "seeds-negative", "unknown-flag", "bad-dtype", "bad-network",
                                   "too-many-devices", "nothing-to-resume", "out-is-a-file",
                                   "out-not-writable", "no-sweep"])
 def test_bad_command_line(tmp_path, capsys, earlier, shared_h5, case):

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from uspsjax.models import (NETWORKS, LocallyConnected1D, conv2d, count_params, draw_kernel,
-                            parse_init)
+                            locally_connected, parse_init)
 from uspsjax.train import Static, init_params
 
 # The study's Keras summaries, layer by layer.
@@ -84,6 +84,19 @@ def test_conv2d_gradients_equal_xla_convolution():
     for ours, ref in zip(jax.grad(loss(conv2d), (0, 1))(x, kernel),
                          jax.grad(loss(native), (0, 1))(x, kernel)):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("channels", [1, 6])
+def test_locally_connected_gradients_equal_xla_default(channels):
+    x = jax.random.normal(jax.random.key(0), (4, 18, channels))
+    kernel = jax.random.normal(jax.random.key(1), (16, channels * 3, 5))
+    native = lambda x, k: jax.lax.conv_general_dilated_local(
+        x, k, (1,), "VALID", (3,), dimension_numbers=("NWC", "WIO", "NWC"))
+    ours = lambda x, k: locally_connected(x, k, 3)
+    loss = lambda layer: lambda x, k: jnp.sum(jnp.sin(layer(x, k)))
+    for a, b in zip(jax.grad(loss(ours), (0, 1))(x, kernel),
+                    jax.grad(loss(native), (0, 1))(x, kernel)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_parse_init():

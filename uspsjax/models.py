@@ -8,6 +8,7 @@ be traced and vmapped in one program. The L1 activity of the chosen layers is `s
 """
 
 import math
+from functools import partial
 from typing import ClassVar
 
 import jax
@@ -52,10 +53,45 @@ class LocallyConnected1D(nn.Module):
         kernel = self.param("kernel", nn.initializers.zeros,
                             (l_out, channels * self.kernel_size, self.features), x.dtype)
         bias = self.param("bias", nn.initializers.zeros, (l_out, self.features), x.dtype)
-        y = jax.lax.conv_general_dilated_local(
-            x, kernel, window_strides=(1,), padding="VALID", filter_shape=(self.kernel_size,),
-            dimension_numbers=("NWC", "WIO", "NWC"))
-        return y + bias
+        return locally_connected(x, kernel, self.kernel_size) + bias
+
+
+def _local_valid(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
+    return jax.lax.conv_general_dilated_local(
+        x, kernel, window_strides=(1,), padding="VALID", filter_shape=(kernel_size,),
+        dimension_numbers=("NWC", "WIO", "NWC"))
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def locally_connected(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
+    """Valid, stride-1 unshared 1-D convolution of `x (B, L, C)` with `kernel (L_out, C * k, F)`
+    (channel-major middle axis), on `jax.lax.conv_general_dilated_local`.
+
+    The gradient is two dots batched over positions on patches cut by slicing, written in the
+    kernel's own layout: XLA's default gradient extracts patches with a grouped one-hot
+    convolution and writes the kernel gradient transposed (measured in
+    `results/bench/NOTES.md`).
+    """
+    return _local_valid(x, kernel, kernel_size)
+
+
+def _local_fwd(x, kernel, kernel_size):
+    return _local_valid(x, kernel, kernel_size), (x, kernel)
+
+
+def _local_bwd(kernel_size, residuals, g):
+    x, kernel = residuals
+    batch, _, channels = x.shape
+    l_out = kernel.shape[0]
+    shifts = range(kernel_size)
+    patches = jnp.stack([x[:, j:j + l_out] for j in shifts], axis=-1).reshape(batch, l_out, -1)
+    dk = jnp.einsum("blp,blf->lpf", patches, g)
+    dpatches = jnp.einsum("blf,lpf->blp", g, kernel).reshape(batch, l_out, channels, kernel_size)
+    dx = sum(jnp.pad(dpatches[..., j], ((0, 0), (j, kernel_size - 1 - j), (0, 0))) for j in shifts)
+    return dx, dk
+
+
+locally_connected.defvjp(_local_fwd, _local_bwd)
 
 
 _CONV_DIMS = ("NHWC", "HWIO", "NHWC")

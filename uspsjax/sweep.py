@@ -512,6 +512,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--networks", help="comma-separated networks to run (default: the sweep's)")
     p.add_argument("--epochs", type=_positive_int, help="epochs for every member (overrides the sweep)")
     p.add_argument("--seeds", type=_positive_int, help="seeds per setting (overrides the sweep)")
+    p.add_argument("--dtype", choices=DTYPES,
+                   help="compute dtype for every member (parameters stay float32)")
     p.add_argument("--data", help="the USPS h5 file (default: $USPSJAX_DATA, the user cache, "
                    "else download and verify the public copy)")
     p.add_argument("--out", default="results", help="results folder (default: results/)")
@@ -573,6 +575,8 @@ def main(argv=None) -> int:
             overrides["epochs"] = args.epochs
         if args.seeds:
             overrides["seeds"] = args.seeds
+        if args.dtype:
+            overrides["dtype"] = args.dtype
         out = Path(args.out)
         _check_out(out)
         for sweep in sweeps:
