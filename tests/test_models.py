@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from uspsjax.models import (NETWORKS, LocallyConnected1D, conv2d, count_params, draw_kernel,
-                            locally_connected, parse_init)
+                            locally_connected, parse_init, valid_patches)
 from uspsjax.train import Static, init_params
 
 # The study's Keras summaries, layer by layer.
@@ -84,6 +84,16 @@ def test_conv2d_gradients_equal_xla_convolution():
     for ours, ref in zip(jax.grad(loss(conv2d), (0, 1))(x, kernel),
                          jax.grad(loss(native), (0, 1))(x, kernel)):
         np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("shape, window, dims", [((2, 12, 5), (3,), ("NWC", "WIO", "NWC")),
+                                                 ((2, 9, 8, 3), (3, 2), ("NHWC", "HWIO", "NHWC"))])
+def test_valid_patches_equal_xla_patches(shape, window, dims):
+    x = jax.random.normal(jax.random.key(0), shape)
+    xla = jax.lax.conv_general_dilated_patches(x, window, (1,) * len(window), "VALID",
+                                               dimension_numbers=dims)
+    ours = jnp.moveaxis(valid_patches(x, window), 0, -1)  # (B, *out, C, offsets): channel-major
+    np.testing.assert_array_equal(ours.reshape(xla.shape), xla)
 
 
 @pytest.mark.parametrize("channels", [1, 6])

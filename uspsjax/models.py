@@ -7,6 +7,7 @@ be traced and vmapped in one program. The L1 activity of the chosen layers is `s
 `losses` collection; batch-norm running averages live in `batch_stats`.
 """
 
+import itertools
 import math
 from functools import partial
 from typing import ClassVar
@@ -56,6 +57,16 @@ class LocallyConnected1D(nn.Module):
         return locally_connected(x, kernel, self.kernel_size) + bias
 
 
+def valid_patches(x: jax.Array, window: tuple) -> jax.Array:
+    """Patches of a valid, stride-1 window over `x (B, *spatial, C)`, cut by slicing and stacked
+    offset-major: `(prod(window), B, *out, C)`, offsets in row-major order. Each slice is a
+    contiguous block copy; XLA:CPU's patch convolution, and stacking on the last axis, cost far
+    more (results/bench/NOTES.md)."""
+    out = [size - w + 1 for size, w in zip(x.shape[1:-1], window)]
+    return jnp.stack([x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out)))]
+                      for offset in itertools.product(*(range(w) for w in window))])
+
+
 def _local_valid(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
     return jax.lax.conv_general_dilated_local(
         x, kernel, window_strides=(1,), padding="VALID", filter_shape=(kernel_size,),
@@ -83,11 +94,12 @@ def _local_bwd(kernel_size, residuals, g):
     x, kernel = residuals
     batch, _, channels = x.shape
     l_out = kernel.shape[0]
-    shifts = range(kernel_size)
-    patches = jnp.stack([x[:, j:j + l_out] for j in shifts], axis=-1).reshape(batch, l_out, -1)
+    # Channel-major patch rows (B, L_out, C * k), so the dot writes dk in the kernel's layout.
+    patches = jnp.moveaxis(valid_patches(x, (kernel_size,)), 0, -1).reshape(batch, l_out, -1)
     dk = jnp.einsum("blp,blf->lpf", patches, g)
     dpatches = jnp.einsum("blf,lpf->blp", g, kernel).reshape(batch, l_out, channels, kernel_size)
-    dx = sum(jnp.pad(dpatches[..., j], ((0, 0), (j, kernel_size - 1 - j), (0, 0))) for j in shifts)
+    dx = sum(jnp.pad(dpatches[..., j], ((0, 0), (j, kernel_size - 1 - j), (0, 0)))
+             for j in range(kernel_size))
     return dx, dk
 
 
@@ -120,11 +132,8 @@ def _conv2d_bwd(residuals, g):
     x, kernel = residuals
     kh, kw, c_in, c_out = kernel.shape
     dx = jax.vjp(lambda v: _conv_valid(v, kernel), x)[1](g)[0]
-    # Patch features are ordered channel-major: c * (kh * kw) + i * kw + j.
-    patches = jax.lax.conv_general_dilated_patches(x, (kh, kw), (1, 1), "VALID",
-                                                   dimension_numbers=_CONV_DIMS)
-    dk = jnp.einsum("nhwp,nhwo->po", patches, g).reshape(c_in, kh, kw, c_out)
-    return dx, dk.transpose(1, 2, 0, 3)
+    dk = jnp.einsum("knhwc,nhwo->kco", valid_patches(x, (kh, kw)), g)
+    return dx, dk.reshape(kh, kw, c_in, c_out)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
