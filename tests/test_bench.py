@@ -54,3 +54,33 @@ def test_bad_flag_exits_2(argv, capsys):
     assert status == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: ") and "\n" not in err
+
+
+def test_profile_lists_the_step_operations_with_their_sources(shared_h5, capsys):
+    from uspsjax import profile
+    argv = ["fc", "--batch-size", "16", "--population", "2", "--steps", "3", "--top", "5",
+            "--data", str(shared_h5)]
+    assert profile.main(argv) == 0
+    out = capsys.readouterr().out.splitlines()
+    step_ms = float(out[0].split(": ")[1].split(" ms per step")[0])
+    in_ops = float(out[0].split(", ")[-1].split(" ms in XLA")[0])
+    assert 0 < in_ops <= step_ms
+    rows = [line.split(" | ") for line in out[3:]]
+    assert len(rows) == 5
+    times = [float(r[0].lstrip("| ")) for r in rows]
+    assert times == sorted(times, reverse=True) and times[0] > 0
+    # Every listed operation is named in the compiled HLO, with its shape.
+    assert all(r[3].startswith(("f32[", "s32[", "pred[", "(")) for r in rows)
+
+
+def test_hlo_ops_reads_names_types_and_sources():
+    from uspsjax.profile import hlo_ops
+    text = ('  %dot.12 = f32[64,256]{1,0} dot(%a, %b), metadata={op_name="jit(f)/Dense_0/dot_general"'
+            ' stack_frame_id=61}, backend_config={"fusion_config":{"kind":"__ynn_fusion"}}\n'
+            '  ROOT %tuple.3 = (f32[2]{0}) tuple(%x)\n'
+            '%fused_computation.6 (param_0: f32[4]) -> f32[4] {\n'
+            '  ROOT %m = f32[4]{0} multiply(%p, %p), metadata={op_name="jit(f)/mul"}\n}\n'
+            '  %ynn_fusion.6 = f32[4]{0} fusion(%x), kind=kCustom, calls=%fused_computation.6\n')
+    assert hlo_ops(text) == {"dot.12": ("f32[64,256]{1,0}", "jit(f)/Dense_0/dot_general"),
+                             "tuple.3": ("(f32[2]{0})", ""), "m": ("f32[4]{0}", "jit(f)/mul"),
+                             "ynn_fusion.6": ("f32[4]{0}", "jit(f)/mul")}

@@ -58,13 +58,13 @@ class LocallyConnected1D(nn.Module):
 
 
 def valid_patches(x: jax.Array, window: tuple) -> jax.Array:
-    """Patches of a valid, stride-1 window over `x (B, *spatial, C)`, cut by slicing and stacked
-    offset-major: `(prod(window), B, *out, C)`, offsets in row-major order. Each slice is a
-    contiguous block copy; XLA:CPU's patch convolution, and stacking on the last axis, cost far
-    more (results/bench/NOTES.md)."""
+    """Patches of a valid, stride-1 window over `x (B, *spatial, C)`, cut by slicing:
+    `(B, *out, prod(window), C)`, window offsets in row-major order. Channels stay the innermost
+    (contiguous) axis, so each slice is copied in runs of C values; XLA:CPU's patch convolution,
+    and patches with the offset innermost, cost far more (results/bench/NOTES.md)."""
     out = [size - w + 1 for size, w in zip(x.shape[1:-1], window)]
     return jnp.stack([x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out)))]
-                      for offset in itertools.product(*(range(w) for w in window))])
+                      for offset in itertools.product(*(range(w) for w in window))], axis=-2)
 
 
 def _local_valid(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
@@ -95,7 +95,7 @@ def _local_bwd(kernel_size, residuals, g):
     batch, _, channels = x.shape
     l_out = kernel.shape[0]
     # Channel-major patch rows (B, L_out, C * k), so the dot writes dk in the kernel's layout.
-    patches = jnp.moveaxis(valid_patches(x, (kernel_size,)), 0, -1).reshape(batch, l_out, -1)
+    patches = jnp.swapaxes(valid_patches(x, (kernel_size,)), -1, -2).reshape(batch, l_out, -1)
     dk = jnp.einsum("blp,blf->lpf", patches, g)
     dpatches = jnp.einsum("blf,lpf->blp", g, kernel).reshape(batch, l_out, channels, kernel_size)
     dx = sum(jnp.pad(dpatches[..., j], ((0, 0), (j, kernel_size - 1 - j), (0, 0)))
@@ -106,34 +106,46 @@ def _local_bwd(kernel_size, residuals, g):
 locally_connected.defvjp(_local_fwd, _local_bwd)
 
 
-_CONV_DIMS = ("NHWC", "HWIO", "NHWC")
+def _shift_sum(parts: jax.Array, window: tuple) -> jax.Array:
+    """The transpose of `valid_patches`: `parts (B, *out, prod(window), C)` added back at their
+    offsets into `(B, *(out + window - 1), C)`."""
+    total = 0
+    for i, offset in enumerate(itertools.product(*(range(w) for w in window))):
+        pads = [(o, w - 1 - o) for o, w in zip(offset, window)]
+        total = total + jnp.pad(parts[..., i, :], [(0, 0), *pads, (0, 0)])
+    return total
 
 
-def _conv_valid(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "VALID", dimension_numbers=_CONV_DIMS)
+def _patch_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`valid_patches` of `x` for an HWIO `kernel`, one row per output pixel, features ordered as
+    the rows of `kernel.reshape(-1, C_out)` (offset-major, channel-minor)."""
+    patches = valid_patches(x, kernel.shape[:2])
+    return patches.reshape(*patches.shape[:3], -1)
 
 
 @jax.custom_vjp
 def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """Valid, stride-1 2-D convolution, NHWC input and HWIO kernel.
+    """Valid, stride-1 2-D convolution, NHWC input and HWIO kernel, as matrix products on
+    patches cut by slicing, forward and backward.
 
-    Same values and gradients as `lax.conv_general_dilated`, but the kernel gradient is a patch
-    matrix product: XLA:CPU runs the native kernel-gradient convolution about 50 times slower
-    inside a loop body (measured in `results/bench/NOTES.md`), and training is such a loop.
+    Same values and gradients as `lax.conv_general_dilated`, without XLA:CPU's convolutions: its
+    kernel-gradient convolution runs about 50 times slower inside a loop body, and a population
+    (vmap over members' kernels) turns every convolution into a grouped one, which XLA:CPU runs
+    on a slow path (both measured in `results/bench/NOTES.md`).
     """
-    return _conv_valid(x, kernel)
+    return _patch_rows(x, kernel) @ kernel.reshape(-1, kernel.shape[-1])
 
 
 def _conv2d_fwd(x, kernel):
-    return _conv_valid(x, kernel), (x, kernel)
+    return conv2d(x, kernel), (x, kernel)
 
 
 def _conv2d_bwd(residuals, g):
     x, kernel = residuals
     kh, kw, c_in, c_out = kernel.shape
-    dx = jax.vjp(lambda v: _conv_valid(v, kernel), x)[1](g)[0]
-    dk = jnp.einsum("knhwc,nhwo->kco", valid_patches(x, (kh, kw)), g)
-    return dx, dk.reshape(kh, kw, c_in, c_out)
+    dk = jnp.einsum("nhwp,nhwo->po", _patch_rows(x, kernel), g).reshape(kernel.shape)
+    dpatches = (g @ kernel.reshape(-1, c_out).T).reshape(*g.shape[:3], kh * kw, c_in)
+    return _shift_sum(dpatches, (kh, kw)), dk
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)

@@ -1,0 +1,115 @@
+"""Where a training step's time goes: per-XLA-operation times of one benchmark configuration.
+
+    python -m uspsjax.profile lc --batch-size 16
+    python -m uspsjax.profile fc --batch-size 16 --population 64 --steps 20
+
+Compiles the program `uspsjax.bench` times (S training steps of P members under `lax.scan`),
+runs it once to warm up, once more under `jax.profiler.trace`, and prints the operations that
+took the most time per step, each with its output shape and the JAX operation it came from.
+"""
+
+import collections
+import gzip
+import json
+import re
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+
+from uspsjax import bench, train
+from uspsjax.errors import InputError
+from uspsjax.models import NETWORKS
+from uspsjax.sweep import _Parser, _positive_int
+
+_HLO_LINE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) ")
+_COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
+_OP_NAME = re.compile(r'op_name="([^"]*)"')
+_CALLS = re.compile(r"calls=%([^,}\s]+)")
+
+
+def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
+    """Each instruction of optimized HLO text: name -> (output type, JAX op_name or ""). A
+    fusion without an op_name of its own takes the first one inside the computation it calls."""
+    ops, calls, first_source, computation = {}, {}, {}, None
+    for line in hlo_text.splitlines():
+        if m := _COMPUTATION.match(line):
+            computation = m.group(1)
+        elif m := _HLO_LINE.match(line):
+            source = _OP_NAME.search(line)
+            ops[m.group(1)] = (m.group(2), source.group(1) if source else "")
+            if source:
+                first_source.setdefault(computation, source.group(1))
+            if called := _CALLS.search(line):
+                calls[m.group(1)] = called.group(1)
+    return {name: (shape, source or (first_source.get(calls[name], "") if name in calls else ""))
+            for name, (shape, source) in ops.items()}
+
+
+def op_times(trace_dir: Path, names) -> collections.Counter:
+    """Microseconds spent in each operation of `names`, summed over a perfetto trace's events."""
+    trace_file = next(trace_dir.glob("**/perfetto_trace.json.gz"))
+    events = json.loads(gzip.decompress(trace_file.read_bytes()))
+    events = events["traceEvents"] if isinstance(events, dict) else events
+    totals = collections.Counter()
+    for e in events:
+        if e.get("ph") == "X" and e.get("name") in names:
+            totals[e["name"]] += e.get("dur", 0)
+    return totals
+
+
+def profile(network: str, batch_size: int, population: int, steps: int, dtype: str, data):
+    """Profile one configuration. Returns (wall seconds of the traced call, [(op, seconds per
+    step, output type, source)] from slowest to fastest)."""
+    static, hparams = bench.bench_setup(network, batch_size, dtype)
+    compiled, state, hp, batches, _, _ = bench.build_population(static, hparams, data,
+                                                                population, steps)
+    ops = hlo_ops(compiled.as_text())
+    state = jax.block_until_ready(compiled(state, hp, batches, data)[0])  # warm-up
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            jax.block_until_ready(compiled(state, hp, batches, data)[0])
+        wall = time.perf_counter() - t0
+        totals = op_times(Path(tmp), ops)
+    rows = [(name, us / 1e6 / steps, *ops[name]) for name, us in totals.most_common()]
+    return wall, rows
+
+
+def main(argv=None) -> int:
+    """Entry point; returns the exit status (2 for bad input, with a one-line error)."""
+    p = _Parser(prog="python -m uspsjax.profile", description=__doc__.split("\n\n")[0])
+    p.add_argument("network", choices=list(NETWORKS))
+    p.add_argument("--batch-size", type=_positive_int, default=16)
+    p.add_argument("--population", type=_positive_int, default=1, help="members (default 1)")
+    p.add_argument("--steps", type=_positive_int, default=4, help="training steps per call")
+    p.add_argument("--top", type=_positive_int, default=15, help="operations to list")
+    p.add_argument("--dtype", choices=train.DTYPES, default="float32")
+    p.add_argument("--data", help="the USPS h5 file (default: as `uspsjax.sweep`)")
+    args = p.parse_args(argv)
+    try:
+        from uspsjax import data as data_mod
+        data = train.as_data(data_mod.load(args.data))
+        if args.batch_size > data.x_train.shape[0]:
+            raise InputError(f"--batch-size: {args.batch_size} exceeds the "
+                             f"{data.x_train.shape[0]} training samples")
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    wall, rows = profile(args.network, args.batch_size, args.population, args.steps,
+                         args.dtype, data)
+    step = wall / args.steps
+    print(f"{args.network} batch {args.batch_size}, {args.population} member(s): "
+          f"{1e3 * step:.1f} ms per step (traced), {1e3 * sum(r[1] for r in rows):.1f} ms in "
+          f"XLA operations")
+    print("| ms/step | % of step | operation | output | from |\n|---:|---:|---|---|---|")
+    for name, seconds, shape, source in rows[:args.top]:
+        print(f"| {1e3 * seconds:.2f} | {100 * seconds / step:.1f} | {name} | {shape} | "
+              f"{source.replace('jit(run_steps)/vmap()/while/body/closed_call/', '')} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
