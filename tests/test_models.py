@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from uspsjax.models import (NETWORKS, LocallyConnected1D, conv2d, count_params, draw_kernel,
-                            locally_connected, parse_init, valid_patches)
+                            locally_connected, max_pool_2x2, parse_init,
+                            valid_patches)
 from uspsjax.train import Static, init_params
 
 # The study's Keras summaries, layer by layer.
@@ -107,6 +108,16 @@ def test_locally_connected_gradients_equal_xla_default(channels):
     for a, b in zip(jax.grad(loss(ours), (0, 1))(x, kernel),
                     jax.grad(loss(native), (0, 1))(x, kernel)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_max_pool_matches_flax():
+    import flax.linen as nn
+    x = jax.random.normal(jax.random.key(0), (3, 12, 12, 4))  # continuous: no ties
+    flax_pool = lambda v: nn.max_pool(v, (2, 2), strides=(2, 2))
+    np.testing.assert_array_equal(max_pool_2x2(x), flax_pool(x))
+    loss = lambda pool: lambda v: jnp.sum(jnp.sin(pool(v)))
+    np.testing.assert_allclose(jax.grad(loss(max_pool_2x2))(x), jax.grad(loss(flax_pool))(x),
+                               rtol=1e-6)
 
 
 def test_parse_init():

@@ -151,6 +151,15 @@ def _conv2d_bwd(residuals, g):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+def max_pool_2x2(x: jax.Array) -> jax.Array:
+    """2x2, stride-2 max-pooling of `x (B, H, W, C)` (H, W even), as a reshape and a max: the
+    same values as `nn.max_pool`, and a gradient computed elementwise, where `nn.max_pool`'s
+    select-and-scatter is slow on XLA:CPU (results/bench/NOTES.md). Only on exact ties does the
+    gradient differ: it is shared among the tied inputs instead of given to the first."""
+    n, h, w, c = x.shape
+    return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
 class Conv(nn.Module):
     """Keras `Conv2D(features, kernel_size)` with valid padding: kernel `(kh, kw, C_in, F)`, bias `(F,)`."""
 
@@ -243,7 +252,7 @@ class CNN(Network):
         x = x.reshape(x.shape[0], 16, 16, 1)
         x = self.activate(Conv(32)(x), train, last=False)
         x = self.activate(Conv(64)(x), train, last=False)
-        x = nn.max_pool(x, (2, 2), strides=(2, 2))
+        x = max_pool_2x2(x)
         if self.dropout_at in ("conv", "both"):
             x = dropout(self, x, rates[0], train)
         x = self.activate(nn.Dense(128)(x.reshape(x.shape[0], -1)), train, last=True)
