@@ -254,3 +254,7 @@ def test_merge_keeps_the_networks_the_new_run_did_not_train(tmp_path):
     folder = results.write_results(tmp_path, merged)
     back = results.read_metrics(folder / "metrics.h5")
     assert [s["group"] for s in back["settings"]] == [0] * 6 + [1] * 6
+    # summary.md names what the merge kept, not the earlier sweep file's text.
+    assert back["overrides"]["merged"]["sweep_text"] == old["sweep_text"]
+    assert ("Overrides: epochs=4, merged with the earlier cnn members from cpu: test "
+            "(overrides epochs=4).") in (folder / "summary.md").read_text()

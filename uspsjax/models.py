@@ -67,6 +67,16 @@ def valid_patches(x: jax.Array, window: tuple) -> jax.Array:
                       for offset in itertools.product(*(range(w) for w in window))], axis=-2)
 
 
+def _shift_sum(parts: jax.Array, window: tuple) -> jax.Array:
+    """The transpose of `valid_patches`: `parts (B, *out, prod(window), C)` added back at their
+    offsets into `(B, *(out + window - 1), C)`."""
+    total = 0
+    for i, offset in enumerate(itertools.product(*(range(w) for w in window))):
+        pads = [(o, w - 1 - o) for o, w in zip(offset, window)]
+        total = total + jnp.pad(parts[..., i, :], [(0, 0), *pads, (0, 0)])
+    return total
+
+
 def _local_valid(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
     return jax.lax.conv_general_dilated_local(
         x, kernel, window_strides=(1,), padding="VALID", filter_shape=(kernel_size,),
@@ -98,22 +108,10 @@ def _local_bwd(kernel_size, residuals, g):
     patches = jnp.swapaxes(valid_patches(x, (kernel_size,)), -1, -2).reshape(batch, l_out, -1)
     dk = jnp.einsum("blp,blf->lpf", patches, g)
     dpatches = jnp.einsum("blf,lpf->blp", g, kernel).reshape(batch, l_out, channels, kernel_size)
-    dx = sum(jnp.pad(dpatches[..., j], ((0, 0), (j, kernel_size - 1 - j), (0, 0)))
-             for j in range(kernel_size))
-    return dx, dk
+    return _shift_sum(jnp.swapaxes(dpatches, -1, -2), (kernel_size,)), dk
 
 
 locally_connected.defvjp(_local_fwd, _local_bwd)
-
-
-def _shift_sum(parts: jax.Array, window: tuple) -> jax.Array:
-    """The transpose of `valid_patches`: `parts (B, *out, prod(window), C)` added back at their
-    offsets into `(B, *(out + window - 1), C)`."""
-    total = 0
-    for i, offset in enumerate(itertools.product(*(range(w) for w in window))):
-        pads = [(o, w - 1 - o) for o, w in zip(offset, window)]
-        total = total + jnp.pad(parts[..., i, :], [(0, 0), *pads, (0, 0)])
-    return total
 
 
 def _patch_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -9,7 +9,6 @@ reproducible from `results/`.
 """
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -399,7 +398,7 @@ def build_report(root: Path) -> str:
         lines += [run["description"], "",
                   f"Settings as run: {_epochs_note(study)}; {run['programs']} compiled programs, "
                   f"{len(run['settings'])} members, {run['wall_time_s']:.0f} s on {run['device']}."
-                  + (f" Overrides: {json.dumps(run['overrides'], sort_keys=True)}."
+                  + (f" Overrides: {results.describe_overrides(run['overrides'])}."
                      if run["overrides"] else ""), ""]
         if name == "momentum":
             lines += section(study, studies.get("lr"))

@@ -271,6 +271,18 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), "|" + "---|" * len(header), *map(line, rows), ""]
 
 
+def describe_overrides(overrides: dict) -> str:
+    """Command-line overrides as `key=value` text; a merge names the networks it kept and the
+    device and overrides they ran with (the earlier sweep text stays in metrics.h5 only)."""
+    parts = [f"{k}={v}" for k, v in overrides.items() if k != "merged"]
+    if "merged" in overrides:
+        m = overrides["merged"]
+        parts.append(f"merged with the earlier {', '.join(m['networks'])} members from "
+                     f"{m['device']}" + (f" (overrides {describe_overrides(m['overrides'])})"
+                                         if m["overrides"] else ""))
+    return ", ".join(parts)
+
+
 def summary_markdown(run: dict) -> str:
     """The text of summary.md: deterministic (no timestamps), so regeneration is byte-identical."""
     description = run["description"].strip()
@@ -278,8 +290,7 @@ def summary_markdown(run: dict) -> str:
              f"Device: {run['device']}; wall time {run['wall_time_s']:.1f} s; "
              f"{run['programs']} programs; {len(run['settings'])} members."]
     if run["overrides"]:
-        given = ", ".join(f"{k}={v}" for k, v in run["overrides"].items())
-        lines.append(f"Overrides: {given}.")
+        lines.append(f"Overrides: {describe_overrides(run['overrides'])}.")
     lines += ["Final epoch, mean ± std (sample, ddof=1) over seeds of members that did not diverge.",
               ""]
     rows = []
