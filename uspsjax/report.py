@@ -348,6 +348,32 @@ def section_batchnorm(s: Study) -> list[str]:
                                f"train better (batch {bs})",
                                f"batch norm {best} {pct(a(best, bs, 0.1))}, "
                                f"without {pct(a('none', bs, 0.1))}"))
+        out += stale_running_averages(s, net)
+    return out
+
+
+USPS_TRAIN = 7291  # training images: running-average updates per epoch = USPS_TRAIN // batch
+
+
+def stale_running_averages(s: Study, net: str) -> list[str]:
+    """A warning for each batch-norm setting whose test accuracy (running averages) lags its
+    train accuracy (batch statistics) by over 20 points, with how much of the running averages'
+    initial value was still left after training."""
+    out = []
+    for label in s.labels(net):
+        row = s.rows[(net, label)]
+        member = next(m for m in s.run["settings"] if m["network"] == net and m["label"] == label)
+        if member["batchnorm"] == "none" or row["n_diverged"] == row["n"]:
+            continue
+        if row["train_acc_mean"] - row["test_acc_mean"] > 0.2:
+            updates = member["epochs"] * (USPS_TRAIN // member["batch_size"])
+            left = member["bn_momentum"] ** updates
+            out.append(f"- Caution, {NAMES[net]} {label}: train accuracy "
+                       f"{pct(row['train_acc_mean'])} (batch statistics) but test "
+                       f"{pct(row['test_acc_mean'])} (running averages). With momentum "
+                       f"{member['bn_momentum']} the running averages had only {updates} "
+                       f"updates, so {100 * left:.0f} % of their initial values remained: the test "
+                       f"number measures stale statistics, not what training reached.")
     return out
 
 
