@@ -333,6 +333,17 @@ def _int_list(flag: str, text: str | None) -> tuple | None:
     return values
 
 
+def load_data(path: str | None, batch_sizes, flag: str) -> train.Data:
+    """The USPS arrays (found as `uspsjax.sweep` finds them); InputError if a batch size asked
+    for by `flag` exceeds the training set."""
+    from uspsjax import data as data_mod
+    data = train.as_data(data_mod.load(path))
+    n_train = data.x_train.shape[0]
+    if batch_sizes and max(batch_sizes) > n_train:
+        raise InputError(f"{flag}: {max(batch_sizes)} exceeds the {n_train} training samples")
+    return data
+
+
 def build_parser() -> _Parser:
     """The command line of `python -m uspsjax.bench`."""
     p = _Parser(prog="python -m uspsjax.bench", description=__doc__.split("\n\n")[0])
@@ -366,12 +377,8 @@ def main(argv=None) -> int:
             raise InputError(f"--max-gflop-per-step: expected a positive number, "
                              f"got {args.max_gflop_per_step}")
         _check_out(Path(args.out))
-        from uspsjax import data as data_mod
-        data = train.as_data(data_mod.load(args.data))
+        data = load_data(args.data, batch_sizes or (), "--batch-sizes")
         n_train = data.x_train.shape[0]
-        if batch_sizes and max(batch_sizes) > n_train:
-            raise InputError(f"--batch-sizes: {max(batch_sizes)} exceeds the {n_train} "
-                             "training samples")
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -77,12 +77,6 @@ def _shift_sum(parts: jax.Array, window: tuple) -> jax.Array:
     return total
 
 
-def _local_valid(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
-    return jax.lax.conv_general_dilated_local(
-        x, kernel, window_strides=(1,), padding="VALID", filter_shape=(kernel_size,),
-        dimension_numbers=("NWC", "WIO", "NWC"))
-
-
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def locally_connected(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
     """Valid, stride-1 unshared 1-D convolution of `x (B, L, C)` with `kernel (L_out, C * k, F)`
@@ -93,11 +87,13 @@ def locally_connected(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.
     convolution and writes the kernel gradient transposed (measured in
     `results/bench/NOTES.md`).
     """
-    return _local_valid(x, kernel, kernel_size)
+    return jax.lax.conv_general_dilated_local(
+        x, kernel, window_strides=(1,), padding="VALID", filter_shape=(kernel_size,),
+        dimension_numbers=("NWC", "WIO", "NWC"))
 
 
 def _local_fwd(x, kernel, kernel_size):
-    return _local_valid(x, kernel, kernel_size), (x, kernel)
+    return locally_connected(x, kernel, kernel_size), (x, kernel)
 
 
 def _local_bwd(kernel_size, residuals, g):

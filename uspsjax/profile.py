@@ -90,11 +90,7 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="the USPS h5 file (default: as `uspsjax.sweep`)")
     args = p.parse_args(argv)
     try:
-        from uspsjax import data as data_mod
-        data = train.as_data(data_mod.load(args.data))
-        if args.batch_size > data.x_train.shape[0]:
-            raise InputError(f"--batch-size: {args.batch_size} exceeds the "
-                             f"{data.x_train.shape[0]} training samples")
+        data = bench.load_data(args.data, [args.batch_size], "--batch-size")
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -55,6 +55,8 @@ TOP_KEYS = {"name", "description", "networks", "seeds", "base", "per_network", "
             "ensemble", "evaluation", "study"}
 STATIC_FIELDS = {f.name: f.type for f in dataclasses.fields(Static)}
 SETTING_KEYS = (set(STATIC_FIELDS) - {"network"}) | set(HPARAM_DEFAULTS) | {"init"}
+# What a setting that an older uspsjax did not record was, in effect.
+SETTING_DEFAULTS = {**dataclasses.asdict(Static()), **HPARAM_DEFAULTS}
 CHOICES = {"init": None, "lc_fans": LC_FANS, "batchnorm": BATCHNORM, "l1_at": L1_AT,
            "dropout_at": ("none", "conv", "dense", "both"), "adversarial": ADVERSARIAL,
            "dtype": DTYPES, "lr_schedule": LR_SCHEDULES}
@@ -329,8 +331,8 @@ def check_mergeable(sweep: Sweep, old: dict, trained: list[str]) -> None:
     over = {k: v for k, v in old["overrides"].items() if k in ("epochs", "seeds")}
     expected = [member_settings(m) for m in expand(sweep, {**over, "networks": nets},
                                                    on_cpu=old["device"].startswith("cpu"))]
-    defaults = {**dataclasses.asdict(Static()), **HPARAM_DEFAULTS}
-    have = sorted(json.dumps({k: s.get(k, defaults.get(k)) for k in expected[0]}, sort_keys=True)
+    have = sorted(json.dumps({k: s.get(k, SETTING_DEFAULTS.get(k)) for k in expected[0]},
+                             sort_keys=True)
                   for s in kept)
     want = sorted(json.dumps(e, sort_keys=True) for e in expected)
     if have != want:
@@ -613,7 +615,7 @@ def main(argv=None) -> int:
                 except (OSError, ValueError, KeyError) as e:
                     raise InputError(f"{done}: cannot merge: {e}") from None
                 check_mergeable(sweep, old, list({s["network"] for s in run["settings"]}))
-                run = results.merge_runs(old, run, dataclasses.asdict(Static()))
+                run = results.merge_runs(old, run, SETTING_DEFAULTS)
             folder = results.write_results(out, run)
             shutil.rmtree(ckpt, ignore_errors=True)
             print((folder / "summary.md").read_text())

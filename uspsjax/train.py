@@ -181,13 +181,30 @@ def adversarial_batch(static: Static, params, batch_stats, x, y, hp: Hparams, ke
                        step_size=2.5 * hp.adv_eps / static.adv_steps, key=key)
 
 
+def shift_images(x: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
+    """Each 16x16 image of `x` `(B, 256)` translated by its own random whole-pixel offset in
+    [-max_shift, max_shift] along each axis, the uncovered border filled with 0 (background)."""
+    side = 16
+    images = jnp.pad(x.reshape(-1, side, side), ((0, 0), (max_shift,) * 2, (max_shift,) * 2))
+    offsets = jax.random.randint(key, (x.shape[0], 2), 0, 2 * max_shift + 1)
+
+    def crop(image, offset):
+        return jax.lax.dynamic_slice(image, (offset[0], offset[1]), (side, side))
+
+    return jax.vmap(crop)(images, offsets).reshape(x.shape)
+
+
 def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progress=0.0):
     """One SGD step on batch (x, y). Returns the new state, the batch loss and accuracy.
 
     `progress` in [0, 1) is how far the run is, for the cosine learning-rate schedule. With
-    adversarial training the objective is half clean and half adversarial loss (Goodfellow
-    et al. 2015). A member whose loss is not finite keeps its old state.
+    `static.augment` the batch is first shifted at random (`shift_images`). With adversarial
+    training the objective is half clean and half adversarial loss (Goodfellow et al. 2015). A
+    member whose loss is not finite keeps its old state.
     """
+    if static.augment:
+        key, k_shift = jax.random.split(key)
+        x = shift_images(x, k_shift, static.augment)
     k_adv, k_drop = jax.random.split(key)
 
     def objective(params):
@@ -232,19 +249,6 @@ def evaluate(static: Static, state: MemberState, hp: Hparams, x, y, chunk: int =
     return loss, acc, jax.nn.softmax(logits)
 
 
-def shift_images(x: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
-    """Each 16x16 image of `x` `(B, 256)` translated by its own random whole-pixel offset in
-    [-max_shift, max_shift] along each axis, the uncovered border filled with 0 (background)."""
-    side = 16
-    images = jnp.pad(x.reshape(-1, side, side), ((0, 0), (max_shift,) * 2, (max_shift,) * 2))
-    offsets = jax.random.randint(key, (x.shape[0], 2), 0, 2 * max_shift + 1)
-
-    def crop(image, offset):
-        return jax.lax.dynamic_slice(image, (offset[0], offset[1]), (side, side))
-
-    return jax.vmap(crop)(images, offsets).reshape(x.shape)
-
-
 def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data):
     """One epoch: a new shuffle of the member's training indices, full batches only (the last
     partial batch is dropped; the next shuffle covers it), then evaluation on the test set.
@@ -263,11 +267,8 @@ def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data):
         st, healthy = carry
         idx, k, i = inputs
         progress = (state.epoch * steps + i) / (static.epochs * steps)
-        x = data.x_train[idx]
-        if static.augment:
-            k, k_shift = jax.random.split(k)
-            x = shift_images(x, k_shift, static.augment)
-        st, loss, acc, ok = train_step(static, st, hp, x, data.y_train[idx], k, progress)
+        st, loss, acc, ok = train_step(static, st, hp, data.x_train[idx], data.y_train[idx], k,
+                                       progress)
         return (st, healthy & ok), (loss, acc)
 
     was_healthy = state.diverged == 0
