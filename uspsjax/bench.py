@@ -128,15 +128,10 @@ def bench_setup(network: str, batch_size: int, dtype: str):
 def run_steps(static: train.Static, state: train.MemberState, hp: train.Hparams,
               batches: jax.Array, data: train.Data):
     """`batches.shape[0]` training steps of one member on the sample indices `batches (S, B)`, as
-    `train_epoch` runs them. Returns the new state and the per-step losses."""
-    keys = jax.random.split(state.key, batches.shape[0])
-
-    def body(st, inputs):
-        idx, key = inputs
-        st, loss, _, _ = train.train_step(static, st, hp, data.x_train[idx], data.y_train[idx], key)
-        return st, loss
-
-    return jax.lax.scan(body, state, (batches, keys))
+    `train_epoch` runs them (`train.train_steps`). Returns the new state and the per-step losses."""
+    state, (losses, _, _) = train.train_steps(static, state, hp, data, batches,
+                                              jax.random.split(state.key, batches.shape[0]))
+    return state, losses
 
 
 def build_population(static, hparams: dict, data: train.Data, members: int, steps: int):

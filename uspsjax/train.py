@@ -249,6 +249,24 @@ def evaluate(static: Static, state: MemberState, hp: Hparams, x, y, chunk: int =
     return loss, acc, jax.nn.softmax(logits)
 
 
+def train_steps(static: Static, state: MemberState, hp: Hparams, data: Data, batches: jax.Array,
+                keys: jax.Array):
+    """`S = batches.shape[0]` training steps on the sample indices `batches (S, B)`, one key per
+    step from `keys (S,)`, the S steps counted as the member's epoch `state.epoch` for the
+    learning-rate schedule. Returns the new state and per-step `(loss, accuracy, healthy)`,
+    each of shape `(S,)`."""
+    steps = batches.shape[0]
+
+    def body(st, inputs):
+        idx, key, i = inputs
+        progress = (state.epoch * steps + i) / (static.epochs * steps)
+        st, loss, acc, ok = train_step(static, st, hp, data.x_train[idx], data.y_train[idx], key,
+                                       progress)
+        return st, (loss, acc, ok)
+
+    return jax.lax.scan(body, state, (batches, keys, jnp.arange(steps)))
+
+
 def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data):
     """One epoch: a new shuffle of the member's training indices, full batches only (the last
     partial batch is dropped; the next shuffle covers it), then evaluation on the test set.
@@ -261,21 +279,11 @@ def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data):
     k_perm, k_steps = jax.random.split(epoch_key)
     order = jax.random.permutation(k_perm, state.train_idx)[: steps * static.batch_size]
     batches = order.reshape(steps, static.batch_size)
-    step_keys = jax.random.split(k_steps, steps)
-
-    def body(carry, inputs):
-        st, healthy = carry
-        idx, k, i = inputs
-        progress = (state.epoch * steps + i) / (static.epochs * steps)
-        st, loss, acc, ok = train_step(static, st, hp, data.x_train[idx], data.y_train[idx], k,
-                                       progress)
-        return (st, healthy & ok), (loss, acc)
-
     was_healthy = state.diverged == 0
-    (state, healthy), (losses, accs) = jax.lax.scan(
-        body, (state, was_healthy), (batches, step_keys, jnp.arange(steps)))
+    state, (losses, accs, oks) = train_steps(static, state, hp, data, batches,
+                                             jax.random.split(k_steps, steps))
     epoch = state.epoch + 1
-    diverged = jnp.where(was_healthy & ~healthy, epoch, state.diverged)
+    diverged = jnp.where(was_healthy & ~jnp.all(oks), epoch, state.diverged)
     state = state.replace(epoch=epoch, diverged=diverged)
     test_loss, test_acc, _ = evaluate(static, state, hp, data.x_test, data.y_test)
     metrics = jnp.stack([jnp.mean(losses), jnp.mean(accs), test_loss, test_acc])
