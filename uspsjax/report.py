@@ -352,13 +352,10 @@ def section_batchnorm(s: Study) -> list[str]:
     return out
 
 
-USPS_TRAIN = 7291  # training images: running-average updates per epoch = USPS_TRAIN // batch
-
-
 def stale_running_averages(s: Study, net: str) -> list[str]:
-    """A warning for each batch-norm setting whose test accuracy (running averages) lags its
+    """A caution for each batch-norm setting whose test accuracy (running averages) lags its
     train accuracy (batch statistics) by over 20 points, with how much of the running averages'
-    initial value was still left after training."""
+    initial value was still left after training (from the recorded training-set size)."""
     out = []
     for label in s.labels(net):
         row = s.rows[(net, label)]
@@ -366,14 +363,15 @@ def stale_running_averages(s: Study, net: str) -> list[str]:
         if member["batchnorm"] == "none" or row["n_diverged"] == row["n"]:
             continue
         if row["train_acc_mean"] - row["test_acc_mean"] > 0.2:
-            updates = member["epochs"] * (USPS_TRAIN // member["batch_size"])
+            updates = member["epochs"] * (s.run["n_train"] // member["batch_size"])
             left = member["bn_momentum"] ** updates
+            cause = ("the test number measures stale statistics, not what training reached"
+                     if left >= 0.01 else "staleness does not explain the gap")
             out.append(f"- Caution, {NAMES[net]} {label}: train accuracy "
                        f"{pct(row['train_acc_mean'])} (batch statistics) but test "
                        f"{pct(row['test_acc_mean'])} (running averages). With momentum "
-                       f"{member['bn_momentum']} the running averages had only {updates} "
-                       f"updates, so {100 * left:.0f} % of their initial values remained: the test "
-                       f"number measures stale statistics, not what training reached.")
+                       f"{member['bn_momentum']} the running averages had {updates} updates, "
+                       f"so {100 * left:.0f} % of their initial values remained: {cause}.")
     return out
 
 

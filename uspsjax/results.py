@@ -23,7 +23,9 @@ metrics.h5 (schema_version 1; M members, E epochs, N test samples, A attacks, P 
 | attributes     | on the root            | `name`, `description`, `sweep_text`, `overrides`       |
 |                |                        | (JSON), `study` (JSON), `device`, `versions` (JSON),   |
 |                |                        | `wall_time_s`, `programs`, `ensemble`, `attack_eps`,   |
-|                |                        | `created` (ISO time), `schema_version` = 1             |
+|                |                        | `n_train` (training images; absent from files written  |
+|                |                        | before it, read back as None), `created` (ISO time),   |
+|                |                        | `schema_version` = 1                                   |
 
 Large datasets are gzip-compressed.
 
@@ -85,6 +87,7 @@ def write_metrics(path: Path, run: dict) -> None:
         a["wall_time_s"] = float(run["wall_time_s"])
         a["programs"] = int(run["programs"])
         a["ensemble"] = int(run["ensemble"])
+        a["n_train"] = int(run["n_train"])
         a["attack_eps"] = np.asarray(run["attack_eps"], np.float64)
         a["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         a["schema_version"] = SCHEMA_VERSION
@@ -133,6 +136,7 @@ def read_metrics(path: Path) -> dict:
         run.update({k: json.loads(a[k]) for k in ("overrides", "study", "versions")})
         run.update({k: int(a[k]) for k in ("programs", "ensemble", "schema_version")})
         run["wall_time_s"] = float(a["wall_time_s"])
+        run["n_train"] = int(a["n_train"]) if "n_train" in a else None
         run["attack_eps"] = [float(e) for e in a["attack_eps"]]
         run["metrics"] = tuple(str(m) for m in f["curves"].attrs["metrics"])
         for key in ("curves", "diverged", "y_test"):
