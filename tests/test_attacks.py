@@ -1,6 +1,5 @@
 """Tests for uspsjax.attacks against a small MLP trained here on the real USPS data."""
 
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -8,7 +7,6 @@ import pytest
 
 from uspsjax.attacks import fgsm, pgd, project
 
-DATA = "/work/shared/data/usps.h5"
 EPSILONS = (0.05, 0.1, 0.3)
 PGD_STEPS = 20
 N_ATTACK = 500
@@ -51,10 +49,8 @@ def _train(xtr, ytr, steps=300, lr=1e-2):
 
 
 @pytest.fixture(scope="module")
-def setup():
-    with h5py.File(DATA, "r") as f:
-        xtr, ytr = f["train/data"][:], f["train/target"][:]
-        xte, yte = f["test/data"][:], f["test/target"][:]
+def setup(dataset):
+    xtr, ytr, xte, yte = dataset
     params = _train(jnp.asarray(xtr, jnp.float32), jnp.asarray(ytr, jnp.int32))
     x, y = jnp.asarray(xte[:N_ATTACK], jnp.float32), jnp.asarray(yte[:N_ATTACK], jnp.int32)
 

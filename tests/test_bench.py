@@ -22,6 +22,47 @@ def test_flop_counts_match_the_layer_shapes():
     assert bench.train_flops_per_sample("lc") == 6 * LC_MACS == 198_315_648
 
 
+def test_grouped_patch_flops_count_the_dense_patch_convolutions():
+    # Per LC layer, the forward's one-hot convolution made dense: L_out * (3 C_in)^2 MACs.
+    per_layer = [254 * 3 ** 2, 252 * 768 ** 2, 250 * 384 ** 2, 248 * 192 ** 2, 246 * 96 ** 2]
+    assert bench.grouped_patch_flops_per_sample("lc") == 2 * sum(per_layer) == 393_822_684
+    assert bench.grouped_patch_flops_per_sample("cnn") == 0
+
+
+def test_row_bound_is_the_lower_one():
+    peaks = {"matmul_flop_per_s": 300e9, "copy_bytes_per_s": 50e9}
+    lc = 33_177_770
+    traffic_steps = 50e9 / (bench.WEIGHT_PASSES * 4 * lc)
+    small = bench.row_bound("lc", 16, lc, peaks, "cpu", "sliced-dots (L,B,C)")
+    assert small["bound"] == "weight traffic"
+    assert small["bound_member_samples_per_s"] == pytest.approx(16 * traffic_steps)
+    large = bench.row_bound("lc", 1024, lc, peaks, "cpu", "sliced-dots (L,B,C)")
+    assert large["bound"] == "matmul peak"
+    assert large["bound_member_samples_per_s"] == pytest.approx(300e9 / (6 * LC_MACS))
+    ref = bench.row_bound("lc", 1024, lc, peaks, "cpu", "conv_general_dilated_local")
+    assert ref["bound"] == "matmul peak + grouped patches"
+    assert ref["bound_member_samples_per_s"] == pytest.approx(
+        300e9 / (6 * LC_MACS + bench.grouped_patch_flops_per_sample("lc")))
+    # Where the grouped convolution runs natively, its patches cost no dense FLOPs.
+    gpu = bench.row_bound("lc", 1024, lc, peaks, "gpu", "conv_general_dilated_local")
+    assert gpu["bound"] == "matmul peak"
+
+
+def test_quick_lc_run_records_its_lowering(tmp_path, shared_h5):
+    out = tmp_path / "bench"
+    argv = ["--quick", "--networks", "lc", "--batch-sizes", "16", "--populations", "1",
+            "--lc-lowering", "reference", "--out", str(out), "--data", str(shared_h5)]
+    assert bench.main(argv) == 0
+    [row] = json.loads((out / "cpu.json").read_text())["rows"]
+    assert (row["network"], row["batch_size"], row["population"]) == ("lc", 16, 1)
+    assert row["member_samples_per_s"] > 0 and row["n_params"] == 33_177_770
+    assert row["lc_lowering"] == "conv_general_dilated_local"
+    assert row["bound"] == "matmul peak + grouped patches"
+    assert row["pct_bound"] == pytest.approx(
+        100 * row["member_samples_per_s"] / row["bound_member_samples_per_s"])
+    assert "LC layers ran as: conv_general_dilated_local." in (out / "cpu.md").read_text()
+
+
 def test_quick_fc_run_writes_json_and_table(tmp_path, shared_h5, capsys):
     out = tmp_path / "bench"
     argv = ["--quick", "--networks", "fc", "--batch-sizes", "16", "--populations", "1,2",
@@ -36,6 +77,8 @@ def test_quick_fc_run_writes_json_and_table(tmp_path, shared_h5, capsys):
         assert r["member_samples_per_s"] > 0 and r["flop_per_s"] > 0
         assert r["flops_per_sample"] == 6 * FC_MACS
         assert r["n_params"] == 109_722
+        assert r["bound"] in ("matmul peak", "weight traffic") and r["pct_bound"] > 0
+        assert "lc_lowering" not in r
     assert rows[1]["vmap_speedup"] > 0
     assert {f["sweep"] for f in result["flop_floor"]} == {"init", "lr", "batch", "momentum"}
     assert all(f["seconds_at_peak"] > 0 for f in result["flop_floor"])

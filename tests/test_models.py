@@ -5,10 +5,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uspsjax.models import (NETWORKS, LocallyConnected1D, conv2d, count_params, draw_kernel,
-                            locally_connected, max_pool_2x2, parse_init,
-                            valid_patches)
-from uspsjax.train import Static, init_params
+from uspsjax.models import (FEW_ROWS, LC_LOWERING_NAMES, NETWORKS, LocallyConnected1D, conv2d,
+                            count_params, draw_kernel, lc_lowering_name, locally_connected,
+                            locally_connected_reference, locally_connected_sliced, max_pool_2x2,
+                            parse_init, use_lc_lowering, valid_patches)
+from uspsjax.train import Static, forward, init_params, make_hparams
 
 # The study's Keras summaries, layer by layer.
 STUDY_LAYERS = {
@@ -61,7 +62,8 @@ def keras_locally_connected_1d(x, kernel, bias, k):
     return out
 
 
-def test_locally_connected_matches_keras_loop():
+@pytest.mark.parametrize("lowering", ["reference", "sliced"])
+def test_locally_connected_matches_keras_loop(lowering):
     rng = np.random.default_rng(0)
     n, length, c, f, k = 4, 11, 3, 5, 3
     x = rng.normal(size=(n, length, c)).astype(np.float32)
@@ -70,8 +72,10 @@ def test_locally_connected_matches_keras_loop():
     # Our layout is channel-major (c * k + j): the same weights, reordered once.
     ours = keras_kernel.reshape(-1, k, c, f).transpose(0, 2, 1, 3).reshape(-1, c * k, f)
     layer = LocallyConnected1D(f, k)
-    y = layer.apply({"params": {"kernel": ours, "bias": bias}}, x)
-    np.testing.assert_allclose(y, keras_locally_connected_1d(x, keras_kernel, bias, k),
+    with use_lc_lowering(lowering):  # the layer runs (length, batch, channels)
+        y = layer.apply({"params": {"kernel": ours, "bias": bias}}, x.transpose(1, 0, 2))
+    np.testing.assert_allclose(y.transpose(1, 0, 2),
+                               keras_locally_connected_1d(x, keras_kernel, bias, k),
                                rtol=1e-5, atol=1e-5)
 
 
@@ -97,17 +101,78 @@ def test_valid_patches_equal_xla_patches(shape, window, dims):
     np.testing.assert_array_equal(ours.reshape(xla.shape), xla)
 
 
+# The CPU lowering against `conv_general_dilated_local` (XLA's own gradient): float32 rounding
+# of sums reordered, relative to the largest value of each array.
+LOWERING_RTOL = 1e-5
+
+
+def assert_close_to(ours, ref):
+    np.testing.assert_allclose(ours, ref, rtol=0, atol=LOWERING_RTOL * float(jnp.max(jnp.abs(ref))))
+
+
 @pytest.mark.parametrize("channels", [1, 6])
-def test_locally_connected_gradients_equal_xla_default(channels):
-    x = jax.random.normal(jax.random.key(0), (4, 18, channels))
+@pytest.mark.parametrize("batch", [4, 40])  # both layouts of the input gradient (FEW_ROWS)
+def test_sliced_lowering_equals_conv_general_dilated_local(channels, batch):
+    assert 4 <= FEW_ROWS < 40
+    x = jax.random.normal(jax.random.key(0), (18, batch, channels))  # (L, B, C)
     kernel = jax.random.normal(jax.random.key(1), (16, channels * 3, 5))
-    native = lambda x, k: jax.lax.conv_general_dilated_local(
-        x, k, (1,), "VALID", (3,), dimension_numbers=("NWC", "WIO", "NWC"))
-    ours = lambda x, k: locally_connected(x, k, 3)
-    loss = lambda layer: lambda x, k: jnp.sum(jnp.sin(layer(x, k)))
-    for a, b in zip(jax.grad(loss(ours), (0, 1))(x, kernel),
-                    jax.grad(loss(native), (0, 1))(x, kernel)):
-        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    loss = lambda layer: lambda x, k: jnp.sum(jnp.sin(layer(x, k, 3)))
+    assert_close_to(locally_connected_sliced(x, kernel, 3),
+                    locally_connected_reference(x, kernel, 3))
+    for ours, ref in zip(jax.grad(loss(locally_connected_sliced), (0, 1))(x, kernel),
+                         jax.grad(loss(locally_connected_reference), (0, 1))(x, kernel)):
+        assert_close_to(ours, ref)
+
+
+def test_lc_network_lowerings_agree_in_value_and_gradient():
+    static = Static(network="lc", l1_at="hidden")
+    params, _ = init_params(static, jax.random.key(0), 1.0)
+    x = jax.random.uniform(jax.random.key(1), (3, 256))
+    hp = make_hparams(l1=1e-3)
+
+    def loss(params, x):
+        logits, _, penalty = forward(static, params, {}, x, hp, train=False)
+        return jnp.sum(jnp.sin(logits)) + penalty, logits
+
+    results = {}
+    for lowering in ("reference", "sliced"):
+        with use_lc_lowering(lowering):
+            results[lowering] = jax.jit(jax.grad(loss, (0, 1), has_aux=True))(params, x)
+    (grads, logits), (ref_grads, ref_logits) = results["sliced"], results["reference"]
+    assert_close_to(logits, ref_logits)
+    for ours, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+        assert_close_to(ours, ref)
+    # The kernel layout every saved result and initialization was made with.
+    assert params["LocallyConnected1D_1"]["kernel"].shape == (252, 768, 128)
+    assert count_params(params) == STUDY_TOTAL["lc"]
+
+
+def test_lc_activity_penalty_is_per_sample():
+    # Two copies of one image cost what one does (Keras divides by the batch size, and the
+    # LC net's activations run batch second).
+    static = Static(network="lc", l1_at="hidden")
+    params, _ = init_params(static, jax.random.key(0), 1.0)
+    x = jax.random.uniform(jax.random.key(1), (1, 256))
+    penalty = lambda x: forward(static, params, {}, x, make_hparams(), train=False)[2]
+    np.testing.assert_allclose(penalty(jnp.concatenate([x, x])), penalty(x), rtol=1e-5)
+
+
+def test_lc_lowering_is_platform_dependent_and_recorded():
+    x = jnp.ones((10, 2, 4))
+    kernel = jnp.ones((8, 12, 3))
+    hlo = lambda: jax.jit(lambda x, k: locally_connected(x, k, 3)).lower(x, kernel).as_text()
+    assert jax.devices()[0].platform != "cpu" or "convolution" not in hlo()
+    assert lc_lowering_name("cpu") == LC_LOWERING_NAMES["sliced"]
+    assert lc_lowering_name("gpu") == LC_LOWERING_NAMES["reference"]
+    with use_lc_lowering("reference"):
+        assert "convolution" in hlo()
+        assert lc_lowering_name("cpu") == LC_LOWERING_NAMES["reference"]
+    with use_lc_lowering("sliced"):
+        assert lc_lowering_name("tpu") == LC_LOWERING_NAMES["sliced"]
+    assert lc_lowering_name("cpu") == LC_LOWERING_NAMES["sliced"]  # restored after the block
+    with pytest.raises(ValueError):
+        with use_lc_lowering("fast"):
+            pass
 
 
 def test_max_pool_matches_flax():

@@ -6,8 +6,11 @@
 Each row times one jitted, vmapped program that runs S training steps (`train.train_step` under
 `lax.scan`, each member on its own shuffle of real data) for P members, after a warm-up call, and
 reports member-samples/s, achieved FLOP/s from an analytic count, compile time, memory, the share
-of the matmul peak and (weights move ~9 times per step) of the memory-bandwidth bound, and for
-P > 1 the speed-up over P consecutive runs of the P=1 program. Peaks are measured in the same run.
+of the matmul peak, the bound that applies to the row (`row_bound`: the matmul peak, or the weight
+traffic of ~9 passes per step, or on CPU the matmul peak with the grouped patch convolutions of
+`conv_general_dilated_local` counted) and the share of it reached, and for P > 1 the speed-up
+over P consecutive runs of the P=1 program. Peaks are measured in the same run. LC rows record
+the lowering their layers ran (`--lc-lowering`, `models.use_lc_lowering`).
 Writes `OUT/<device>.json` and `OUT/<device>.md` and prints the table.
 """
 
@@ -24,10 +27,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uspsjax import population, train
+from uspsjax import cli, population, train
 from uspsjax.errors import InputError
-from uspsjax.models import FC, LC, NETWORKS, count_params
-from uspsjax.sweep import _check_out, _Parser, environment, expand, load_sweep, split_settings
+from uspsjax.models import (FC, LC, LC_LOWERING_NAMES, LC_LOWERINGS, NETWORKS, count_params,
+                            lc_lowering_name, use_lc_lowering)
+from uspsjax.sweep import environment, expand, load_sweep, split_settings
 
 # (batch sizes, populations) per network; the LC net has 100x the weights, so fewer members.
 FULL_GRID = {"fc": ((16, 128, 1024), (1, 8, 64)), "cnn": ((16, 128, 1024), (1, 8, 64)),
@@ -65,6 +69,42 @@ def forward_macs(network: str) -> int:
 def train_flops_per_sample(network: str) -> int:
     """Training FLOPs per sample: 2 FLOPs per MAC, times 3 for forward, input and weight grads."""
     return 3 * 2 * forward_macs(network)
+
+
+def grouped_patch_flops_per_sample(network: str) -> int:
+    """FLOPs per sample of the forward's patch extraction in `conv_general_dilated_local` as
+    XLA:CPU runs it, a grouped one-hot convolution made dense (DESIGN.md): L_out * (k * C_in)^2
+    MACs per LC layer, ~394 MFLOP over the net. The input gradient's transposed convolutions are
+    left out: measured, the reference step runs faster than it could if they were dense too
+    (results/bench/NOTES.md, section 7). 0 for other networks."""
+    if network != "lc":
+        return 0
+    length, channels, macs = 256, 1, 0
+    for f in LC.filters:
+        length -= 2
+        macs += length * (3 * channels) ** 2
+        channels = f
+    return 2 * macs
+
+
+def row_bound(network: str, batch_size: int, n_params: int, peaks: dict, platform: str,
+              lc_lowering: str | None) -> dict:
+    """The bounds on a row's member-samples/s and the one that applies (the lower): the matmul
+    peak over the training FLOPs (plus the grouped patch FLOPs where `conv_general_dilated_local`
+    runs on CPU), and the memory bandwidth over the weight traffic (`WEIGHT_PASSES` reads or
+    writes of each member's float32 weights per step). Neither depends on the population: its
+    members share the device."""
+    flops = train_flops_per_sample(network)
+    compute = "matmul peak"
+    if lc_lowering == LC_LOWERING_NAMES["reference"] and platform == "cpu":
+        flops += grouped_patch_flops_per_sample(network)
+        compute = "matmul peak + grouped patches"
+    steps_s = peaks["copy_bytes_per_s"] / (WEIGHT_PASSES * 4 * n_params)
+    bounds = {compute: peaks["matmul_flop_per_s"] / flops, "weight traffic": batch_size * steps_s}
+    name = min(bounds, key=bounds.get)
+    return {"compute_bound_member_samples_per_s": bounds[compute],
+            "bw_bound_member_steps_per_s": steps_s,
+            "bound": name, "bound_member_samples_per_s": bounds[name]}
 
 
 def device_slug(device) -> str:
@@ -129,8 +169,8 @@ def run_steps(static: train.Static, state: train.MemberState, hp: train.Hparams,
               batches: jax.Array, data: train.Data):
     """`batches.shape[0]` training steps of one member on the sample indices `batches (S, B)`, as
     `train_epoch` runs them (`train.train_steps`). Returns the new state and the per-step losses."""
-    state, (losses, _, _) = train.train_steps(static, state, hp, data, batches,
-                                              jax.random.split(state.key, batches.shape[0]))
+    state, (losses, _) = train.train_steps(static, state, hp, data, batches,
+                                           jax.random.split(state.key, batches.shape[0]))
     return state, losses
 
 
@@ -194,7 +234,9 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
         static, hparams = bench_setup(network, b, args.dtype)
         n_params = count_params(jax.eval_shape(partial(train.init_params, static),
                                                jax.random.key(0), jnp.float32(1))[0])
-        bound = peaks["copy_bytes_per_s"] / (WEIGHT_PASSES * 4 * n_params)  # member-steps/s
+        with use_lc_lowering(args.lc_lowering):
+            lowering = lc_lowering_name(device.platform) if network == "lc" else None
+        bound = row_bound(network, b, n_params, peaks, device.platform, lowering)
         # One step count per batch size, so the P=1 program replays any member's batches.
         steps = (2 if args.quick and network == "lc"
                  else choose_steps(max(populations) * b * fps, peak, args.quick))
@@ -205,8 +247,9 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
                                 "error": f"over --max-gflop-per-step {args.max_gflop_per_step}"})
                 break  # larger populations are over it too
             try:
-                compiled, state, hp, batches, compile_s, xla_bytes = build_population(
-                    static, hparams, data, p, steps)
+                with use_lc_lowering(args.lc_lowering):  # read while the program is traced
+                    compiled, state, hp, batches, compile_s, xla_bytes = build_population(
+                        static, hparams, data, p, steps)
                 seconds, state = measure(compiled, state, hp, batches, data, *timing)
             except jax.errors.JaxRuntimeError as e:  # out of memory: record it, go on
                 log(f"  {network} B={b} P={p}: failed: {str(e).splitlines()[0]}")
@@ -225,8 +268,9 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
                    "pct_matmul_peak": 100 * samples_s * fps / peak, "compile_s": compile_s,
                    "xla_memory_bytes": xla_bytes,
                    "high_water_growth_bytes": memory_high_water(device)[0] - baseline,
-                   "bw_bound_member_steps_per_s": bound,
-                   "pct_bw_bound": 100 * samples_s / b / bound}
+                   **({"lc_lowering": lowering} if lowering else {}), **bound,
+                   "pct_bound": 100 * samples_s / bound["bound_member_samples_per_s"],
+                   "pct_bw_bound": 100 * samples_s / b / bound["bw_bound_member_steps_per_s"]}
             if p > 1:
                 seq_s, one_state = measure_sequential(single, batches, data, *timing)
                 single = (single[0], one_state, single[2])  # the old state was donated
@@ -234,7 +278,8 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
                 row["vmap_speedup"] = seq_s / seconds
             rows.append(row)
             log(f"  {network} B={b} P={p}: {samples_s:,.0f} member-samples/s, "
-                f"{row['pct_matmul_peak']:.1f}% of matmul peak, compile {compile_s:.1f} s")
+                f"{row['pct_matmul_peak']:.1f}% of matmul peak, {row['pct_bound']:.0f}% of its "
+                f"bound ({row['bound']}), compile {compile_s:.1f} s")
             del state, compiled
     return rows, skipped
 
@@ -292,17 +337,22 @@ def markdown(result: dict) -> str:
              f"{pk['matmul_dtype']}); memory bandwidth {pk['copy_bytes_per_s'] / 1e9:,.1f} GB/s "
              "(in-place x + 1, read + write). "
              f"Memory: XLA's size of each program; high-water growth = {result['memory_source']} "
-             "beyond its value before training (it only grows, so a row shows the largest so far).",
-             "", "| net | B | P | steps | member-samples/s | GFLOP/s | % peak | % BW bound "
-             "| compile s | XLA MB | high-water growth MB | vmap speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "beyond its value before training (it only grows, so a row shows the largest so far). "
+             "Bound: the lower of the matmul peak over the training FLOPs (with the grouped patch "
+             "FLOPs where `conv_general_dilated_local` runs on CPU) and the weight traffic "
+             f"({result['weight_passes']} float32 passes per step) at the memory bandwidth.",
+             *[f"LC layers ran as: {name}." for name in
+               sorted({r["lc_lowering"] for r in result["rows"] if "lc_lowering" in r})],
+             "", "| net | B | P | steps | member-samples/s | GFLOP/s | % peak | bound "
+             "| % bound | compile s | XLA MB | high-water growth MB | vmap speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     mb = lambda v: f"{v / 2**20:,.0f}" if v is not None else "-"
     for r in result["rows"]:
-        bw = f"{r['pct_bw_bound']:.0f}" if r["batch_size"] == 16 else "-"
         speedup = f"{r['vmap_speedup']:.1f}x" if "vmap_speedup" in r else "-"
         lines.append(f"| {r['network']} | {r['batch_size']} | {r['population']} | {r['steps']} "
                      f"| {r['member_samples_per_s']:,.0f} | {r['flop_per_s'] / 1e9:,.1f} "
-                     f"| {r['pct_matmul_peak']:.1f} | {bw} | {r['compile_s']:.1f} "
+                     f"| {r['pct_matmul_peak']:.1f} | {r['bound']} | {r['pct_bound']:.0f} "
+                     f"| {r['compile_s']:.1f} "
                      f"| {mb(r['xla_memory_bytes'])} | {mb(r['high_water_growth_bytes'])} "
                      f"| {speedup} |")
     lines += [""] * bool(result["skipped"])
@@ -339,9 +389,9 @@ def load_data(path: str | None, batch_sizes, flag: str) -> train.Data:
     return data
 
 
-def build_parser() -> _Parser:
+def build_parser() -> cli.Parser:
     """The command line of `python -m uspsjax.bench`."""
-    p = _Parser(prog="python -m uspsjax.bench", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m uspsjax.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a small grid (< 2 minutes on 2 cores)")
     p.add_argument("--networks", help="comma-separated networks (default: fc,cnn,lc)")
     p.add_argument("--batch-sizes", help="comma-separated batch sizes (default: 16,128,1024)")
@@ -351,32 +401,34 @@ def build_parser() -> _Parser:
     p.add_argument("--max-gflop-per-step", type=float,
                    help="skip configurations whose training step exceeds this many GFLOP "
                         "(keeps a full run on a small CPU to minutes)")
+    p.add_argument("--lc-lowering", choices=LC_LOWERINGS, default="auto",
+                   help="how the LC layers run: auto (sliced dots on CPU, "
+                        "conv_general_dilated_local elsewhere), reference "
+                        "(conv_general_dilated_local everywhere) or sliced (everywhere); "
+                        "each LC row records the one it ran")
     p.add_argument("--out", default="results/bench", help="output folder (default: results/bench)")
     p.add_argument("--data", help="the USPS h5 file (default: as `uspsjax.sweep`)")
     return p
 
 
+@cli.command
 def main(argv=None) -> int:
     """Entry point; returns the exit status (2 for bad input, with a one-line error)."""
     args = build_parser().parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    try:
-        nets = [n.strip() for n in (args.networks or "fc,cnn,lc").split(",") if n.strip()]
-        bad = [n for n in nets if n not in NETWORKS]
-        if bad or not nets:
-            raise InputError(f"--networks: unknown network {bad[0] if bad else args.networks!r} "
-                             f"(known: {', '.join(NETWORKS)})")
-        batch_sizes = _int_list("--batch-sizes", args.batch_sizes)
-        populations = _int_list("--populations", args.populations)
-        if args.max_gflop_per_step is not None and not args.max_gflop_per_step > 0:
-            raise InputError(f"--max-gflop-per-step: expected a positive number, "
-                             f"got {args.max_gflop_per_step}")
-        _check_out(Path(args.out))
-        data = load_data(args.data, batch_sizes or (), "--batch-sizes")
-        n_train = data.x_train.shape[0]
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    nets = [n.strip() for n in (args.networks or "fc,cnn,lc").split(",") if n.strip()]
+    bad = [n for n in nets if n not in NETWORKS]
+    if bad or not nets:
+        raise InputError(f"--networks: unknown network {bad[0] if bad else args.networks!r} "
+                         f"(known: {', '.join(NETWORKS)})")
+    batch_sizes = _int_list("--batch-sizes", args.batch_sizes)
+    populations = _int_list("--populations", args.populations)
+    if args.max_gflop_per_step is not None and not args.max_gflop_per_step > 0:
+        raise InputError(f"--max-gflop-per-step: expected a positive number, "
+                         f"got {args.max_gflop_per_step}")
+    cli.check_out(Path(args.out))
+    data = load_data(args.data, batch_sizes or (), "--batch-sizes")
+    n_train = data.x_train.shape[0]
     t_start = time.perf_counter()
     device = jax.devices()[0]
     description, versions = environment()

@@ -5,15 +5,21 @@ Static options (module attributes) change the program: where batch normalization
 the L1 activity penalty sit. Dynamic values (dropout rates) are call arguments, so many rates can
 be traced and vmapped in one program. The L1 activity of the chosen layers is `sow`n into the
 `losses` collection; batch-norm running averages live in `batch_stats`.
+
+The locally connected layer is defined by `jax.lax.conv_general_dilated_local`, its lowering on
+GPU and TPU; on CPU it lowers to dots on sliced patches, equal to float32 rounding
+(`locally_connected`; `use_lc_lowering` forces either, `lc_lowering_name` records which ran).
 """
 
+import contextlib
 import itertools
 import math
-from functools import partial
+from functools import lru_cache, partial
 from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import flax.linen as nn
 
 BATCHNORM = ("none", "before", "after")
@@ -34,7 +40,7 @@ def dropout(module: nn.Module, x: jax.Array, rate: jax.Array, train: bool) -> ja
 
 class LocallyConnected1D(nn.Module):
     """Keras `LocallyConnected1D` (valid padding, stride 1, unshared weights, a bias per position
-    and filter) on `jax.lax.conv_general_dilated_local`.
+    and filter) on `locally_connected`, with activations laid out `(length, batch, channels)`.
 
     The kernel has the Keras shape `(L_out, kernel_size * C_in, features)`, but its middle axis is
     ordered channel-major (`c * kernel_size + j`), the order XLA's unshared convolution reads, so
@@ -47,80 +53,188 @@ class LocallyConnected1D(nn.Module):
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
-        """Apply the layer to `x` of shape `(batch, length, channels)`."""
-        _, length, channels = x.shape
+        """Apply the layer to `x` of shape `(length, batch, channels)`."""
+        length, _, channels = x.shape
         l_out = length - self.kernel_size + 1
         # Kernels are drawn by `train.init_params` (per-position or Keras fans), so zeros here.
         kernel = self.param("kernel", nn.initializers.zeros,
                             (l_out, channels * self.kernel_size, self.features), x.dtype)
         bias = self.param("bias", nn.initializers.zeros, (l_out, self.features), x.dtype)
-        return locally_connected(x, kernel, self.kernel_size) + bias
+        return locally_connected(x, kernel, self.kernel_size) + bias[:, None, :]
 
 
-def valid_patches(x: jax.Array, window: tuple) -> jax.Array:
-    """Patches of a valid, stride-1 window over `x (B, *spatial, C)`, cut by slicing:
-    `(B, *out, prod(window), C)`, window offsets in row-major order. Channels stay the innermost
-    (contiguous) axis, so each slice is copied in runs of C values; XLA:CPU's patch convolution,
-    and patches with the offset innermost, cost far more (results/bench/NOTES.md)."""
-    out = [size - w + 1 for size, w in zip(x.shape[1:-1], window)]
-    return jnp.stack([x[(slice(None), *(slice(o, o + n) for o, n in zip(offset, out)))]
+def valid_patches(x: jax.Array, window: tuple, lead: int = 1) -> jax.Array:
+    """Patches of a valid, stride-1 window over the spatial axes of `x`, which follow its first
+    `lead` axes (`(B, *spatial, C)` with `lead=1`; `(L, B, C)` with `lead=0`), cut by slicing:
+    `(*lead axes, *out, *rest, prod(window), C)`, window offsets in row-major order. Channels stay
+    the innermost (contiguous) axis, so each slice is copied in runs of C values; XLA:CPU's patch
+    convolution, and patches with the offset innermost, cost far more (results/bench/NOTES.md)."""
+    spatial = x.shape[lead:lead + len(window)]
+    out = [size - w + 1 for size, w in zip(spatial, window)]
+    return jnp.stack([x[(*(slice(None),) * lead, *(slice(o, o + n) for o, n in zip(offset, out)))]
                       for offset in itertools.product(*(range(w) for w in window))], axis=-2)
 
 
-def _shift_sum(parts: jax.Array, window: tuple) -> jax.Array:
-    """The transpose of `valid_patches`: `parts (B, *out, prod(window), C)` added back at their
-    offsets into `(B, *(out + window - 1), C)`."""
+def _shift_sum(parts: jax.Array, window: tuple, lead: int = 1) -> jax.Array:
+    """The transpose of `valid_patches`: `parts (*lead axes, *out, *rest, prod(window), C)` added
+    back at their offsets into `(*lead axes, *(out + window - 1), *rest, C)`."""
     total = 0
+    rest = parts.ndim - 1 - lead - len(window)
     for i, offset in enumerate(itertools.product(*(range(w) for w in window))):
         pads = [(o, w - 1 - o) for o, w in zip(offset, window)]
-        total = total + jnp.pad(parts[..., i, :], [(0, 0), *pads, (0, 0)])
+        total = total + jnp.pad(parts[..., i, :], [(0, 0)] * lead + pads + [(0, 0)] * rest)
     return total
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def locally_connected(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
-    """Valid, stride-1 unshared 1-D convolution of `x (B, L, C)` with `kernel (L_out, C * k, F)`
-    (channel-major middle axis), on `jax.lax.conv_general_dilated_local`.
+# How the LC layer lowers: "auto" is `conv_general_dilated_local` everywhere but on CPU, where
+# XLA expands its grouped patch convolution into a dense one (C_in times the work) and the
+# sliced-dots lowering runs instead; "reference" and "sliced" force one (benchmarks, tests).
+LC_LOWERINGS = ("auto", "reference", "sliced")
+LC_LOWERING_NAMES = {"reference": "conv_general_dilated_local", "sliced": "sliced-dots (L,B,C)"}
+_lc_lowering = ["auto"]
 
-    The gradient is two dots batched over positions on patches cut by slicing, written in the
-    kernel's own layout: XLA's default gradient extracts patches with a grouped one-hot
-    convolution and writes the kernel gradient transposed (measured in
-    `results/bench/NOTES.md`).
+
+@contextlib.contextmanager
+def use_lc_lowering(name: str):
+    """Trace LC layers inside this block with lowering `name` (one of `LC_LOWERINGS`).
+
+    The choice is read when a program is traced: a function jitted and traced before the block
+    keeps the lowering it was traced with.
     """
+    if name not in LC_LOWERINGS:
+        raise ValueError(f"unknown LC lowering {name!r} (known: {', '.join(LC_LOWERINGS)})")
+    previous, _lc_lowering[0] = _lc_lowering[0], name
+    try:
+        yield
+    finally:
+        _lc_lowering[0] = previous
+
+
+def lc_lowering_name(platform: str) -> str:
+    """What an LC layer traced now runs on `platform` ("cpu", "gpu", ...): a `LC_LOWERING_NAMES`
+    value, for the record of a result."""
+    choice = _lc_lowering[0]
+    if choice == "auto":
+        choice = "sliced" if platform == "cpu" else "reference"
+    return LC_LOWERING_NAMES[choice]
+
+
+def locally_connected(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
+    """Valid, stride-1 unshared 1-D convolution of `x (L, B, C)` with `kernel (L_out, C * k, F)`
+    (channel-major middle axis): `(L_out, B, F)`.
+
+    Defined by `jax.lax.conv_general_dilated_local` (`locally_connected_reference`); lowered on
+    CPU to `locally_connected_sliced`, its equal to float32 rounding in value and gradient, as
+    `use_lc_lowering` selects.
+    """
+    reference = partial(locally_connected_reference, kernel_size=kernel_size)
+    sliced = partial(locally_connected_sliced, kernel_size=kernel_size)
+    choice = _lc_lowering[0]
+    if choice == "auto":
+        return jax.lax.platform_dependent(x, kernel, cpu=sliced, default=reference)
+    return {"reference": reference, "sliced": sliced}[choice](x, kernel)
+
+
+def locally_connected_reference(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
+    """`locally_connected` as `jax.lax.conv_general_dilated_local`, with XLA's own gradient."""
     return jax.lax.conv_general_dilated_local(
         x, kernel, window_strides=(1,), padding="VALID", filter_shape=(kernel_size,),
-        dimension_numbers=("NWC", "WIO", "NWC"))
+        dimension_numbers=("WNC", "WIO", "WNC"))
 
 
-def _local_fwd(x, kernel, kernel_size):
-    return locally_connected(x, kernel, kernel_size), (x, kernel)
+def _local_patches(x: jax.Array, kernel_size: int) -> jax.Array:
+    """Channel-major patch rows of `x (L, B, C)`: `(L_out, B, C * k)`, the kernel's row order."""
+    patches = jnp.swapaxes(valid_patches(x, (kernel_size,), lead=0), -1, -2)
+    return patches.reshape(*patches.shape[:2], -1)
 
 
-def _local_bwd(kernel_size, residuals, g):
-    x, kernel = residuals
-    batch, _, channels = x.shape
-    l_out = kernel.shape[0]
-    # Channel-major patch rows (B, L_out, C * k), so the dot writes dk in the kernel's layout.
-    patches = jnp.swapaxes(valid_patches(x, (kernel_size,)), -1, -2).reshape(batch, l_out, -1)
-    dk = jnp.einsum("blp,blf->lpf", patches, g)
-    dpatches = jnp.einsum("blf,lpf->blp", g, kernel).reshape(batch, l_out, channels, kernel_size)
-    return _shift_sum(jnp.swapaxes(dpatches, -1, -2), (kernel_size,)), dk
+# Dots batched over positions (axis 0 of every operand), each written in a layout chosen for its
+# consumer: the output (L_out, B, F) as the next layer's input, the kernel gradient
+# (L_out, C*k, F) as the kernel. Left to itself, XLA writes the kernel gradient transposed
+# (results/bench/NOTES.md, section 2).
+_FORWARD = (((2,), (1,)), ((0,), (0,)))      # patches . kernel
+_KERNEL_GRAD = (((1,), (1,)), ((0,), (0,)))  # patches^T . g
+_PATCH_GRAD = (((2,), (2,)), ((0,), (0,)))   # g . kernel^T
+# Up to this batch size the patch gradient is written batch-innermost, (L_out, C*k, B): XLA:CPU
+# runs that dot about twice as fast with so few rows, and shift-summing the small result before
+# one transpose costs less than the strided reads of the other layout. At batch 128 it is 1.4
+# times slower, at 1024 three times (results/bench/NOTES.md, section 7).
+FEW_ROWS = 32
 
 
-locally_connected.defvjp(_local_fwd, _local_bwd)
+@partial(jax.custom_vjp, nondiff_argnums=(2,))
+def locally_connected_sliced(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
+    """`locally_connected` as three dots batched over positions on patches cut by slicing
+    (forward, kernel gradient, input gradient), activations `(L, B, C)`."""
+    return jax.lax.dot_general(_local_patches(x, kernel_size), kernel, _FORWARD)
+
+
+def _sliced_fwd(x, kernel, kernel_size):
+    patches = _local_patches(x, kernel_size)
+    return jax.lax.dot_general(patches, kernel, _FORWARD), (patches, kernel)
+
+
+def _sliced_bwd(kernel_size, residuals, g):
+    patches, kernel = residuals
+    l_out, batch, _ = g.shape
+    dk = jax.lax.dot_general(patches, g, _KERNEL_GRAD)
+    if batch <= FEW_ROWS:
+        dpatches = jax.lax.dot_general(kernel, g, _PATCH_GRAD)  # (L_out, C*k, B)
+        dpatches = dpatches.reshape(l_out, -1, kernel_size, batch)
+        return jnp.swapaxes(_shift_sum(dpatches, (kernel_size,), lead=0), 1, 2), dk
+    dpatches = jax.lax.dot_general(g, kernel, _PATCH_GRAD).reshape(l_out, batch, -1, kernel_size)
+    return _shift_sum(jnp.swapaxes(dpatches, -1, -2), (kernel_size,), lead=0), dk
+
+
+locally_connected_sliced.defvjp(_sliced_fwd, _sliced_bwd)
+
+
+@lru_cache
+def _patch_index(height: int, width: int, kh: int, kw: int) -> tuple[np.ndarray, np.ndarray]:
+    """Index tables of the valid, stride-1 `(kh, kw)` patches of a `height x width` image, pixels
+    numbered row-major: `rows[(out pixel, offset)]` is the pixel each patch entry reads, and
+    `back[pixel, offset]` the patch entry (out pixel, offset) that read `pixel` (one past the last
+    entry where no output pixel reads it at that offset)."""
+    oh, ow = height - kh + 1, width - kw + 1
+    out_r, out_c, off_r, off_c = np.meshgrid(np.arange(oh), np.arange(ow), np.arange(kh),
+                                             np.arange(kw), indexing="ij")
+    rows = ((out_r + off_r) * width + out_c + off_c).reshape(-1)
+    back = np.full((height * width, kh * kw), rows.size)
+    back[rows, np.arange(rows.size) % (kh * kw)] = np.arange(rows.size)
+    return rows.astype(np.int32), back.astype(np.int32)
 
 
 def _patch_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`valid_patches` of `x` for an HWIO `kernel`, one row per output pixel, features ordered as
-    the rows of `kernel.reshape(-1, C_out)` (offset-major, channel-minor)."""
-    patches = valid_patches(x, kernel.shape[:2])
-    return patches.reshape(*patches.shape[:3], -1)
+    """The valid patches of `x (B, H, W, C)` for an HWIO `kernel`, one row per output pixel,
+    features ordered as the rows of `kernel.reshape(-1, C_out)` (offset-major, channel-minor).
+
+    One gather over the pixels: XLA:CPU writes it in a single pass, where stacked slices are
+    first copied out one by one and then concatenated (results/bench/NOTES.md, section 1c)."""
+    n, h, w, c = x.shape
+    kh, kw = kernel.shape[:2]
+    rows, _ = _patch_index(h, w, kh, kw)
+    return x.reshape(n, h * w, c)[:, rows].reshape(n, h - kh + 1, w - kw + 1, kh * kw * c)
+
+
+def _patch_rows_transpose(dpatches: jax.Array, height: int, width: int) -> jax.Array:
+    """The transpose of `_patch_rows`: `dpatches (B, OH, OW, kh * kw, C)` summed back onto the
+    pixels they were read from, `(B, height, width, C)`, offsets added in row-major order.
+
+    Each offset is a gather (reading 0 where no patch covers the pixel) fused into one sum; the
+    same sum as padded copies (`_shift_sum`) runs slower on XLA:CPU, and much slower vmapped."""
+    n, oh, ow, k, c = dpatches.shape
+    _, back = _patch_index(height, width, height - oh + 1, width - ow + 1)
+    flat = dpatches.reshape(n, oh * ow * k, c)
+    total = 0
+    for offset in range(k):
+        total = total + flat.at[:, back[:, offset]].get(mode="fill", fill_value=0)
+    return total.reshape(n, height, width, c)
 
 
 @jax.custom_vjp
 def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Valid, stride-1 2-D convolution, NHWC input and HWIO kernel, as matrix products on
-    patches cut by slicing, forward and backward.
+    patches gathered from `x` (`_patch_rows`), forward and backward.
 
     Same values and gradients as `lax.conv_general_dilated`, without XLA:CPU's convolutions: its
     kernel-gradient convolution runs about 50 times slower inside a loop body, and a population
@@ -137,9 +251,11 @@ def _conv2d_fwd(x, kernel):
 def _conv2d_bwd(residuals, g):
     x, kernel = residuals
     kh, kw, c_in, c_out = kernel.shape
-    dk = jnp.einsum("nhwp,nhwo->po", _patch_rows(x, kernel), g).reshape(kernel.shape)
+    # g^T . patches, so XLA:CPU transposes the small output gradient, not the 9x larger patches.
+    patches = _patch_rows(x, kernel).reshape(-1, kh * kw * c_in)
+    dk_t = jax.lax.dot_general(g.reshape(-1, c_out), patches, (((0,), (0,)), ((), ())))
     dpatches = (g @ kernel.reshape(-1, c_out).T).reshape(*g.shape[:3], kh * kw, c_in)
-    return _shift_sum(dpatches, (kh, kw)), dk
+    return _patch_rows_transpose(dpatches, *x.shape[1:3]), dk_t.T.reshape(kernel.shape)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
@@ -181,6 +297,8 @@ class Network(nn.Module):
     defaults: ClassVar[dict] = {}
     # The dropout placements this network has layers for.
     dropout_places: ClassVar[tuple] = ("none",)
+    # The batch axis of the hidden activations `activate` sees.
+    batch_axis: ClassVar[int] = 0
 
     def activate(self, y: jax.Array, train: bool, last: bool) -> jax.Array:
         """ReLU with batch normalization before or after it, and the L1 activity recorded."""
@@ -193,7 +311,7 @@ class Network(nn.Module):
             y = norm(y)
         if self.l1_at == "hidden" or (self.l1_at == "last" and last):
             # Keras divides an activity regularizer by the batch size.
-            self.sow("losses", "l1", jnp.sum(jnp.abs(y)) / y.shape[0])
+            self.sow("losses", "l1", jnp.sum(jnp.abs(y)) / y.shape[self.batch_axis])
         return y
 
 
@@ -220,13 +338,19 @@ class LC(Network):
 
     filters: tuple = (256, 128, 64, 32, 16)
     dropout_places: ClassVar[tuple] = ("none", "conv")
+    batch_axis: ClassVar[int] = 1
 
     @nn.compact
     def __call__(self, x: jax.Array, *, train: bool, rates=(0.0, 0.0)) -> jax.Array:
         """Logits for `x` of shape `(batch, 256)`; `rates` are (conv, dense) dropout rates."""
-        x = x.reshape(x.shape[0], -1, 1)
+        # Hidden activations are (length, batch, channels): each position's rows contiguous for
+        # the per-position dots of the CPU lowering (results/bench/NOTES.md).
+        x = x.T[..., None]
         for i, f in enumerate(self.filters):
             x = self.activate(LocallyConnected1D(f)(x), train, last=i == len(self.filters) - 1)
+        # Back to (batch, length, channels): Keras' flatten order, and dropout masks drawn as
+        # before the layout changed.
+        x = jnp.swapaxes(x, 0, 1)
         if self.dropout_at == "conv":
             x = dropout(self, x, rates[0], train)
         return nn.Dense(10)(x.reshape(x.shape[0], -1))

@@ -26,6 +26,7 @@ from uspsjax import attacks, train
 from uspsjax.train import Data, Hparams, Static
 
 MEMBER_AXIS = 0
+STEP_CALL_SECONDS = 2.0  # the spacing of `on_step` calls inside an epoch
 ATTACKS = ("fgsm", "pgd20")
 
 
@@ -147,7 +148,7 @@ def _pad(tree, size: int):
 def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
               devices: list | None = None, memory_budget: int | None = None,
               evaluation: Evaluation = Evaluation(), checkpoint: Path | None = None,
-              on_epoch: Callable | None = None) -> dict:
+              on_epoch: Callable | None = None, on_step: Callable | None = None) -> dict:
     """Train the members `(keys, hps)` (leading axis `MEMBER_AXIS`) of one static group.
 
     Returns numpy arrays: `curves (M, epochs, len(METRICS))`, `diverged (M,)` (epoch, 0 if
@@ -155,6 +156,9 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
     `evaluation.attack_eps` is set, and `chunks`, the number of chunks run. `on_epoch(info)` is
     called after each epoch with a dict (epoch, epochs, members, chunk, chunks, seconds,
     members_per_device: how the member axis of the parameters is laid out over the devices).
+    `on_step(info)`, if given, is called from inside each epoch (`train.train_steps`) about
+    every `STEP_CALL_SECONDS` (the first epoch: every sixteenth of its steps) with a dict
+    (epoch, epochs, step, steps, members, chunk, chunks, seconds since the epoch began).
     With `checkpoint` (a folder), each chunk's state is saved after every epoch and a run that
     finds one resumes from it; a finished chunk keeps only its results.
     """
@@ -172,8 +176,24 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
 
     init = jax.jit(jax.vmap(partial(train.init_member, static, n_train=n_train)),
                    out_shardings=by_member)
-    epoch_fn = jax.jit(jax.vmap(partial(train.train_epoch, static), in_axes=(0, 0, None)),
+    steps = n_train // static.batch_size
+    # Where the running epoch is, for `on_step`: set here, read by the callback from the loop.
+    running = {"epoch": 0, "chunk": 0, "members": 0, "t0": 0.0, "step": 0}
+
+    def tick(step):
+        step = int(step)
+        if step <= running["step"]:
+            return  # each device calls back; report each step once
+        running["step"] = step
+        on_step({"epoch": running["epoch"], "epochs": static.epochs, "step": step,
+                 "steps": steps, "members": running["members"], "chunk": running["chunk"],
+                 "chunks": n_chunks, "seconds": time.perf_counter() - running["t0"]})
+
+    epoch_fn = jax.jit(jax.vmap(partial(train.train_epoch, static,
+                                        on_step=tick if on_step else None),
+                                in_axes=(0, 0, None, None)),
                        out_shardings=(by_member, by_member), donate_argnums=0)
+    every = max(1, steps // 16)
     eps = jnp.asarray(evaluation.attack_eps, jnp.float32)
     n_att = evaluation.attack_samples
 
@@ -184,7 +204,7 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         return probs, robust
 
     final = jax.jit(jax.vmap(final_eval))
-    results = []
+    results, compiled = [], None
     for c in range(n_chunks):
         lo, hi = c * size, min((c + 1) * size, n_members)
         done_path = checkpoint / f"chunk{c}.done.npz" if checkpoint else None
@@ -200,10 +220,15 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         if state_path and state_path.exists():
             state, curves = _load(state_path, (state, curves))
             state, curves = jax.device_put(state, by_member), np.array(curves)
+        if compiled is None:  # ahead, so that an epoch's clock times training only
+            compiled = epoch_fn.lower(state, hp_chunk, data, jnp.int32(every)).compile()
         for epoch in range(int(np.asarray(state.epoch)[0]), static.epochs):
             t0 = time.perf_counter()
-            state, metrics = epoch_fn(state, hp_chunk, data)
+            running.update(epoch=epoch + 1, chunk=c + 1, members=hi - lo, t0=t0, step=0)
+            state, metrics = compiled(state, hp_chunk, data, jnp.int32(every))
             curves[:, epoch] = np.asarray(metrics)
+            # Space the next epoch's calls from this one's pace (a traced count: same program).
+            every = max(1, int(steps * STEP_CALL_SECONDS / (time.perf_counter() - t0)))
             if state_path:
                 _save(state_path, (state, curves))
             if on_epoch:

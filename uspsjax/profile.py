@@ -19,10 +19,8 @@ from pathlib import Path
 
 import jax
 
-from uspsjax import bench, train
-from uspsjax.errors import InputError
+from uspsjax import bench, cli, train
 from uspsjax.models import NETWORKS
-from uspsjax.sweep import _Parser, _positive_int
 
 _HLO_LINE = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) ")
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%(\S+) .*\{$")
@@ -78,22 +76,19 @@ def profile(network: str, batch_size: int, population: int, steps: int, dtype: s
     return wall, rows
 
 
+@cli.command
 def main(argv=None) -> int:
     """Entry point; returns the exit status (2 for bad input, with a one-line error)."""
-    p = _Parser(prog="python -m uspsjax.profile", description=__doc__.split("\n\n")[0])
+    p = cli.Parser(prog="python -m uspsjax.profile", description=__doc__.split("\n\n")[0])
     p.add_argument("network", choices=list(NETWORKS))
-    p.add_argument("--batch-size", type=_positive_int, default=16)
-    p.add_argument("--population", type=_positive_int, default=1, help="members (default 1)")
-    p.add_argument("--steps", type=_positive_int, default=4, help="training steps per call")
-    p.add_argument("--top", type=_positive_int, default=15, help="operations to list")
+    p.add_argument("--batch-size", type=cli.positive_int, default=16)
+    p.add_argument("--population", type=cli.positive_int, default=1, help="members (default 1)")
+    p.add_argument("--steps", type=cli.positive_int, default=4, help="training steps per call")
+    p.add_argument("--top", type=cli.positive_int, default=15, help="operations to list")
     p.add_argument("--dtype", choices=train.DTYPES, default="float32")
     p.add_argument("--data", help="the USPS h5 file (default: as `uspsjax.sweep`)")
     args = p.parse_args(argv)
-    try:
-        data = bench.load_data(args.data, [args.batch_size], "--batch-size")
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    data = bench.load_data(args.data, [args.batch_size], "--batch-size")
     wall, rows = profile(args.network, args.batch_size, args.population, args.steps,
                          args.dtype, data)
     step = wall / args.steps

@@ -8,7 +8,6 @@ verdict is computed from the committed `metrics.h5` files, so the report is byte
 reproducible from `results/`.
 """
 
-import argparse
 import math
 import os
 import sys
@@ -16,7 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
-from uspsjax import results
+from uspsjax import cli, results
+from uspsjax.errors import InputError
 
 NETS = ("fc", "lc", "cnn")
 NAMES = {"fc": "FC", "lc": "LC", "cnn": "CNN"}
@@ -441,20 +441,20 @@ def _epochs_note(study: Study) -> str:
     return ", ".join(parts)
 
 
+@cli.command
 def main(argv=None) -> int:
     """Write RESULTS/REPORT.md atomically; exit status 2 with a one-line error on bad input."""
-    parser = argparse.ArgumentParser(prog="python -m uspsjax.report", description=__doc__.split("\n")[0])
+    parser = cli.Parser(prog="python -m uspsjax.report", description=__doc__.split("\n")[0])
     parser.add_argument("--results", default="results", help="the results folder (default results/)")
     args = parser.parse_args(argv)
     root = Path(args.results)
     if not root.is_dir():
-        print(f"error: {root}: no such results folder", file=sys.stderr)
-        return 2
+        raise InputError(f"{root}: no such results folder")
+    cli.check_out(root)
     try:
         text = build_report(root)
     except (OSError, ValueError, KeyError) as e:
-        print(f"error: {root}: cannot read the results ({e})", file=sys.stderr)
-        return 2
+        raise InputError(f"{root}: cannot read the results ({e})") from None
     tmp = root / "REPORT.md.tmp"
     tmp.write_text(text)
     os.replace(tmp, root / "REPORT.md")

@@ -32,25 +32,28 @@ A setting is any field of `train.Static` (static: one program per distinct combi
 which sets the family (static) and scale (dynamic).
 """
 
-import argparse
 import dataclasses
 import itertools
 import json
 import math
 import os
 import platform
+import re
 import shutil
 import sys
-import tempfile
 import time
 import tomllib
+from importlib import resources
 from pathlib import Path
 
+from uspsjax import KEEPS_FREED_MEMORY, cli
 from uspsjax.errors import InputError
-from uspsjax.models import BATCHNORM, L1_AT, LC_FANS, NETWORKS, parse_init
+from uspsjax.models import BATCHNORM, L1_AT, LC_FANS, NETWORKS, lc_lowering_name, parse_init
 from uspsjax.train import ADVERSARIAL, DTYPES, HPARAM_DEFAULTS, LR_SCHEDULES, Static
 
-SWEEPS_DIR = Path(__file__).resolve().parent.parent / "sweeps"
+# The shipped sweep files: the top-level sweeps/ folder, installed as the package uspsjax.sweeps
+# (pyproject.toml), so that an installed uspsjax finds them from any working directory.
+SWEEPS_DIR = resources.files("uspsjax.sweeps")
 TOP_KEYS = {"name", "description", "networks", "seeds", "base", "per_network", "cpu", "axes",
             "ensemble", "evaluation", "study"}
 STATIC_FIELDS = {f.name: f.type for f in dataclasses.fields(Static)}
@@ -68,6 +71,14 @@ RANGES = {"lr": (0, math.inf, False, False), "momentum": (0, 1, True, False),
           "batch_size": (1, math.inf, True, False), "adv_steps": (1, math.inf, True, False),
           "augment": (0, 15, True, True),
           "init_scale": (-math.inf, math.inf, False, False)}
+# A name is one plain folder under OUT: no separators, no dots (so no "..", and no clash with the
+# LOWER_SCALE folders written beside a result).
+NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+# The largest grid a sweep may ask for (the shipped ones have at most 108 members); a bigger one
+# is a typo or a runaway product of axes, and would take days before any result appeared.
+MAX_MEMBERS = 10_000
+# Suffix of the folder a lower-scale run writes beside a larger result it may not replace.
+LOWER_SCALE = ".lower-scale"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -147,6 +158,26 @@ def _check_settings(where: str, table, n_train: int) -> dict:
     return dict(table)
 
 
+def _read_text(path: Path) -> str:
+    """The text of a sweep file; InputError for bytes that TOML does not allow (which would
+    otherwise surface as a decoding traceback or a puzzling parse error)."""
+    try:
+        blob = path.read_bytes()
+    except OSError as e:
+        raise InputError(f"{path}: cannot read: {e.strerror}") from None
+    if not blob.strip():
+        raise InputError(f"{path}: the sweep file is empty")
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise InputError(f"{path}: not UTF-8 text (byte {e.start}: {blob[e.start]:#04x})") from None
+    if text.startswith("\ufeff"):
+        raise InputError(f"{path}: starts with a byte-order mark; save it as UTF-8 without one")
+    if "\0" in text:
+        raise InputError(f"{path}: contains NUL bytes; a sweep file is UTF-8 text")
+    return text
+
+
 def load_sweep(name_or_path: str, n_train: int = 7291) -> Sweep:
     """Find (a name in `sweeps/` or a path), parse and validate a sweep file.
 
@@ -158,7 +189,7 @@ def load_sweep(name_or_path: str, n_train: int = 7291) -> Sweep:
     if not path.is_file():
         known = ", ".join(list_sweeps())
         raise InputError(f"{name_or_path}: no such sweep (known: {known}) and no such file")
-    text = path.read_text()
+    text = _read_text(path)
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
@@ -168,8 +199,9 @@ def load_sweep(name_or_path: str, n_train: int = 7291) -> Sweep:
     if unknown:
         raise InputError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
     name = raw.get("name")
-    if not isinstance(name, str) or not name or "/" in name or name.startswith("."):
-        raise InputError(f"{where}: name must be a non-empty string without '/', got {name!r}")
+    if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
+        raise InputError(f"{where}: name must be a non-empty string of letters, digits, '-' "
+                         f"and '_' (one folder name, at most 64 characters), got {name!r}")
     networks = raw.get("networks", list(NETWORKS))
     if not isinstance(networks, list) or not networks:
         raise InputError(f"{where}: networks must be a non-empty list, got {networks!r}")
@@ -201,6 +233,10 @@ def load_sweep(name_or_path: str, n_train: int = 7291) -> Sweep:
         at = f"{where}: axes.{axis}"
         if not isinstance(values, list) or not values:
             raise InputError(f"{at}: an axis must be a non-empty list, got {values!r}")
+    # Before looking at each value: an axis of a million values is refused at once.
+    check_grid_size(where, len(networks) * seeds * math.prod(map(len, axes.values())))
+    for axis, values in axes.items():
+        at = f"{where}: axes.{axis}"
         for v in values:
             if isinstance(v, dict):
                 label = v.get("label")
@@ -236,9 +272,17 @@ def load_sweep(name_or_path: str, n_train: int = 7291) -> Sweep:
                  tuple(float(e) for e in eps), samples, study)
 
 
+def check_grid_size(where: str, members: int) -> None:
+    """Raise InputError if a grid of `members` models is more than a sweep may train."""
+    if members > MAX_MEMBERS:
+        raise InputError(f"{where}: the grid has {members:,} members, more than the "
+                         f"{MAX_MEMBERS:,} a sweep may train; split it or use fewer values")
+
+
 def list_sweeps() -> list[str]:
     """The names of the sweeps shipped in `sweeps/`."""
-    return sorted(p.stem for p in SWEEPS_DIR.glob("*.toml"))
+    return sorted(p.name.removesuffix(".toml") for p in SWEEPS_DIR.iterdir()
+                  if p.name.endswith(".toml"))
 
 
 def _axis_points(axis: str, values: list) -> list[tuple[str, dict]]:
@@ -273,11 +317,14 @@ def expand(sweep: Sweep, overrides: dict | None = None, on_cpu: bool = False) ->
     networks = overrides.get("networks", sweep.networks)
     settings_over = {k: v for k, v in overrides.items() if k in SETTING_KEYS}
     limits = cpu_limits(sweep, overrides, on_cpu)
+    seeds = {net: overrides.get("seeds", limits.get(net, {}).get("seeds", sweep.seeds))
+             for net in networks}
+    check_grid_size(str(sweep.path), sum(seeds.values()) * (sweep.ensemble or 1)
+                    * math.prod(map(len, sweep.axes.values())))
     grid = list(itertools.product(*(_axis_points(a, v) for a, v in sweep.axes.items())))
     members = []
     for net in networks:
-        limit = dict(limits.get(net, {}))
-        seeds = overrides.get("seeds", limit.pop("seeds", sweep.seeds))
+        limit = {k: v for k, v in limits.get(net, {}).items() if k != "seeds"}
         for point in grid:
             label = " ".join(part for part, _ in point) or "default"
             settings = {**NETWORKS[net].defaults, **sweep.base, **sweep.per_network.get(net, {}),
@@ -289,7 +336,7 @@ def expand(sweep: Sweep, overrides: dict | None = None, on_cpu: bool = False) ->
                     "dropout_at" in s for _, s in point):
                 continue  # a placement axis reaches layers this network lacks: not its point
             static, hparams = split_settings(net, settings, where=f"{sweep.path}: {net} {label}")
-            for seed in range(seeds):
+            for seed in range(seeds[net]):
                 for bag in range(1, sweep.ensemble + 1) if sweep.ensemble else [0]:
                     members.append(Member(net, seed, bag, label, static, hparams))
     for net in networks:
@@ -374,6 +421,9 @@ def environment() -> tuple[str, dict]:
     versions["python"] = platform.python_version()
     # TF32 on recent GPUs unless set to "float32"/"highest": part of what produced the numbers.
     versions["matmul_precision"] = str(jax.config.jax_default_matmul_precision or "default")
+    # How the LC layers ran (`models.use_lc_lowering`), and the allocator (`uspsjax.__init__`).
+    versions["lc_lowering"] = lc_lowering_name(dev.platform)
+    versions["malloc"] = "glibc, keeps freed memory" if KEEPS_FREED_MEMORY else "default"
     return device, versions
 
 
@@ -381,14 +431,18 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+LIVE_SECONDS = 10  # the longest silence inside an epoch when progress is shown
+
+
 def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
               checkpoints: Path | None = None, resume: bool = False, devices=None,
-              memory_budget: int | None = None, log=print) -> dict:
+              memory_budget: int | None = None, log=print, live: bool = True) -> dict:
     """Train every static group of `sweep` and return the `run` dict that `results` writes.
 
     One program is compiled per static group; each trains all its members at once. With
     `checkpoints`, every group checkpoints after each epoch under `checkpoints/NAME/`, and
-    `resume` continues from there (skipping finished groups).
+    `resume` continues from there (skipping finished groups). Progress goes to `log`: a line
+    per epoch and, with `live`, one at least every `LIVE_SECONDS` inside long epochs.
     """
     import jax
     import numpy as np
@@ -406,8 +460,10 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
     ckpt_root = checkpoints / sweep.name if checkpoints else None
     if ckpt_root:
         _prepare_checkpoints(ckpt_root, _fingerprint(sweep, overrides), resume)
+    n_devices = len(devices or jax.devices())
     log(f"sweep {sweep.name}: {len(members)} members in {len(groups)} static groups "
-        f"-> {len(groups)} compiled training programs")
+        f"-> {len(groups)} compiled training programs, members sharded over {n_devices} "
+        f"device{'s' if n_devices > 1 else ''}")
     evaluation = population.Evaluation(sweep.attack_eps, min(sweep.attack_samples,
                                                               data.x_test.shape[0]))
     n_members, max_epochs = len(members), max(s.epochs for s in groups)
@@ -424,24 +480,32 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
                                 for i in idx])
         hps = population.stack([train.make_hparams(**members[i].hparams) for i in idx])
         t0 = time.perf_counter()
-        samples = data.x_train.shape[0] // static.batch_size * static.batch_size
+        last = {"line": t0}
 
-        def progress(info, g=g, label=label, t0=t0, samples=samples):
-            elapsed = time.perf_counter() - t0
-            done = (info["chunk"] - 1) * static.epochs + info["epoch"]
-            total = info["chunks"] * static.epochs
-            rate = info["members"] * samples / info["seconds"]
+        def progress(info, g=g, label=label, batch=static.batch_size, last=last):
+            steps = data.x_train.shape[0] // batch
+            step = info.get("step", steps)  # an epoch-end report: the epoch's last step
+            now = time.perf_counter()
+            if "step" in info and now - last["line"] < LIVE_SECONDS:
+                return
+            last["line"] = now
+            done = ((info["chunk"] - 1) * info["epochs"] + info["epoch"] - 1) * steps + step
+            total = info["chunks"] * info["epochs"] * steps
+            rate = step / info["seconds"]  # steps per second in this epoch
             chunk = f" chunk {info['chunk']}/{info['chunks']}" if info["chunks"] > 1 else ""
-            log(f"  [{g + 1}/{len(groups)}] {label}{chunk}: epoch {info['epoch']}/{info['epochs']}, "
-                f"{info['members']} members, {rate:,.0f} samples/s, "
-                f"~{elapsed / done * (total - done):.0f} s left")
+            where = (f"epoch {info['epoch']}/{info['epochs']}" if "step" not in info else
+                     f"epoch {info['epoch']}/{info['epochs']} step {step}/{steps}")
+            log(f"  [{g + 1}/{len(groups)}] {label}{chunk}: {where}, {info['members']} members, "
+                f"{info['members'] * batch * rate:,.0f} samples/s, "
+                f"~{(total - done) / rate:.0f} s left")
 
         ckpt = ckpt_root / f"group{g}" if ckpt_root else None
         if ckpt:
             ckpt.mkdir(parents=True, exist_ok=True)
         res = population.run_group(static, keys, hps, data, devices=devices,
                                    memory_budget=memory_budget, evaluation=evaluation,
-                                   checkpoint=ckpt, on_epoch=progress)
+                                   checkpoint=ckpt, on_epoch=progress,
+                                   on_step=progress if live else None)
         wall = time.perf_counter() - t0
         if res["chunks"] > 1:
             log(f"  [{g + 1}/{len(groups)}] {label}: ran in {res['chunks']} chunks to fit memory")
@@ -486,35 +550,19 @@ def _prepare_checkpoints(root: Path, fingerprint: str, resume: bool) -> None:
     stamp.write_text(fingerprint)
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-class _Parser(argparse.ArgumentParser):
-    """argparse that reports a bad flag as one line and exit status 2 (as InputError does)."""
-
-    def error(self, message):
-        self.exit(2, f"error: {message}\n")
-
-
-def build_parser() -> argparse.ArgumentParser:
+def build_parser() -> cli.Parser:
     """The command line of `python -m uspsjax.sweep`."""
-    p = _Parser(prog="python -m uspsjax.sweep",
-                description="Train every member of a sweep (a grid of networks x settings x "
-                            "seeds) as vmapped populations, one compiled program per static "
-                            "group, and write results/NAME/ (metrics.h5, summary.md, figures).")
+    p = cli.Parser(prog="python -m uspsjax.sweep",
+                   description="Train every member of a sweep (a grid of networks x settings x "
+                               "seeds) as vmapped populations, one compiled program per static "
+                               "group, and write results/NAME/ (metrics.h5, summary.md, figures).")
     p.add_argument("sweep", nargs="?", help="a sweep name from sweeps/ (see --list), a path to a "
                    "sweep TOML file, or 'all' for every study sweep in order")
     p.add_argument("--list", action="store_true", help="list the shipped sweeps and exit")
     p.add_argument("--networks", help="comma-separated networks to run (default: the sweep's)")
-    p.add_argument("--epochs", type=_positive_int, help="epochs for every member (overrides the sweep)")
-    p.add_argument("--seeds", type=_positive_int, help="seeds per setting (overrides the sweep)")
+    p.add_argument("--epochs", type=cli.positive_int,
+                   help="epochs for every member (overrides the sweep)")
+    p.add_argument("--seeds", type=cli.positive_int, help="seeds per setting (overrides the sweep)")
     p.add_argument("--dtype", choices=DTYPES,
                    help="compute dtype for every member (parameters stay float32)")
     p.add_argument("--data", help="the USPS h5 file (default: $USPSJAX_DATA, the user cache, "
@@ -527,103 +575,164 @@ def build_parser() -> argparse.ArgumentParser:
                         "epoch costs more than training it); --resume is then impossible")
     p.add_argument("--resume", action="store_true",
                    help="continue an interrupted run from its last completed epoch")
-    p.add_argument("--devices", type=_positive_int,
+    p.add_argument("--devices", type=cli.positive_int,
                    help="shard the member axis over this many local devices (default: all)")
     p.add_argument("--distributed", action="store_true",
                    help="call jax.distributed.initialize() first (multi-host; see README)")
     p.add_argument("--merge", action="store_true",
                    help="keep, from the existing results of this sweep, the networks this run "
                         "does not train (e.g. LC trained on a GPU, the rest here)")
+    p.add_argument("--replace", action="store_true",
+                   help="let a run of lower scale (fewer epochs or seeds for some network) "
+                        f"replace OUT/NAME/; without it such a run goes to OUT/NAME{LOWER_SCALE}/")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
 
-def _check_out(out: Path) -> None:
-    """Refuse an output folder that is a file or cannot be written, before any training."""
-    probe = out
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir():
-        raise InputError(f"{out}: the output folder is a file")
-    # Try it: permission bits say nothing for root, nor for read-only or virtual file systems.
+def run_scale(settings: list[dict]) -> dict[str, tuple[int, int]]:
+    """Per network, (the most epochs any member trains, the number of seeds) of a run's rows of
+    settings (as `member_settings` makes them and metrics.h5 stores them)."""
+    nets = dict.fromkeys(s["network"] for s in settings)
+    return {n: (max(int(s["epochs"]) for s in settings if s["network"] == n),
+                len({int(s["seed"]) for s in settings if s["network"] == n})) for n in nets}
+
+
+def larger_result(old_settings: list[dict], members: list[Member], merge: bool) -> str | None:
+    """Where an earlier result holds more than a run of `members` would: for each network, more
+    epochs or more seeds, or (unless `merge` keeps them) a network the run lacks. None when the
+    run is of the same or higher scale, else a description such as "lc 3 seeds x 30 epochs,
+    this run 3 x 3"."""
+    new = run_scale([member_settings(m) for m in members])
+    larger = []
+    for net, (epochs, seeds) in run_scale(old_settings).items():
+        got_epochs, got_seeds = new.get(net, (0, 0))
+        if (net in new or not merge) and (got_epochs < epochs or got_seeds < seeds):
+            larger.append(f"{net} {seeds} seeds x {epochs} epochs, this run "
+                          + (f"{got_seeds} x {got_epochs}" if net in new else "none"))
+    return "; ".join(larger) or None
+
+
+def plan_output(sweep: Sweep, members: list[Member], n_train: int, out: Path, merge: bool,
+                replace: bool) -> tuple[str, dict | None, str | None]:
+    """Decide, before training, where a run of `members` goes and check that it can.
+
+    Returns (the folder name under `out`, the earlier run to merge with or None, a line to say
+    when the run goes beside the earlier result). The folder is NAME, or NAME + LOWER_SCALE when
+    NAME holds a larger result and not `replace`. InputError if a batch exceeds the `n_train`
+    training samples, the earlier result cannot be read, or a merge would mix settings.
+    """
+    biggest = max(m.static.batch_size for m in members)
+    if biggest > n_train:
+        raise InputError(f"{sweep.path}: batch_size = {biggest} exceeds the {n_train} training "
+                         "samples of the data")
+    done = out / sweep.name / "metrics.h5"
+    if not done.exists() or (replace and not merge):
+        return sweep.name, None, None
+    from uspsjax import results
     try:
-        with tempfile.TemporaryFile(dir=probe):
-            pass
-    except OSError as e:
-        raise InputError(f"{out}: the output folder is not writable ({e.strerror})") from None
+        old = results.read_metrics(done)
+    except (OSError, ValueError, KeyError) as e:
+        raise InputError(f"{done}: cannot read the existing result ({' '.join(str(e).split())}); "
+                         "move it away, or --replace it") from None
+    if merge:
+        check_mergeable(sweep, old, list(dict.fromkeys(m.network for m in members)))
+    larger = None if replace else larger_result(old["settings"], members, merge)
+    if larger is None:
+        return sweep.name, old if merge else None, None
+    beside = sweep.name + LOWER_SCALE
+    return beside, old if merge else None, (
+        f"{out / sweep.name}/ holds a larger run ({larger}); writing {out / beside}/ instead; "
+        "--replace to overwrite")
 
 
+def _overrides(args) -> dict:
+    """The settings the command line imposes on every member."""
+    overrides = {}
+    if args.networks is not None:
+        nets = [n.strip() for n in args.networks.split(",") if n.strip()]
+        bad = [n for n in nets if n not in NETWORKS]
+        if bad or not nets:
+            raise InputError(f"--networks: unknown network {bad[0] if bad else args.networks!r}"
+                             f" (known: {', '.join(NETWORKS)})")
+        overrides["networks"] = nets
+    for key in ("epochs", "seeds", "dtype"):
+        if getattr(args, key) is not None:
+            overrides[key] = getattr(args, key)
+    return overrides
+
+
+def _devices(args) -> list | None:
+    """The devices to shard over (`--devices`; None: all), after `--distributed` set up the
+    runtime."""
+    import jax
+    if args.distributed:
+        jax.distributed.initialize()
+    if not args.devices:
+        return None
+    if args.devices > len(jax.devices()):
+        raise InputError(f"--devices {args.devices}: only {len(jax.devices())} devices here")
+    return jax.devices()[: args.devices]
+
+
+@cli.command
 def main(argv=None) -> int:
-    """Entry point; returns the exit status (2 for bad input, with a one-line error)."""
+    """Entry point; returns the exit status (2 for bad input, with a one-line error).
+
+    Every check (sweep files, flags, data, devices, the output folder, what an earlier result
+    allows) runs before anything trains or is written.
+    """
     args = build_parser().parse_args(argv)
     log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    if args.list:
+        for name in list_sweeps():
+            print(f"{name:12s} {load_sweep(name).description}")
+        return 0
+    if not args.sweep:
+        raise InputError("no sweep given (try --list)")
+    sweeps = [load_sweep(n) for n in (STUDY_ORDER if args.sweep == "all" else [args.sweep])]
+    overrides = _overrides(args)
+    out, checkpoints = Path(args.out), Path(args.checkpoints)
+    cli.check_out(out)
+    for sweep in sweeps:
+        expand(sweep, overrides)  # validates every member before the data is read
+    if args.resume and args.no_checkpoints and args.sweep != "all":
+        raise InputError("--resume and --no-checkpoints: nothing to resume from")
+    if args.resume and args.sweep != "all":
+        _prepare_checkpoints(checkpoints / sweeps[0].name, _fingerprint(sweeps[0], overrides),
+                             resume=True)
+    from uspsjax import data as data_mod, results
+    dataset = data_mod.load(args.data)
+    devices = _devices(args)
+    import jax
+    on_cpu = (devices or jax.devices())[0].platform == "cpu"
+    plans = []
+    for sweep in sweeps:
+        done, ckpt = out / sweep.name / "metrics.h5", checkpoints / sweep.name / "sweep.json"
+        if args.sweep == "all" and args.resume and done.exists() and not ckpt.exists():
+            log(f"sweep {sweep.name}: already complete in {done}, skipped")
+            continue
+        plan = plan_output(sweep, expand(sweep, overrides, on_cpu), len(dataset.y_train), out,
+                           args.merge, args.replace)
+        if plan[2]:
+            print(f"sweep {sweep.name}: {plan[2]}", file=sys.stderr, flush=True)
+        plans.append((sweep, *plan))
     try:
-        if args.list:
-            for name in list_sweeps():
-                print(f"{name:12s} {load_sweep(name).description}")
-            return 0
-        if not args.sweep:
-            raise InputError("no sweep given (try --list)")
-        names = STUDY_ORDER if args.sweep == "all" else [args.sweep]
-        sweeps = [load_sweep(n) for n in names]
-        overrides = {}
-        if args.networks:
-            nets = [n.strip() for n in args.networks.split(",") if n.strip()]
-            bad = [n for n in nets if n not in NETWORKS]
-            if bad or not nets:
-                raise InputError(f"--networks: unknown network {bad[0] if bad else args.networks!r}"
-                                 f" (known: {', '.join(NETWORKS)})")
-            overrides["networks"] = nets
-        if args.epochs:
-            overrides["epochs"] = args.epochs
-        if args.seeds:
-            overrides["seeds"] = args.seeds
-        if args.dtype:
-            overrides["dtype"] = args.dtype
-        out = Path(args.out)
-        _check_out(out)
-        for sweep in sweeps:
-            expand(sweep, overrides)  # validates every member before anything trains
-        if args.resume and args.no_checkpoints and args.sweep != "all":
-            raise InputError("--resume and --no-checkpoints: nothing to resume from")
-        if args.resume and args.sweep != "all":
-            _prepare_checkpoints(Path(args.checkpoints) / sweeps[0].name,
-                                 _fingerprint(sweeps[0], overrides), resume=True)
-        from uspsjax import data as data_mod, results
-        dataset = data_mod.load(args.data)
-        if args.distributed:
-            import jax
-            jax.distributed.initialize()
-        devices = None
-        if args.devices:
-            import jax
-            if args.devices > len(jax.devices()):
-                raise InputError(f"--devices {args.devices}: only {len(jax.devices())} devices here")
-            devices = jax.devices()[: args.devices]
-        for sweep in sweeps:
-            done = out / sweep.name / "metrics.h5"
-            ckpt = Path(args.checkpoints) / sweep.name
-            if args.sweep == "all" and args.resume and done.exists() and not (ckpt / "sweep.json").exists():
-                log(f"sweep {sweep.name}: already complete in {done}, skipped")
-                continue
-            resume = args.resume and (ckpt / "sweep.json").exists()
+        for sweep, name, old, notice in plans:
+            ckpt = checkpoints / sweep.name
             run = run_sweep(sweep, dataset, overrides=overrides,
-                            checkpoints=None if args.no_checkpoints else Path(args.checkpoints),
-                            resume=resume, devices=devices, log=log)
-            if args.merge and done.exists():
-                try:
-                    old = results.read_metrics(done)
-                except (OSError, ValueError, KeyError) as e:
-                    raise InputError(f"{done}: cannot merge: {e}") from None
-                check_mergeable(sweep, old, list({s["network"] for s in run["settings"]}))
+                            checkpoints=None if args.no_checkpoints else checkpoints,
+                            resume=args.resume and (ckpt / "sweep.json").exists(),
+                            devices=devices, log=log, live=not args.quiet)
+            if old is not None:
                 run = results.merge_runs(old, run, SETTING_DEFAULTS)
-            folder = results.write_results(out, run)
+            folder = results.write_results(out, dict(run, name=name))
             shutil.rmtree(ckpt, ignore_errors=True)
             print((folder / "summary.md").read_text())
             log(f"sweep {sweep.name}: {run['wall_time_s']:.0f} s on {run['device']}; wrote {folder}/")
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+            if notice:
+                print(f"sweep {sweep.name}: {notice}", file=sys.stderr, flush=True)
+        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+            checkpoints.rmdir()  # leave no empty folder behind a finished run
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last completed epoch is checkpointed in {args.checkpoints}/; "
               f"continue with: python -m uspsjax.sweep {args.sweep} --resume", file=sys.stderr)

@@ -13,7 +13,7 @@ accuracy are evaluated after the epoch with dropout off and batch-norm running a
 
 import dataclasses
 from functools import partial
-from typing import NamedTuple
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -199,8 +199,11 @@ def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progr
 
     `progress` in [0, 1) is how far the run is, for the cosine learning-rate schedule. With
     `static.augment` the batch is first shifted at random (`shift_images`). With adversarial
-    training the objective is half clean and half adversarial loss (Goodfellow et al. 2015). A
-    member whose loss is not finite keeps its old state.
+    training the objective is half clean and half adversarial loss (Goodfellow et al. 2015).
+
+    A member whose loss is not finite is marked diverged (`state.diverged`, the 1-based epoch)
+    and frozen from that step on: its parameters, batch statistics and optimizer state never
+    change again. `healthy` says whether this step's loss was finite.
     """
     if static.augment:
         key, k_shift = jax.random.split(key)
@@ -221,15 +224,27 @@ def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progr
         return loss + hp.l1 * penalty, (ce, acc, batch_stats)
 
     grads, (ce, acc, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
-    opt_state = state.opt_state
-    if static.lr_schedule == "cosine":
-        lr = hp.lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
-        opt_state = opt_state._replace(hyperparams={**opt_state.hyperparams, "learning_rate": lr})
-    updates, opt_state = make_optimizer(hp).update(grads, opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state)
     healthy = jnp.isfinite(ce)
-    new = jax.tree.map(lambda n, o: jnp.where(healthy, n, o), new, state)
+    diverged = jnp.where((state.diverged == 0) & ~healthy, state.epoch + 1, state.diverged)
+    active = diverged == 0
+    # Freezing happens inside the update's own elementwise passes (a select where each tensor
+    # is written anyway), not as a select over whole old and new states, which costs the LC
+    # net an extra pass over its weights: a zero gradient under momentum 1 leaves the momentum
+    # trace exactly as it was, and the parameters keep their old values.
+    grads = jax.tree.map(lambda g: jnp.where(active, g, 0.0), grads)
+    stored = state.opt_state.hyperparams
+    step_hparams = {**stored, "momentum": jnp.where(active, stored["momentum"], 1.0)}
+    if static.lr_schedule == "cosine":
+        step_hparams["learning_rate"] = hp.lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    updates, opt_state = make_optimizer(hp).update(
+        grads, state.opt_state._replace(hyperparams=step_hparams), state.params)
+    opt_state = opt_state._replace(
+        hyperparams=stored, count=jnp.where(active, opt_state.count, state.opt_state.count))
+    params = jax.tree.map(lambda p, u: jnp.where(active, p + u, p), state.params, updates)
+    batch_stats = jax.tree.map(lambda n, o: jnp.where(active, n, o), batch_stats,
+                               state.batch_stats)
+    new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
+                        diverged=diverged)
     return new, ce, acc, healthy
 
 
@@ -250,26 +265,36 @@ def evaluate(static: Static, state: MemberState, hp: Hparams, x, y, chunk: int =
 
 
 def train_steps(static: Static, state: MemberState, hp: Hparams, data: Data, batches: jax.Array,
-                keys: jax.Array):
+                keys: jax.Array, on_step: Callable | None = None, every: jax.Array | int = 1):
     """`S = batches.shape[0]` training steps on the sample indices `batches (S, B)`, one key per
     step from `keys (S,)`, the S steps counted as the member's epoch `state.epoch` for the
-    learning-rate schedule. Returns the new state and per-step `(loss, accuracy, healthy)`,
-    each of shape `(S,)`."""
+    learning-rate schedule. Returns the new state and per-step `(loss, accuracy)`, each `(S,)`.
+
+    With `on_step`, the host function `on_step(steps_done)` is called after every `every`
+    steps (a `jax.debug.callback`: no value of the loop waits for it), so progress can be shown
+    inside long epochs. `every` may be traced: the host can space the calls out between epochs
+    without recompiling (each call costs about 0.1 ms on a CPU).
+    """
     steps = batches.shape[0]
 
     def body(st, inputs):
         idx, key, i = inputs
         progress = (state.epoch * steps + i) / (static.epochs * steps)
-        st, loss, acc, ok = train_step(static, st, hp, data.x_train[idx], data.y_train[idx], key,
-                                       progress)
-        return st, (loss, acc, ok)
+        st, loss, acc, _ = train_step(static, st, hp, data.x_train[idx], data.y_train[idx], key,
+                                      progress)
+        if on_step is not None:
+            jax.lax.cond((i + 1) % every == 0, lambda: jax.debug.callback(on_step, i + 1),
+                         lambda: None)
+        return st, (loss, acc)
 
     return jax.lax.scan(body, state, (batches, keys, jnp.arange(steps)))
 
 
-def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data):
+def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data,
+                every: jax.Array | int = 1, on_step: Callable | None = None):
     """One epoch: a new shuffle of the member's training indices, full batches only (the last
     partial batch is dropped; the next shuffle covers it), then evaluation on the test set.
+    `on_step` and `every` are passed to `train_steps`.
 
     Returns the new state and this epoch's metrics `(len(METRICS),)`; NaN once diverged.
     """
@@ -279,15 +304,12 @@ def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data):
     k_perm, k_steps = jax.random.split(epoch_key)
     order = jax.random.permutation(k_perm, state.train_idx)[: steps * static.batch_size]
     batches = order.reshape(steps, static.batch_size)
-    was_healthy = state.diverged == 0
-    state, (losses, accs, oks) = train_steps(static, state, hp, data, batches,
-                                             jax.random.split(k_steps, steps))
-    epoch = state.epoch + 1
-    diverged = jnp.where(was_healthy & ~jnp.all(oks), epoch, state.diverged)
-    state = state.replace(epoch=epoch, diverged=diverged)
+    state, (losses, accs) = train_steps(static, state, hp, data, batches,
+                                        jax.random.split(k_steps, steps), on_step, every)
+    state = state.replace(epoch=state.epoch + 1)
     test_loss, test_acc, _ = evaluate(static, state, hp, data.x_test, data.y_test)
     metrics = jnp.stack([jnp.mean(losses), jnp.mean(accs), test_loss, test_acc])
-    return state, jnp.where(diverged > 0, jnp.nan, metrics)
+    return state, jnp.where(state.diverged > 0, jnp.nan, metrics)
 
 
 def make_train(static: Static, data: Data):

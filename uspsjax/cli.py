@@ -1,0 +1,63 @@
+"""The command-line plumbing shared by `sweep`, `bench`, `profile` and `report`.
+
+Every command refuses bad input the same way: one line `error: ...` on stderr, exit status 2,
+no traceback, and nothing written. `Parser` turns a bad flag into an `InputError`, and
+`command` turns any `InputError` raised by an entry point into that line and status.
+"""
+
+import argparse
+import functools
+import sys
+import tempfile
+from pathlib import Path
+
+from uspsjax.errors import InputError
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose bad flags raise InputError (one line, exit 2 under `command`) instead of
+    printing the usage and exiting."""
+
+    def error(self, message):
+        raise InputError(message)
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def check_out(out: Path) -> None:
+    """Raise InputError unless `out` is, or can be made, a writable folder; creates nothing."""
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir():
+        raise InputError(f"{out}: the output folder is a file")
+    # Try it: permission bits say nothing for root, nor for read-only or virtual file systems.
+    try:
+        with tempfile.TemporaryFile(dir=probe):
+            pass
+    except OSError as e:
+        raise InputError(f"{out}: the output folder is not writable ({e.strerror})") from None
+
+
+def command(main):
+    """Decorate an entry point `main(argv=None) -> int` so that an InputError raised anywhere in
+    it (a bad flag included) prints `error: MESSAGE` as one line on stderr and returns 2."""
+
+    @functools.wraps(main)
+    def run(argv=None) -> int:
+        try:
+            return main(argv)
+        except InputError as e:
+            print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
+            return 2
+
+    return run
