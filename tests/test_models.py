@@ -8,7 +8,7 @@ import pytest
 from uspsjax.models import (FEW_ROWS, LC_LOWERING_NAMES, NETWORKS, LocallyConnected1D, conv2d,
                             count_params, draw_kernel, lc_lowering_name, locally_connected,
                             locally_connected_reference, locally_connected_sliced, max_pool_2x2,
-                            parse_init, use_lc_lowering, valid_patches)
+                            parse_init, valid_patches)
 from uspsjax.train import Static, forward, init_params, make_hparams
 
 # The study's Keras summaries, layer by layer.
@@ -71,9 +71,9 @@ def test_locally_connected_matches_keras_loop(lowering):
     bias = rng.normal(size=(length - k + 1, f)).astype(np.float32)
     # Our layout is channel-major (c * k + j): the same weights, reordered once.
     ours = keras_kernel.reshape(-1, k, c, f).transpose(0, 2, 1, 3).reshape(-1, c * k, f)
-    layer = LocallyConnected1D(f, k)
-    with use_lc_lowering(lowering):  # the layer runs (length, batch, channels)
-        y = layer.apply({"params": {"kernel": ours, "bias": bias}}, x.transpose(1, 0, 2))
+    layer = LocallyConnected1D(f, k, lowering=lowering)
+    # The layer runs (length, batch, channels).
+    y = layer.apply({"params": {"kernel": ours, "bias": bias}}, x.transpose(1, 0, 2))
     np.testing.assert_allclose(y.transpose(1, 0, 2),
                                keras_locally_connected_1d(x, keras_kernel, bias, k),
                                rtol=1e-5, atol=1e-5)
@@ -125,19 +125,17 @@ def test_sliced_lowering_equals_conv_general_dilated_local(channels, batch):
 
 
 def test_lc_network_lowerings_agree_in_value_and_gradient():
-    static = Static(network="lc", l1_at="hidden")
-    params, _ = init_params(static, jax.random.key(0), 1.0)
+    params, _ = init_params(Static(network="lc"), jax.random.key(0), 1.0)
     x = jax.random.uniform(jax.random.key(1), (3, 256))
     hp = make_hparams(l1=1e-3)
 
-    def loss(params, x):
+    def loss(params, x, lowering):
+        static = Static(network="lc", l1_at="hidden", lc_lowering=lowering)
         logits, _, penalty = forward(static, params, {}, x, hp, train=False)
         return jnp.sum(jnp.sin(logits)) + penalty, logits
 
-    results = {}
-    for lowering in ("reference", "sliced"):
-        with use_lc_lowering(lowering):
-            results[lowering] = jax.jit(jax.grad(loss, (0, 1), has_aux=True))(params, x)
+    results = {lowering: jax.jit(jax.grad(loss, (0, 1), has_aux=True), static_argnums=2)(
+        params, x, lowering) for lowering in ("reference", "sliced")}
     (grads, logits), (ref_grads, ref_logits) = results["sliced"], results["reference"]
     assert_close_to(logits, ref_logits)
     for ours, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
@@ -160,19 +158,14 @@ def test_lc_activity_penalty_is_per_sample():
 def test_lc_lowering_is_platform_dependent_and_recorded():
     x = jnp.ones((10, 2, 4))
     kernel = jnp.ones((8, 12, 3))
-    hlo = lambda: jax.jit(lambda x, k: locally_connected(x, k, 3)).lower(x, kernel).as_text()
-    assert jax.devices()[0].platform != "cpu" or "convolution" not in hlo()
-    assert lc_lowering_name("cpu") == LC_LOWERING_NAMES["sliced"]
-    assert lc_lowering_name("gpu") == LC_LOWERING_NAMES["reference"]
-    with use_lc_lowering("reference"):
-        assert "convolution" in hlo()
-        assert lc_lowering_name("cpu") == LC_LOWERING_NAMES["reference"]
-    with use_lc_lowering("sliced"):
-        assert lc_lowering_name("tpu") == LC_LOWERING_NAMES["sliced"]
-    assert lc_lowering_name("cpu") == LC_LOWERING_NAMES["sliced"]  # restored after the block
-    with pytest.raises(ValueError):
-        with use_lc_lowering("fast"):
-            pass
+    hlo = lambda lowering: jax.jit(lambda x, k: locally_connected(x, k, 3, lowering)).lower(
+        x, kernel).as_text()
+    assert jax.devices()[0].platform != "cpu" or "convolution" not in hlo("auto")
+    assert "convolution" in hlo("reference") and "convolution" not in hlo("sliced")
+    assert lc_lowering_name("auto", "cpu") == LC_LOWERING_NAMES["sliced"]
+    assert lc_lowering_name("auto", "gpu") == LC_LOWERING_NAMES["reference"]
+    assert lc_lowering_name("reference", "cpu") == LC_LOWERING_NAMES["reference"]
+    assert lc_lowering_name("sliced", "tpu") == LC_LOWERING_NAMES["sliced"]
 
 
 def test_max_pool_matches_flax():

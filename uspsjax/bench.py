@@ -10,7 +10,7 @@ of the matmul peak, the bound that applies to the row (`row_bound`: the matmul p
 traffic of ~9 passes per step, or on CPU the matmul peak with the grouped patch convolutions of
 `conv_general_dilated_local` counted) and the share of it reached, and for P > 1 the speed-up
 over P consecutive runs of the P=1 program. Peaks are measured in the same run. LC rows record
-the lowering their layers ran (`--lc-lowering`, `models.use_lc_lowering`).
+the lowering their layers ran (`--lc-lowering`, the static setting `lc_lowering`).
 Writes `OUT/<device>.json` and `OUT/<device>.md` and prints the table.
 """
 
@@ -30,7 +30,7 @@ import numpy as np
 from uspsjax import cli, population, train
 from uspsjax.errors import InputError
 from uspsjax.models import (FC, LC, LC_LOWERING_NAMES, LC_LOWERINGS, NETWORKS, count_params,
-                            lc_lowering_name, use_lc_lowering)
+                            lc_lowering_name)
 from uspsjax.sweep import environment, expand, load_sweep, split_settings
 
 # (batch sizes, populations) per network; the LC net has 100x the weights, so fewer members.
@@ -158,10 +158,11 @@ def memory_high_water(device) -> tuple[int, str]:
     return (device.memory_stats() or {}).get("peak_bytes_in_use", 0), "peak_bytes_in_use"
 
 
-def bench_setup(network: str, batch_size: int, dtype: str):
+def bench_setup(network: str, batch_size: int, dtype: str, lc_lowering: str = "auto"):
     """The `Static` and hyperparameters the study trains `network` with (plain SGD, lr 1e-3, its
-    own dropout), at this batch size and compute dtype."""
-    settings = {**NETWORKS[network].defaults, "batch_size": batch_size, "dtype": dtype}
+    own dropout), at this batch size and compute dtype, LC layers lowered as `lc_lowering`."""
+    settings = {**NETWORKS[network].defaults, "batch_size": batch_size, "dtype": dtype,
+                **({"lc_lowering": lc_lowering} if network == "lc" else {})}
     return split_settings(network, settings, where=f"bench {network}")
 
 
@@ -231,11 +232,11 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
     peak = peaks["matmul_flop_per_s"]
     timing = (2, 0.3) if args.quick else (3, 1.0)  # repeats, seconds per measurement
     for b in batch_sizes:
-        static, hparams = bench_setup(network, b, args.dtype)
+        static, hparams = bench_setup(network, b, args.dtype, args.lc_lowering)
         n_params = count_params(jax.eval_shape(partial(train.init_params, static),
                                                jax.random.key(0), jnp.float32(1))[0])
-        with use_lc_lowering(args.lc_lowering):
-            lowering = lc_lowering_name(device.platform) if network == "lc" else None
+        lowering = (lc_lowering_name(static.lc_lowering, device.platform) if network == "lc"
+                    else None)
         bound = row_bound(network, b, n_params, peaks, device.platform, lowering)
         # One step count per batch size, so the P=1 program replays any member's batches.
         steps = (2 if args.quick and network == "lc"
@@ -247,9 +248,8 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
                                 "error": f"over --max-gflop-per-step {args.max_gflop_per_step}"})
                 break  # larger populations are over it too
             try:
-                with use_lc_lowering(args.lc_lowering):  # read while the program is traced
-                    compiled, state, hp, batches, compile_s, xla_bytes = build_population(
-                        static, hparams, data, p, steps)
+                compiled, state, hp, batches, compile_s, xla_bytes = build_population(
+                    static, hparams, data, p, steps)
                 seconds, state = measure(compiled, state, hp, batches, data, *timing)
             except jax.errors.JaxRuntimeError as e:  # out of memory: record it, go on
                 log(f"  {network} B={b} P={p}: failed: {str(e).splitlines()[0]}")

@@ -8,10 +8,10 @@ be traced and vmapped in one program. The L1 activity of the chosen layers is `s
 
 The locally connected layer is defined by `jax.lax.conv_general_dilated_local`, its lowering on
 GPU and TPU; on CPU it lowers to dots on sliced patches, equal to float32 rounding
-(`locally_connected`; `use_lc_lowering` forces either, `lc_lowering_name` records which ran).
+(`locally_connected`; the static setting `lc_lowering` forces either, `lc_lowering_name`
+records which ran).
 """
 
-import contextlib
 import itertools
 import math
 from functools import lru_cache, partial
@@ -50,6 +50,7 @@ class LocallyConnected1D(nn.Module):
 
     features: int
     kernel_size: int = 3
+    lowering: str = "auto"  # one of LC_LOWERINGS
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -60,7 +61,8 @@ class LocallyConnected1D(nn.Module):
         kernel = self.param("kernel", nn.initializers.zeros,
                             (l_out, channels * self.kernel_size, self.features), x.dtype)
         bias = self.param("bias", nn.initializers.zeros, (l_out, self.features), x.dtype)
-        return locally_connected(x, kernel, self.kernel_size) + bias[:, None, :]
+        return (locally_connected(x, kernel, self.kernel_size, self.lowering)
+                + bias[:, None, :])
 
 
 def valid_patches(x: jax.Array, window: tuple, lead: int = 1) -> jax.Array:
@@ -86,53 +88,36 @@ def _shift_sum(parts: jax.Array, window: tuple, lead: int = 1) -> jax.Array:
     return total
 
 
-# How the LC layer lowers: "auto" is `conv_general_dilated_local` everywhere but on CPU, where
-# XLA expands its grouped patch convolution into a dense one (C_in times the work) and the
-# sliced-dots lowering runs instead; "reference" and "sliced" force one (benchmarks, tests).
+# How the LC layer lowers (the static setting `lc_lowering`): "auto" is
+# `conv_general_dilated_local` everywhere but on CPU, where XLA expands its grouped patch
+# convolution into a dense one (C_in times the work) and the sliced-dots lowering runs instead;
+# "reference" and "sliced" force one (benchmarks, tests).
 LC_LOWERINGS = ("auto", "reference", "sliced")
 LC_LOWERING_NAMES = {"reference": "conv_general_dilated_local", "sliced": "sliced-dots (L,B,C)"}
-_lc_lowering = ["auto"]
 
 
-@contextlib.contextmanager
-def use_lc_lowering(name: str):
-    """Trace LC layers inside this block with lowering `name` (one of `LC_LOWERINGS`).
-
-    The choice is read when a program is traced: a function jitted and traced before the block
-    keeps the lowering it was traced with.
-    """
-    if name not in LC_LOWERINGS:
-        raise ValueError(f"unknown LC lowering {name!r} (known: {', '.join(LC_LOWERINGS)})")
-    previous, _lc_lowering[0] = _lc_lowering[0], name
-    try:
-        yield
-    finally:
-        _lc_lowering[0] = previous
+def lc_lowering_name(lowering: str, platform: str) -> str:
+    """What an LC layer with `lowering` (one of `LC_LOWERINGS`) runs on `platform` ("cpu",
+    "gpu", ...): a `LC_LOWERING_NAMES` value, for the record of a result."""
+    if lowering == "auto":
+        lowering = "sliced" if platform == "cpu" else "reference"
+    return LC_LOWERING_NAMES[lowering]
 
 
-def lc_lowering_name(platform: str) -> str:
-    """What an LC layer traced now runs on `platform` ("cpu", "gpu", ...): a `LC_LOWERING_NAMES`
-    value, for the record of a result."""
-    choice = _lc_lowering[0]
-    if choice == "auto":
-        choice = "sliced" if platform == "cpu" else "reference"
-    return LC_LOWERING_NAMES[choice]
-
-
-def locally_connected(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
+def locally_connected(x: jax.Array, kernel: jax.Array, kernel_size: int,
+                      lowering: str = "auto") -> jax.Array:
     """Valid, stride-1 unshared 1-D convolution of `x (L, B, C)` with `kernel (L_out, C * k, F)`
     (channel-major middle axis): `(L_out, B, F)`.
 
-    Defined by `jax.lax.conv_general_dilated_local` (`locally_connected_reference`); lowered on
-    CPU to `locally_connected_sliced`, its equal to float32 rounding in value and gradient, as
-    `use_lc_lowering` selects.
+    Defined by `jax.lax.conv_general_dilated_local` (`locally_connected_reference`); with
+    `lowering="auto"` it runs on CPU as `locally_connected_sliced`, its equal to float32
+    rounding in value and gradient (see `LC_LOWERINGS`).
     """
     reference = partial(locally_connected_reference, kernel_size=kernel_size)
     sliced = partial(locally_connected_sliced, kernel_size=kernel_size)
-    choice = _lc_lowering[0]
-    if choice == "auto":
+    if lowering == "auto":
         return jax.lax.platform_dependent(x, kernel, cpu=sliced, default=reference)
-    return {"reference": reference, "sliced": sliced}[choice](x, kernel)
+    return {"reference": reference, "sliced": sliced}[lowering](x, kernel)
 
 
 def locally_connected_reference(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
@@ -261,6 +246,7 @@ def _conv2d_bwd(residuals, g):
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
+@jax.custom_vjp
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2, stride-2 max-pooling of `x (B, H, W, C)` (H, W even), as a reshape and a max: the
     same values as `nn.max_pool`, and a gradient computed elementwise, where `nn.max_pool`'s
@@ -268,6 +254,27 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     gradient differ: it is shared among the tied inputs instead of given to the first."""
     n, h, w, c = x.shape
     return x.reshape(n, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _max_pool_fwd(x):
+    y = max_pool_2x2(x)
+    return y, (x, y)
+
+
+def _max_pool_bwd(residuals, g):
+    # The gradient JAX derives for the max (g / ties at each maximum; bit for bit, except that a
+    # window holding a NaN gets 0, not NaN), computed in the backward pass in one elementwise
+    # pass: the derived one builds and stores the tie indicators in the forward and counts them
+    # with a separate reduction.
+    x, y = residuals
+    n, h, w, c = x.shape
+    windows = x.reshape(n, h // 2, 2, w // 2, 2, c)
+    ties = sum((windows[:, :, i, :, j, :] == y).astype(g.dtype) for i in range(2) for j in range(2))
+    share = (g / ties)[:, :, None, :, None, :]
+    return (jnp.where(windows == y[:, :, None, :, None, :], share, 0).reshape(x.shape),)
+
+
+max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Conv(nn.Module):
@@ -337,6 +344,7 @@ class LC(Network):
     -> Dense 10. 33,177,770 parameters."""
 
     filters: tuple = (256, 128, 64, 32, 16)
+    lowering: str = "auto"  # how its layers lower, one of LC_LOWERINGS
     dropout_places: ClassVar[tuple] = ("none", "conv")
     batch_axis: ClassVar[int] = 1
 
@@ -347,7 +355,8 @@ class LC(Network):
         # the per-position dots of the CPU lowering (results/bench/NOTES.md).
         x = x.T[..., None]
         for i, f in enumerate(self.filters):
-            x = self.activate(LocallyConnected1D(f)(x), train, last=i == len(self.filters) - 1)
+            x = self.activate(LocallyConnected1D(f, lowering=self.lowering)(x), train,
+                              last=i == len(self.filters) - 1)
         # Back to (batch, length, channels): Keras' flatten order, and dropout masks drawn as
         # before the layout changed.
         x = jnp.swapaxes(x, 0, 1)

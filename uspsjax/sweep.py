@@ -48,7 +48,8 @@ from pathlib import Path
 
 from uspsjax import KEEPS_FREED_MEMORY, cli
 from uspsjax.errors import InputError
-from uspsjax.models import BATCHNORM, L1_AT, LC_FANS, NETWORKS, lc_lowering_name, parse_init
+from uspsjax.models import (BATCHNORM, L1_AT, LC_FANS, LC_LOWERINGS, NETWORKS, lc_lowering_name,
+                            parse_init)
 from uspsjax.train import ADVERSARIAL, DTYPES, HPARAM_DEFAULTS, LR_SCHEDULES, Static
 
 # The shipped sweep files: the top-level sweeps/ folder, installed as the package uspsjax.sweeps
@@ -62,7 +63,7 @@ SETTING_KEYS = (set(STATIC_FIELDS) - {"network"}) | set(HPARAM_DEFAULTS) | {"ini
 SETTING_DEFAULTS = {**dataclasses.asdict(Static()), **HPARAM_DEFAULTS}
 CHOICES = {"init": None, "lc_fans": LC_FANS, "batchnorm": BATCHNORM, "l1_at": L1_AT,
            "dropout_at": ("none", "conv", "dense", "both"), "adversarial": ADVERSARIAL,
-           "dtype": DTYPES, "lr_schedule": LR_SCHEDULES}
+           "dtype": DTYPES, "lr_schedule": LR_SCHEDULES, "lc_lowering": LC_LOWERINGS}
 # (lowest, highest, lowest allowed itself, highest allowed itself)
 RANGES = {"lr": (0, math.inf, False, False), "momentum": (0, 1, True, False),
           "dropout_conv": (0, 1, True, False), "dropout_dense": (0, 1, True, False),
@@ -421,8 +422,9 @@ def environment() -> tuple[str, dict]:
     versions["python"] = platform.python_version()
     # TF32 on recent GPUs unless set to "float32"/"highest": part of what produced the numbers.
     versions["matmul_precision"] = str(jax.config.jax_default_matmul_precision or "default")
-    # How the LC layers ran (`models.use_lc_lowering`), and the allocator (`uspsjax.__init__`).
-    versions["lc_lowering"] = lc_lowering_name(dev.platform)
+    # What LC layers with the default `lc_lowering = "auto"` run here (a member's own setting is
+    # recorded with its settings), and the allocator (`uspsjax.__init__`).
+    versions["lc_lowering"] = lc_lowering_name("auto", dev.platform)
     versions["malloc"] = "glibc, keeps freed memory" if KEEPS_FREED_MEMORY else "default"
     return device, versions
 

@@ -39,6 +39,7 @@ class Static:
     epochs: int = 20
     init: str = "glorot_uniform"  # kernel family; its scale is the dynamic `init_scale`
     lc_fans: str = "position"     # "position" or "keras": how LC kernels' fans are counted
+    lc_lowering: str = "auto"     # how LC layers run: models.LC_LOWERINGS (the same numbers)
     batchnorm: str = "none"       # "none", "before" or "after" the activation
     bn_momentum: float = 0.99
     dropout_at: str = "none"      # "none", "conv", "dense" or "both"
@@ -98,8 +99,9 @@ class Data(NamedTuple):
 
 def make_model(static: Static):
     """The Flax module for `static.network` with its static options."""
+    only_lc = {"lowering": static.lc_lowering} if static.network == "lc" else {}
     return NETWORKS[static.network](batchnorm=static.batchnorm, bn_momentum=static.bn_momentum,
-                                    dropout_at=static.dropout_at, l1_at=static.l1_at)
+                                    dropout_at=static.dropout_at, l1_at=static.l1_at, **only_lc)
 
 
 def make_optimizer(hp: Hparams) -> optax.GradientTransformation:
