@@ -178,6 +178,15 @@ def test_max_pool_matches_flax():
                                rtol=1e-6)
 
 
+def test_max_pool_gradient_equals_the_derived_one_with_ties():
+    x = jax.nn.relu(jax.random.normal(jax.random.key(0), (3, 12, 12, 4)))  # ties at 0
+    x = x.at[:, ::2].set(x[:, 1::2])  # and ties between rows
+    derived = lambda v: v.reshape(3, 6, 2, 6, 2, 4).max(axis=(2, 4))
+    loss = lambda pool: lambda v: jnp.sum(jnp.sin(pool(v)) * jnp.arange(4))
+    np.testing.assert_array_equal(jax.jit(jax.grad(loss(max_pool_2x2)))(x),
+                                  jax.jit(jax.grad(loss(derived)))(x))
+
+
 def test_parse_init():
     assert parse_init("constant(1e5)") == ("constant", 1e5)
     assert parse_init("zeros") == ("constant", 0.0)

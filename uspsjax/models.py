@@ -194,7 +194,8 @@ def _patch_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
     features ordered as the rows of `kernel.reshape(-1, C_out)` (offset-major, channel-minor).
 
     One gather over the pixels: XLA:CPU writes it in a single pass, where stacked slices are
-    first copied out one by one and then concatenated (results/bench/NOTES.md, section 1c)."""
+    first copied out one by one and then concatenated (results/bench/NOTES.md, "The CNN:
+    patches gathered")."""
     n, h, w, c = x.shape
     kh, kw = kernel.shape[:2]
     rows, _ = _patch_index(h, w, kh, kw)
