@@ -85,9 +85,12 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, shared_h5):
 def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, shared_h5):
     path = tmp_path / "slow.toml"
     path.write_text(SLOW)
+    # A shell that runs the suite in the background ignores SIGINT, and children inherit that:
+    # give the sweep the default disposition, as a terminal would.
     proc = subprocess.Popen(sweep_cmd(path, tmp_path / "out", tmp_path / "ck"),
                             env=env(shared_h5), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for_epoch(tmp_path / "ck" / "slow", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
