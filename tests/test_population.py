@@ -86,11 +86,13 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, shared_h5)
     path = tmp_path / "slow.toml"
     path.write_text(SLOW)
     # A shell that runs the suite in the background ignores SIGINT, and children inherit that:
-    # give the sweep the default disposition, as a terminal would.
-    proc = subprocess.Popen(sweep_cmd(path, tmp_path / "out", tmp_path / "ck"),
-                            env=env(shared_h5), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    # the sweep gets Python's own handler back, as under a terminal, before it starts.
+    interruptible = ("import runpy, signal; signal.signal(signal.SIGINT, signal.default_int_handler);"
+                     " runpy.run_module('uspsjax.sweep', run_name='__main__', alter_sys=True)")
+    cmd = [sys.executable, "-c", interruptible,
+           *sweep_cmd(path, tmp_path / "out", tmp_path / "ck")[3:]]
+    proc = subprocess.Popen(cmd, env=env(shared_h5), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     wait_for_epoch(tmp_path / "ck" / "slow", proc)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
