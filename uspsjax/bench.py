@@ -189,7 +189,8 @@ def build_population(static, hparams: dict, data: train.Data, members: int, step
     batches = jnp.asarray(np.stack(order).reshape(members, steps, static.batch_size), jnp.int32)
     fn = jax.jit(jax.vmap(partial(run_steps, static), in_axes=(0, 0, 0, None)), donate_argnums=0)
     t0 = time.perf_counter()
-    compiled = fn.lower(state, hp, batches, data).compile()
+    compiled = fn.lower(state, hp, batches, data).compile(
+        train.compiler_options(data.x_train.devices().pop().platform))
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes

@@ -221,7 +221,8 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
             state, curves = _load(state_path, (state, curves))
             state, curves = jax.device_put(state, by_member), np.array(curves)
         if compiled is None:  # ahead, so that an epoch's clock times training only
-            compiled = epoch_fn.lower(state, hp_chunk, data, jnp.int32(every)).compile()
+            compiled = epoch_fn.lower(state, hp_chunk, data, jnp.int32(every)).compile(
+                train.compiler_options(devices[0].platform))
         for epoch in range(int(np.asarray(state.epoch)[0]), static.epochs):
             t0 = time.perf_counter()
             running.update(epoch=epoch + 1, chunk=c + 1, members=hi - lo, t0=t0, step=0)

@@ -314,6 +314,14 @@ def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data,
     return state, jnp.where(state.diverged > 0, jnp.nan, metrics)
 
 
+def compiler_options(platform: str) -> dict:
+    """XLA options for the training programs on `platform` ("cpu", "gpu", ...). On CPU, copy
+    insertion with region analysis: without it XLA:CPU copies every loop-carried weight tensor
+    once a step before updating it in place (the LC net: 1.15x at batch 16,
+    results/bench/NOTES.md §11). Buffers only: the same numbers."""
+    return {"xla_cpu_copy_insertion_use_region_analysis": True} if platform == "cpu" else {}
+
+
 def make_train(static: Static, data: Data):
     """A pure `train(key, hp) -> (state, curves)`: `static.epochs` epochs from the seed key,
     curves of shape `(epochs, len(METRICS))`. It can be jitted and vmapped over (key, hp)."""
