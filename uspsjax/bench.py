@@ -43,18 +43,24 @@ WEIGHT_PASSES = 9
 FLOOR_SWEEPS = ("init", "lr", "batch", "momentum")
 
 
+def lc_layers() -> list[tuple[int, int, int]]:
+    """`(L_out, C_in, F)` of each LocallyConnected1D layer of the LC net (kernel 3, valid)."""
+    layers, length, channels = [], 256, 1
+    for f in LC.filters:
+        length -= 2
+        layers.append((length, channels, f))
+        channels = f
+    return layers
+
+
 def forward_macs(network: str) -> int:
     """Multiply-accumulates of one forward pass of one sample, from the layer shapes."""
     if network == "fc":
         widths = (256, *FC.widths, 10)
         return sum(a * b for a, b in zip(widths, widths[1:]))
-    if network == "lc":  # kernel 3, valid: L_out = L - 2; MACs L_out * k * C_in * F per layer
-        length, channels, macs = 256, 1, 0
-        for f in LC.filters:
-            length -= 2
-            macs += length * 3 * channels * f
-            channels = f
-        return macs + length * channels * 10
+    if network == "lc":  # MACs L_out * k * C_in * F per layer, then the flattened Dense 10
+        length, _, f = lc_layers()[-1]
+        return sum(l_out * 3 * c_in * f for l_out, c_in, f in lc_layers()) + length * f * 10
     if network == "cnn":  # two valid 3x3 convs, 2x2 pool, Dense 128, Dense 10
         side, channels, macs = 16, 1, 0
         for f in (32, 64):
@@ -79,12 +85,7 @@ def grouped_patch_flops_per_sample(network: str) -> int:
     (results/bench/NOTES.md, section 7). 0 for other networks."""
     if network != "lc":
         return 0
-    length, channels, macs = 256, 1, 0
-    for f in LC.filters:
-        length -= 2
-        macs += length * (3 * channels) ** 2
-        channels = f
-    return 2 * macs
+    return 2 * sum(l_out * (3 * c_in) ** 2 for l_out, c_in, _ in lc_layers())
 
 
 def row_bound(network: str, batch_size: int, n_params: int, peaks: dict, platform: str,
