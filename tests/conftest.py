@@ -57,3 +57,14 @@ def small(dataset):
     import jax.numpy as jnp
     return Data(jnp.asarray(dataset.x_train[:512]), jnp.asarray(dataset.y_train[:512]),
                 jnp.asarray(dataset.x_test[:256]), jnp.asarray(dataset.y_test[:256]))
+
+
+@pytest.fixture(scope="session")
+def subset_h5(dataset, tmp_path_factory):
+    """A small USPS file (1024 training, 256 test images) for fast command-line runs."""
+    import h5py
+    path = tmp_path_factory.mktemp("data") / "usps-small.h5"
+    with h5py.File(path, "w") as f:
+        f["train/data"], f["train/target"] = dataset.x_train[:1024], dataset.y_train[:1024]
+        f["test/data"], f["test/target"] = dataset.x_test[:256], dataset.y_test[:256]
+    return path

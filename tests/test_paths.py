@@ -21,16 +21,6 @@ from uspsjax.train import (Data, Static, forward, init_member, init_params, make
                            make_train, train_step)
 
 
-@pytest.fixture(scope="module")
-def subset_h5(dataset, tmp_path_factory):
-    """A small USPS file (1024 training, 256 test images) for fast command-line runs."""
-    path = tmp_path_factory.mktemp("data") / "usps-small.h5"
-    with h5py.File(path, "w") as f:
-        f["train/data"], f["train/target"] = dataset.x_train[:1024], dataset.y_train[:1024]
-        f["test/data"], f["test/target"] = dataset.x_test[:256], dataset.y_test[:256]
-    return path
-
-
 def write_sweep(folder, name, networks=("fc",), axes="", seeds=1):
     """A tiny sweep file: one epoch, batch 64, SGD with momentum."""
     path = folder / f"{name}.toml"

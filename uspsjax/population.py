@@ -6,11 +6,14 @@ member (keys, `Hparams`, `MemberState`, curves) carries it first, and `train.tra
 (the population is padded to a multiple of the device count), and split into chunks run one
 after another when the whole population would not fit the device memory.
 
-After every epoch the chunk's state is checkpointed atomically, so `run_group(..., checkpoint=)`
-resumes an interrupted run from its last completed epoch with identical results.
+After every epoch the chunk's state is checkpointed atomically (orbax: every process saves its
+own shards), so `run_group(..., checkpoint=)` resumes an interrupted run from its last completed
+epoch with identical results. The devices may belong to several processes (`distributed`): the
+member axis then spans all of them, and every process gets the same numpy results back.
 """
 
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -22,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from uspsjax import attacks, train
+from uspsjax import attacks, distributed, train
 from uspsjax.train import Data, Hparams, Static
 
 MEMBER_AXIS = 0
@@ -115,26 +118,43 @@ def chunk_size(n_members: int, n_devices: int, member_bytes: int, budget: int) -
     return min(needed, per_device) * n_devices
 
 
-def _save(path: Path, tree) -> None:
-    """Write a pytree's leaves to `path` atomically (typed PRNG keys as their raw data)."""
-    leaves = [np.asarray(jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-                         else x) for x in jax.tree.leaves(tree)]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        np.savez(f, *leaves)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _checkpoints(folder: Path):
+    """An orbax manager of a chunk's per-epoch checkpoints in `folder` (the latest kept). Every
+    process saves its own shards; orbax writes each epoch to a temporary folder and renames it
+    when complete, so an interrupted save leaves the previous epoch intact."""
+    import orbax.checkpoint as ocp
+    return ocp.CheckpointManager(folder.absolute(), options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, enable_async_checkpointing=False))
 
 
-def _load(path: Path, like):
-    """Read leaves saved by `_save` into the structure (and key types) of `like`."""
-    with np.load(path) as f:
-        arrays = [f[f"arr_{i}"] for i in range(len(f.files))]
-    leaves, treedef = jax.tree.flatten(like)
-    restored = [jax.random.wrap_key_data(a) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key)
-                else jnp.asarray(a) for a, x in zip(arrays, leaves)]
-    return treedef.unflatten(restored)
+def _raw_keys(tree):
+    """`tree` with typed PRNG keys as their raw data (what a checkpoint stores)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x)
+                        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
+
+
+def _typed_keys(raw, like):
+    """Undo `_raw_keys`, taking the key types from `like`."""
+    return jax.tree.map(lambda r, x: jax.random.wrap_key_data(r, impl=jax.random.key_impl(x))
+                        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else r, raw, like)
+
+
+def _save_epoch(manager, epoch: int, state, curves) -> None:
+    """Checkpoint a chunk after `epoch` epochs: its (sharded) state and its curves so far."""
+    import orbax.checkpoint as ocp
+    manager.save(epoch, args=ocp.args.StandardSave({"state": _raw_keys(state),
+                                                    "curves": curves}))
+    manager.wait_until_finished()
+
+
+def _restore_epoch(manager, state, curves):
+    """The latest checkpoint of a chunk, laid out as `state` (sharded) and `curves`."""
+    import orbax.checkpoint as ocp
+    template = {"state": jax.tree.map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _raw_keys(state)),
+        "curves": curves}
+    saved = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(template))
+    return _typed_keys(saved["state"], state), np.array(saved["curves"])
 
 
 def _pad(tree, size: int):
@@ -159,19 +179,20 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
     `on_step(info)`, if given, is called from inside each epoch (`train.train_steps`) about
     every `STEP_CALL_SECONDS` (the first epoch: every sixteenth of its steps) with a dict
     (epoch, epochs, step, steps, members, chunk, chunks, seconds since the epoch began).
-    With `checkpoint` (a folder), each chunk's state is saved after every epoch and a run that
-    finds one resumes from it; a finished chunk keeps only its results.
+    With `checkpoint` (a folder on a file system every process sees), each chunk's state is
+    saved after every epoch and a run that finds one resumes from it; a finished chunk keeps only
+    its results, written by process 0.
     """
     devices = devices or jax.devices()
     n_members = keys.shape[MEMBER_AXIS]
-    budget = memory_budget or device_memory(devices[0])
+    budget = memory_budget or device_memory(jax.local_devices()[0])
     size = chunk_size(n_members, len(devices), bytes_per_member(static, data.x_train.shape[0]),
                       budget)
     n_chunks = -(-n_members // size)
     mesh = Mesh(np.array(devices), ("member",))
     by_member = NamedSharding(mesh, PartitionSpec("member"))
     replicated = NamedSharding(mesh, PartitionSpec())
-    data = jax.device_put(data, replicated)
+    data = distributed.put(data, replicated)
     n_train = data.x_train.shape[0]
 
     init = jax.jit(jax.vmap(partial(train.init_member, static, n_train=n_train)),
@@ -212,26 +233,25 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
             with np.load(done_path) as f:
                 results.append({k: f[k] for k in f.files})
             continue
-        k_chunk = jax.device_put(_pad(keys[lo:hi], size), by_member)
-        hp_chunk = jax.device_put(_pad(jax.tree.map(lambda x: x[lo:hi], hps), size), by_member)
+        k_chunk = distributed.put(_pad(keys[lo:hi], size), by_member)
+        hp_chunk = distributed.put(_pad(jax.tree.map(lambda x: x[lo:hi], hps), size), by_member)
         state = init(k_chunk, hp_chunk)
         curves = np.full((size, static.epochs, len(train.METRICS)), np.nan, np.float32)
-        state_path = checkpoint / f"chunk{c}.state.npz" if checkpoint else None
-        if state_path and state_path.exists():
-            state, curves = _load(state_path, (state, curves))
-            state, curves = jax.device_put(state, by_member), np.array(curves)
+        manager = _checkpoints(checkpoint / f"chunk{c}") if checkpoint else None
+        if manager and manager.latest_step() is not None:
+            state, curves = _restore_epoch(manager, state, curves)
         if compiled is None:  # ahead, so that an epoch's clock times training only
             compiled = epoch_fn.lower(state, hp_chunk, data, jnp.int32(every)).compile(
                 train.compiler_options(devices[0].platform))
-        for epoch in range(int(np.asarray(state.epoch)[0]), static.epochs):
+        for epoch in range(int(distributed.to_host(state.epoch)[0]), static.epochs):
             t0 = time.perf_counter()
             running.update(epoch=epoch + 1, chunk=c + 1, members=hi - lo, t0=t0, step=0)
             state, metrics = compiled(state, hp_chunk, data, jnp.int32(every))
-            curves[:, epoch] = np.asarray(metrics)
+            curves[:, epoch] = distributed.to_host(metrics)
             # Space the next epoch's calls from this one's pace (a traced count: same program).
             every = max(1, int(steps * STEP_CALL_SECONDS / (time.perf_counter() - t0)))
-            if state_path:
-                _save(state_path, (state, curves))
+            if manager:
+                _save_epoch(manager, epoch + 1, state, curves)
             if on_epoch:
                 leaf = jax.tree.leaves(state.params)[0]
                 on_epoch({"epoch": epoch + 1, "epochs": static.epochs, "members": hi - lo,
@@ -240,14 +260,18 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
                           "members_per_device": [s.data.shape[MEMBER_AXIS]
                                                  for s in leaf.addressable_shards]})
         probs, robust = final(state, hp_chunk)
-        out = {"curves": curves[: hi - lo], "diverged": np.asarray(state.diverged)[: hi - lo],
-               "test_probs": np.asarray(probs)[: hi - lo], "robust": np.asarray(robust)[: hi - lo]}
+        out = {"curves": curves[: hi - lo],
+               **{k: distributed.to_host(v)[: hi - lo] for k, v in
+                  (("diverged", state.diverged), ("test_probs", probs), ("robust", robust))}}
         if done_path:
-            tmp = done_path.with_name(done_path.name + ".tmp")
-            with open(tmp, "wb") as f:
-                np.savez(f, **out)
-            os.replace(tmp, done_path)
-            state_path.unlink(missing_ok=True)
+            manager.close()
+            if distributed.is_writer():
+                tmp = done_path.with_name(done_path.name + ".tmp")
+                with open(tmp, "wb") as f:
+                    np.savez(f, **out)
+                os.replace(tmp, done_path)
+                shutil.rmtree(checkpoint / f"chunk{c}")
+            distributed.barrier(f"{checkpoint}/chunk{c} done")
         results.append(out)
         del state
     merged = {k: np.concatenate([r[k] for r in results]) for k in results[0]}

@@ -46,7 +46,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
-from uspsjax import KEEPS_FREED_MEMORY, cli
+from uspsjax import KEEPS_FREED_MEMORY, cli, distributed
 from uspsjax.errors import InputError
 from uspsjax.models import (BATCHNORM, L1_AT, LC_FANS, LC_LOWERINGS, NETWORKS, lc_lowering_name,
                             parse_init)
@@ -405,9 +405,15 @@ def describe_group(static: Static) -> str:
     return " ".join([static.network, *parts])
 
 
-def _fingerprint(sweep: Sweep, overrides: dict) -> str:
-    """What a checkpoint must match to be resumed: the sweep file and the overrides."""
-    return json.dumps({"sweep": sweep.text, "overrides": overrides}, sort_keys=True)
+def _fingerprint(sweep: Sweep, overrides: dict, devices, memory_budget: int | None) -> str:
+    """What a checkpoint must match to be resumed: the sweep file, the overrides, and what
+    decides how each group is split into chunks (the processes, devices and memory budget)."""
+    import jax
+    from uspsjax import population
+    layout = {"processes": jax.process_count(), "devices": len(devices or jax.devices()),
+              "memory_budget": memory_budget or population.device_memory(jax.local_devices()[0])}
+    return json.dumps({"sweep": sweep.text, "overrides": overrides, "layout": layout},
+                      sort_keys=True)
 
 
 def environment() -> tuple[str, dict]:
@@ -418,6 +424,8 @@ def environment() -> tuple[str, dict]:
     device = f"{dev.platform}: {getattr(dev, 'device_kind', '')} x{len(jax.devices())}".strip()
     if dev.platform == "cpu":
         device = f"cpu: {platform.processor() or platform.machine()} ({_cpu_count()} cores)"
+    if jax.process_count() > 1:
+        device += f", {len(jax.devices())} devices in {jax.process_count()} processes"
     versions = {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "h5py")}
     versions["python"] = platform.python_version()
     # TF32 on recent GPUs unless set to "float32"/"highest": part of what produced the numbers.
@@ -461,7 +469,8 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
     data = train.as_data(dataset)
     ckpt_root = checkpoints / sweep.name if checkpoints else None
     if ckpt_root:
-        _prepare_checkpoints(ckpt_root, _fingerprint(sweep, overrides), resume)
+        _prepare_checkpoints(ckpt_root, _fingerprint(sweep, overrides, devices, memory_budget),
+                             resume)
     n_devices = len(devices or jax.devices())
     log(f"sweep {sweep.name}: {len(members)} members in {len(groups)} static groups "
         f"-> {len(groups)} compiled training programs, members sharded over {n_devices} "
@@ -537,19 +546,24 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
 
 
 def _prepare_checkpoints(root: Path, fingerprint: str, resume: bool) -> None:
-    """Start fresh checkpoints, or check that the ones to resume belong to this sweep."""
+    """Start fresh checkpoints (process 0 clears the folder while the others wait), or check
+    that the ones to resume belong to this sweep and device layout."""
+    from uspsjax import distributed
     stamp = root / "sweep.json"
     if resume:
         if not stamp.is_file():
             raise InputError(f"{root}: nothing to resume (no checkpoint of this sweep)")
         if stamp.read_text() != fingerprint:
-            raise InputError(f"{root}: the checkpoint is of a different sweep file or overrides; "
-                             "run without --resume to start again")
+            raise InputError(f"{root}: the checkpoint is of a different sweep file, overrides or "
+                             "number of processes, devices or memory budget; run without "
+                             "--resume to start again")
         return
-    if root.exists():
-        shutil.rmtree(root)
-    root.mkdir(parents=True)
-    stamp.write_text(fingerprint)
+    if distributed.is_writer():
+        if root.exists():
+            shutil.rmtree(root)
+        root.mkdir(parents=True)
+        stamp.write_text(fingerprint)
+    distributed.barrier(f"{root} prepared")
 
 
 def build_parser() -> cli.Parser:
@@ -580,7 +594,18 @@ def build_parser() -> cli.Parser:
     p.add_argument("--devices", type=cli.positive_int,
                    help="shard the member axis over this many local devices (default: all)")
     p.add_argument("--distributed", action="store_true",
-                   help="call jax.distributed.initialize() first (multi-host; see README)")
+                   help="run one sweep over several processes or hosts (JAX's multi-controller "
+                        "runtime; the coordinator found by Slurm, TPU pod or Open MPI detection, "
+                        "or given below; README 'Scale-out')")
+    p.add_argument("--coordinator", metavar="HOST:PORT",
+                   help="with --distributed: process 0's address (else $JAX_COORDINATOR_ADDRESS)")
+    p.add_argument("--num-processes", type=cli.positive_int,
+                   help="with --distributed: how many processes (else $JAX_NUM_PROCESSES)")
+    p.add_argument("--process-id", type=int,
+                   help="with --distributed: this process, 0 .. N-1 (else $JAX_PROCESS_ID)")
+    p.add_argument("--init-timeout", type=cli.positive_int, default=distributed.INIT_TIMEOUT_S,
+                   help="with --distributed: seconds to wait for the coordinator and the other "
+                        f"processes (default {distributed.INIT_TIMEOUT_S})")
     p.add_argument("--merge", action="store_true",
                    help="keep, from the existing results of this sweep, the networks this run "
                         "does not train (e.g. LC trained on a GPU, the rest here)")
@@ -664,31 +689,21 @@ def _overrides(args) -> dict:
 
 
 def _devices(args) -> list | None:
-    """The devices to shard over (`--devices`; None: all), after `--distributed` set up the
-    runtime."""
+    """The devices to shard over (`--devices`; None: all, those of every process)."""
     import jax
-    if args.distributed:
-        jax.distributed.initialize()
     if not args.devices:
         return None
+    if args.distributed:
+        raise InputError("--devices: with --distributed every device of every process is used")
     if args.devices > len(jax.devices()):
         raise InputError(f"--devices {args.devices}: only {len(jax.devices())} devices here")
     return jax.devices()[: args.devices]
 
 
-@cli.command
-def main(argv=None) -> int:
-    """Entry point; returns the exit status (2 for bad input, with a one-line error).
-
-    Every check (sweep files, flags, data, devices, the output folder, what an earlier result
-    allows) runs before anything trains or is written.
-    """
-    args = build_parser().parse_args(argv)
-    log = (lambda *a: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    if args.list:
-        for name in list_sweeps():
-            print(f"{name:12s} {load_sweep(name).description}")
-        return 0
+def _plan(args, log) -> tuple:
+    """Every check of a run (sweep files, flags, data, devices, the output folder, what an
+    earlier result allows), nothing written. Returns (sweeps to run as (sweep, folder name,
+    earlier run to merge or None, notice or None), overrides, dataset, devices)."""
     if not args.sweep:
         raise InputError("no sweep given (try --list)")
     sweeps = [load_sweep(n) for n in (STUDY_ORDER if args.sweep == "all" else [args.sweep])]
@@ -699,12 +714,12 @@ def main(argv=None) -> int:
         expand(sweep, overrides)  # validates every member before the data is read
     if args.resume and args.no_checkpoints and args.sweep != "all":
         raise InputError("--resume and --no-checkpoints: nothing to resume from")
-    if args.resume and args.sweep != "all":
-        _prepare_checkpoints(checkpoints / sweeps[0].name, _fingerprint(sweeps[0], overrides),
-                             resume=True)
-    from uspsjax import data as data_mod, results
-    dataset = data_mod.load(args.data)
     devices = _devices(args)
+    if args.resume and args.sweep != "all":
+        _prepare_checkpoints(checkpoints / sweeps[0].name,
+                             _fingerprint(sweeps[0], overrides, devices, None), resume=True)
+    from uspsjax import data as data_mod
+    dataset = data_mod.load(args.data)
     import jax
     on_cpu = (devices or jax.devices())[0].platform == "cpu"
     plans = []
@@ -713,18 +728,53 @@ def main(argv=None) -> int:
         if args.sweep == "all" and args.resume and done.exists() and not ckpt.exists():
             log(f"sweep {sweep.name}: already complete in {done}, skipped")
             continue
-        plan = plan_output(sweep, expand(sweep, overrides, on_cpu), len(dataset.y_train), out,
-                           args.merge, args.replace)
-        if plan[2]:
-            print(f"sweep {sweep.name}: {plan[2]}", file=sys.stderr, flush=True)
-        plans.append((sweep, *plan))
+        plans.append((sweep, *plan_output(sweep, expand(sweep, overrides, on_cpu),
+                                          len(dataset.y_train), out, args.merge, args.replace)))
+    return plans, overrides, dataset, devices
+
+
+@cli.command
+def main(argv=None) -> int:
+    """Entry point; returns the exit status (2 for bad input, with a one-line error).
+
+    Every check runs before anything trains or is written (`_plan`). With `--distributed` the
+    processes first join, then refuse together if any of them refuses, and return the same
+    status; only process 0 prints progress and results and writes them.
+    """
+    args = build_parser().parse_args(argv)
+    if args.list:
+        for name in list_sweeps():
+            print(f"{name:12s} {load_sweep(name).description}")
+        return 0
+    launch = (args.coordinator, args.num_processes, args.process_id)
+    if any(v is not None for v in launch) and not args.distributed:
+        raise InputError("--coordinator, --num-processes and --process-id go with --distributed")
+    if args.distributed:
+        distributed.initialize(distributed.launch_settings(*launch, args.init_timeout))
+    writer = distributed.is_writer()
+    quiet = args.quiet or not writer
+    log = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
+    refusal = None
+    try:
+        plans, overrides, dataset, devices = _plan(args, log)
+    except InputError as e:
+        refusal = str(e)
+    distributed.agree(refusal)
+    from uspsjax import results
+    out, checkpoints = Path(args.out), Path(args.checkpoints)
+    for sweep, _, _, notice in plans:
+        if notice and writer:
+            print(f"sweep {sweep.name}: {notice}", file=sys.stderr, flush=True)
     try:
         for sweep, name, old, notice in plans:
             ckpt = checkpoints / sweep.name
             run = run_sweep(sweep, dataset, overrides=overrides,
                             checkpoints=None if args.no_checkpoints else checkpoints,
                             resume=args.resume and (ckpt / "sweep.json").exists(),
-                            devices=devices, log=log, live=not args.quiet)
+                            devices=devices, log=log, live=not quiet)
+            distributed.barrier(f"{sweep.name} trained")
+            if not writer:
+                continue
             if old is not None:
                 run = results.merge_runs(old, run, SETTING_DEFAULTS)
             folder = results.write_results(out, dict(run, name=name))
@@ -733,13 +783,13 @@ def main(argv=None) -> int:
             log(f"sweep {sweep.name}: {run['wall_time_s']:.0f} s on {run['device']}; wrote {folder}/")
             if notice:
                 print(f"sweep {sweep.name}: {notice}", file=sys.stderr, flush=True)
-        if checkpoints.is_dir() and not any(checkpoints.iterdir()):
+        if writer and checkpoints.is_dir() and not any(checkpoints.iterdir()):
             checkpoints.rmdir()  # leave no empty folder behind a finished run
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last completed epoch is checkpointed in {args.checkpoints}/; "
               f"continue with: python -m uspsjax.sweep {args.sweep} --resume", file=sys.stderr)
         return 130
-    return 0
+    return distributed.agree_status(0)
 
 
 STUDY_ORDER = ["baseline", "init", "lr", "batch", "momentum", "bagging", "dropout", "l1",

@@ -1,0 +1,192 @@
+"""One sweep over several processes (`--distributed`): 2 processes x 2 CPU devices over
+loopback, as a user launches them in two shells, against 1 process x 4 devices and 1 device;
+a killed process and a resume; only process 0 writes; clear refusals."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from conftest import assert_curves_match
+from test_population import saved_epochs
+from uspsjax import distributed, results
+from uspsjax.errors import InputError
+
+# Batch 8: on the full training set, epochs long enough (~1-2 s) to kill a process between
+# two; on the 1,024-image subset, few enough steps (384) that another device layout stays
+# within float32 rounding (over 2,700 steps SGD's chaos grows it to 1e-3, on one process too).
+SWEEP = """
+name = "spread"
+networks = ["fc"]
+seeds = 3
+[base]
+epochs = 3
+batch_size = 8
+momentum = 0.9
+[axes]
+lr = [0.003, 0.001]
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env(data, devices: int) -> dict:
+    return {**os.environ, "USPSJAX_DATA": str(data), "PYTHONPATH": os.getcwd(),
+            "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+
+
+def sweep_cmd(path, out, ck, *extra):
+    return [sys.executable, "-m", "uspsjax.sweep", str(path), "--out", str(out),
+            "--checkpoints", str(ck), *map(str, extra)]
+
+
+def start(data, path, out, ck, port, n, i, *extra, devices=2):
+    """Process `i` of `n`, joined through a coordinator on loopback `port`, as a shell runs it."""
+    return subprocess.Popen(
+        sweep_cmd(path, out, ck, "--distributed", "--coordinator", f"127.0.0.1:{port}",
+                  "--num-processes", n, "--process-id", i, "--init-timeout", 60, *extra),
+        env=env(data, devices), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def launch(data, path, outs, ck, *extra):
+    """One process per folder in `outs` (process i writes to outs[i], if at all)."""
+    port = free_port()
+    return [start(data, path, out, ck, port, len(outs), i, *extra)
+            for i, out in enumerate(outs)]
+
+
+def finish(procs, timeout=600):
+    """(status, stdout, stderr) of each process, once it ends."""
+    outcome = []
+    for p in procs:
+        out, err = p.communicate(timeout=timeout)
+        outcome.append((p.returncode, out, err))
+    return outcome
+
+
+def own(text: str) -> list[str]:
+    """The lines of a process's output that are not gloo's own ("[Gloo] Rank 0 is connected
+    to 3 peer ranks...", printed on stdout as each communicator forms)."""
+    return [line for line in text.splitlines() if not line.startswith("[Gloo]")]
+
+
+def sweep_file(folder):
+    path = folder / "spread.toml"
+    path.write_text(SWEEP)
+    return path
+
+
+def read(folder):
+    return results.read_metrics(folder / "spread" / "metrics.h5")
+
+
+def test_two_processes_equal_one_process_of_four_devices_and_one_device(tmp_path, subset_h5):
+    tmp, path = tmp_path, sweep_file(tmp_path)
+    outcome = finish(launch(subset_h5, path, [tmp / "out0", tmp / "out1"], tmp / "ck"))
+    (code0, out0, err0), (code1, out1, err1) = outcome
+    assert code0 == 0 and code1 == 0, err0 + err1
+    # Only process 0 writes and speaks: process 1's folder never appears, it prints nothing of
+    # its own (the runtime's gloo lines aside), and the checkpoints are gone after the run.
+    assert (tmp / "out0" / "spread" / "metrics.h5").is_file()
+    assert not (tmp / "out1").exists() and not (tmp / "ck").exists()
+    assert "spread" in out0 and own(out1) == []
+    assert "epoch 1/3" in err0 and own(err1) == []
+    two = read(tmp / "out0")
+    assert two["device"].endswith("4 devices in 2 processes")
+    for devices in (4, 1):
+        out = tmp / f"one{devices}"
+        run = subprocess.run(sweep_cmd(path, out, tmp / f"ck{devices}", "--devices", devices,
+                                       "--quiet"),
+                             env=env(subset_h5, 4), capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, run.stderr
+        one = read(out)
+        assert one["settings"] == two["settings"]
+        assert_curves_match(two["curves"], one["curves"], n_test=256)
+        np.testing.assert_array_equal(two["diverged"], one["diverged"])
+        # metrics.h5 stores the softmax outputs as float16: a rounding may cross one of its steps.
+        np.testing.assert_allclose(two["test_probs"], one["test_probs"], atol=1e-3)
+
+
+def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path, shared_h5):
+    path = sweep_file(tmp_path)
+    whole = finish(launch(shared_h5, path, [tmp_path / "whole0", tmp_path / "whole1"],
+                          tmp_path / "ck_whole"))
+    assert [r[0] for r in whole] == [0, 0], whole[0][2] + whole[1][2]
+    ck = tmp_path / "ck"
+    outs = [tmp_path / "out0", tmp_path / "out1"]
+    procs = launch(shared_h5, path, outs, ck)
+    start = time.time()
+    while saved_epochs(ck / "spread" / "group0" / "chunk0") < 1:
+        assert all(p.poll() is None for p in procs), "the sweep ended before it was killed"
+        assert time.time() - start < 300, "no checkpoint appeared"
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGKILL)
+    # The survivor stops by itself once the runtime misses process 1's heartbeats (JAX's
+    # timeout: 100 s); a scheduler ends the whole job at once, as here.
+    procs[0].send_signal(signal.SIGKILL)
+    finish(procs)
+    assert not (outs[0] / "spread").exists()
+    resumed = finish(launch(shared_h5, path, outs, ck, "--resume"))
+    assert [r[0] for r in resumed] == [0, 0], resumed[0][2] + resumed[1][2]
+    assert "epoch 1/3" not in resumed[0][2]  # it went on from the checkpoint
+    # The same program on the same machine, resumed from a checkpoint: bit for bit.
+    a, b = read(tmp_path / "whole0"), read(outs[0])
+    np.testing.assert_array_equal(a["curves"], b["curves"])
+    np.testing.assert_array_equal(a["test_probs"], b["test_probs"])
+
+
+def test_a_refusal_on_one_process_stops_every_process(tmp_path, shared_h5):
+    path = sweep_file(tmp_path)
+    port = free_port()
+    ok = start(shared_h5, path, tmp_path / "out0", tmp_path / "ck", port, 2, 0)
+    bad = start(shared_h5, path, tmp_path / "out1", tmp_path / "ck", port, 2, 1,
+                "--data", tmp_path / "missing.h5")
+    (code0, _, err0), (code1, _, err1) = finish([ok, bad], timeout=120)
+    assert (code0, code1) == (2, 2), err0 + err1
+    assert "error: process 1 of 2 refused its input" in err0
+    assert "missing.h5" in [line for line in err1.splitlines() if line.startswith("error:")][0]
+    assert "Traceback" not in err0 + err1
+    assert not any(tmp_path.glob("out*")) and not (tmp_path / "ck").exists()
+
+
+def test_an_unreachable_coordinator_fails_with_one_line_in_bounded_time(tmp_path, shared_h5):
+    path = sweep_file(tmp_path)
+    t0 = time.time()
+    run = subprocess.run(
+        sweep_cmd(path, tmp_path / "out", tmp_path / "ck", "--distributed", "--coordinator",
+                  f"127.0.0.1:{free_port()}", "--num-processes", 2, "--process-id", 1,
+                  "--init-timeout", 3),
+        env=env(shared_h5, 2), capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr.startswith("error: cannot reach the coordinator at 127.0.0.1:")
+    assert len(run.stderr.strip().splitlines()) == 1 and time.time() - t0 < 60
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
+
+
+def test_launch_settings_from_flags_and_environment():
+    env_launch = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
+                  "JAX_PROCESS_ID": "3"}
+    assert distributed.launch_settings(environ=env_launch) == distributed.Launch(
+        "10.0.0.1:1234", 4, 3)
+    # Flags win over the environment; nothing at all leaves it to JAX's cluster detection.
+    assert distributed.launch_settings("h:1", 2, 0, 9, environ=env_launch) == \
+        distributed.Launch("h:1", 2, 0, 9)
+    assert distributed.launch_settings(environ={}) == distributed.Launch()
+    for args, env_vars, fragment in [
+            ((None, 2, 0), {}, "missing --coordinator"),
+            (("h:1", None, None), {}, "missing --num-processes"),
+            (("h", 2, 0), {}, "expected HOST:PORT"),
+            (("h:70000", 2, 0), {}, "expected HOST:PORT"),
+            (("h:1", 2, 2), {}, "expected 0 <= id < count"),
+            ((None, None, None), {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES")]:
+        with pytest.raises(InputError, match=fragment):
+            distributed.launch_settings(*args, environ=env_vars)
