@@ -14,7 +14,7 @@ import pytest
 
 from conftest import assert_curves_match
 from test_population import saved_epochs
-from uspsjax import distributed, results
+from uspsjax import distributed, results, sweep
 from uspsjax.errors import InputError
 
 # Batch 8: on the full training set, epochs long enough (~1-2 s) to kill a process between
@@ -116,6 +116,43 @@ def test_two_processes_equal_one_process_of_four_devices_and_one_device(tmp_path
         np.testing.assert_allclose(two["test_probs"], one["test_probs"], atol=1e-3)
 
 
+GROUPS = """
+name = "spread"
+networks = ["fc"]
+seeds = 2
+[base]
+epochs = 2
+batch_size = 8
+lr = 0.003
+momentum = 0.9
+[axes]
+batch_size = [8, 16, 32]
+"""
+
+
+def test_whole_groups_placed_on_processes_equal_one_device(tmp_path, subset_h5):
+    path = tmp_path / "spread.toml"
+    path.write_text(GROUPS)
+    outcome = finish(launch(subset_h5, path, [tmp_path / "out0", tmp_path / "out1"],
+                            tmp_path / "ck", "--placement", "groups"))
+    assert [r[0] for r in outcome] == [0, 0], outcome[0][2] + outcome[1][2]
+    err0 = outcome[0][2]
+    assert "whole groups placed on 2 processes, members sharded over each one's 2 devices" in err0
+    # Equal FLOPs: the groups go in order to the least loaded process, so batch 16 (the study's
+    # default, not named) trains on process 1, and process 0 reports it after the gather.
+    assert "[2/3] fc epochs=2: 2 members done in" in err0
+    assert err0.count("on process 1") == 1
+    assert not (tmp_path / "out1").exists() and not (tmp_path / "ck").exists()
+    one = subprocess.run(sweep_cmd(path, tmp_path / "one", tmp_path / "ck1", "--devices", 1,
+                                   "--quiet"),
+                         env=env(subset_h5, 1), capture_output=True, text=True, timeout=600)
+    assert one.returncode == 0, one.stderr
+    a, b = read(tmp_path / "out0"), read(tmp_path / "one")
+    assert a["settings"] == b["settings"]
+    assert_curves_match(a["curves"], b["curves"], n_test=256)
+    np.testing.assert_allclose(a["test_probs"], b["test_probs"], atol=1e-3)
+
+
 def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path, shared_h5):
     path = sweep_file(tmp_path)
     whole = finish(launch(shared_h5, path, [tmp_path / "whole0", tmp_path / "whole1"],
@@ -190,3 +227,24 @@ def test_launch_settings_from_flags_and_environment():
             ((None, None, None), {"JAX_NUM_PROCESSES": "two"}, "JAX_NUM_PROCESSES")]:
         with pytest.raises(InputError, match=fragment):
             distributed.launch_settings(*args, environ=env_vars)
+
+
+def test_place_groups_balances_the_costliest_first():
+    assert sweep.place_groups([5, 1, 1, 3], 2) == [0, 1, 1, 1]
+    assert sweep.place_groups([1, 1, 1], 2) == [0, 1, 0]
+    assert sweep.place_groups([2, 7], 1) == [0, 0]
+
+
+def test_resume_refuses_a_checkpoint_of_another_layout(tmp_path, subset_h5, capsys):
+    path = sweep_file(tmp_path)
+    ck = tmp_path / "ck"
+    # A checkpoint whose groups were placed whole on processes: a run sharding members over the
+    # devices would lay its chunks out differently, so it must not resume from it.
+    loaded = sweep.load_sweep(str(path))
+    sweep._prepare_checkpoints(ck / "spread", sweep._fingerprint(loaded, {}, None, None, "groups"),
+                               resume=False)
+    code = sweep.main([str(path), "--data", str(subset_h5), "--out", str(tmp_path / "out"),
+                       "--checkpoints", str(ck), "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "layout (processes, devices, memory budget, placement)" in err
+    assert not (tmp_path / "out").exists()

@@ -125,6 +125,14 @@ def put(tree, sharding):
     return jax.tree.map(one, tree)
 
 
+def gather(x) -> np.ndarray:
+    """Every process's host array `x` (the same shape on each), stacked: `(processes, ...)`."""
+    if jax.process_count() == 1:
+        return np.asarray(x)[None]
+    from jax.experimental import multihost_utils
+    return np.asarray(multihost_utils.process_allgather(np.asarray(x)))
+
+
 def barrier(name: str) -> None:
     """Wait until every process gets here (a no-op with one process)."""
     if jax.process_count() > 1:

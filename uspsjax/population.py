@@ -13,6 +13,7 @@ member axis then spans all of them, and every process gets the same numpy result
 """
 
 import os
+import re
 import shutil
 import time
 from dataclasses import dataclass
@@ -102,6 +103,16 @@ def bytes_per_member(static: Static, n_train: int) -> int:
     return 4 * (4 * n_params + 3 * batch * per_sample) + 8 * n_train
 
 
+def member_cost(static: Static, n_train: int) -> float:
+    """A member's training work, to balance whole groups over processes: its epochs x training
+    samples x the network's forward FLOPs per sample (XLA's count of the lowered program)."""
+    model = train.make_model(static)
+    x = jnp.zeros((1, 256))
+    variables = jax.eval_shape(partial(model.init, train=False), jax.random.key(0), x)
+    cost = jax.jit(partial(model.apply, train=False)).lower(variables, x).cost_analysis()
+    return static.epochs * n_train * float((cost[0] if isinstance(cost, list) else cost)["flops"])
+
+
 def device_memory(device) -> int:
     """Usable memory of `device` in bytes: the allocator's limit, or half the host RAM on CPU."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
@@ -118,13 +129,19 @@ def chunk_size(n_members: int, n_devices: int, member_bytes: int, budget: int) -
     return min(needed, per_device) * n_devices
 
 
-def _checkpoints(folder: Path):
-    """An orbax manager of a chunk's per-epoch checkpoints in `folder` (the latest kept). Every
-    process saves its own shards; orbax writes each epoch to a temporary folder and renames it
-    when complete, so an interrupted save leaves the previous epoch intact."""
+def _checkpoints(folder: Path, processes: list[int]):
+    """An orbax manager of a chunk's per-epoch checkpoints in `folder` (the latest kept), saved
+    by the `processes` that hold its devices, each its own shards. Orbax writes each epoch to a
+    temporary folder and renames it when complete, so an interrupted save leaves the previous
+    epoch intact."""
     import orbax.checkpoint as ocp
+    sync = ocp.options.MultiprocessingOptions(
+        primary_host=processes[0], active_processes=set(processes),
+        barrier_sync_key_prefix=re.sub(r"\W", "_", str(folder)))
+    folder.mkdir(parents=True, exist_ok=True)  # orbax leaves that to us with active_processes
     return ocp.CheckpointManager(folder.absolute(), options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, enable_async_checkpointing=False))
+        max_to_keep=1, enable_async_checkpointing=False, multiprocessing_options=sync,
+        create=False))
 
 
 def _raw_keys(tree):
@@ -140,21 +157,27 @@ def _typed_keys(raw, like):
 
 
 def _save_epoch(manager, epoch: int, state, curves) -> None:
-    """Checkpoint a chunk after `epoch` epochs: its (sharded) state and its curves so far."""
+    """Checkpoint a chunk after `epoch` epochs: its state and its curves so far. Arrays sharded
+    over several processes are saved shard by shard; those on one process's devices go as numpy
+    (orbax refuses such host-local arrays when there are several processes)."""
     import orbax.checkpoint as ocp
-    manager.save(epoch, args=ocp.args.StandardSave({"state": _raw_keys(state),
-                                                    "curves": curves}))
+    state = jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable else x,
+                         _raw_keys(state))
+    manager.save(epoch, args=ocp.args.StandardSave({"state": state, "curves": curves}))
     manager.wait_until_finished()
 
 
 def _restore_epoch(manager, state, curves):
-    """The latest checkpoint of a chunk, laid out as `state` (sharded) and `curves`."""
+    """The latest checkpoint of a chunk, laid out (sharded) as `state`, and its curves."""
     import orbax.checkpoint as ocp
+    raw = _raw_keys(state)
     template = {"state": jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), _raw_keys(state)),
-        "curves": curves}
+        lambda x: np.empty(x.shape, x.dtype) if x.is_fully_addressable
+        else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), raw), "curves": curves}
     saved = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(template))
-    return _typed_keys(saved["state"], state), np.array(saved["curves"])
+    placed = jax.tree.map(lambda r, x: jax.device_put(r, x.sharding) if x.is_fully_addressable
+                          else r, saved["state"], raw)
+    return _typed_keys(placed, state), np.array(saved["curves"])
 
 
 def _pad(tree, size: int):
@@ -184,6 +207,8 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
     its results, written by process 0.
     """
     devices = devices or jax.devices()
+    # The processes whose devices train this group; the first writes its finished chunks.
+    processes = sorted({d.process_index for d in devices})
     n_members = keys.shape[MEMBER_AXIS]
     budget = memory_budget or device_memory(jax.local_devices()[0])
     size = chunk_size(n_members, len(devices), bytes_per_member(static, data.x_train.shape[0]),
@@ -237,7 +262,7 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         hp_chunk = distributed.put(_pad(jax.tree.map(lambda x: x[lo:hi], hps), size), by_member)
         state = init(k_chunk, hp_chunk)
         curves = np.full((size, static.epochs, len(train.METRICS)), np.nan, np.float32)
-        manager = _checkpoints(checkpoint / f"chunk{c}") if checkpoint else None
+        manager = _checkpoints(checkpoint / f"chunk{c}", processes) if checkpoint else None
         if manager and manager.latest_step() is not None:
             state, curves = _restore_epoch(manager, state, curves)
         if compiled is None:  # ahead, so that an epoch's clock times training only
@@ -265,13 +290,14 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
                   (("diverged", state.diverged), ("test_probs", probs), ("robust", robust))}}
         if done_path:
             manager.close()
-            if distributed.is_writer():
+            if jax.process_index() == processes[0]:
                 tmp = done_path.with_name(done_path.name + ".tmp")
                 with open(tmp, "wb") as f:
                     np.savez(f, **out)
                 os.replace(tmp, done_path)
                 shutil.rmtree(checkpoint / f"chunk{c}")
-            distributed.barrier(f"{checkpoint}/chunk{c} done")
+            if len(processes) > 1:
+                distributed.barrier(f"{checkpoint}/chunk{c} done")
         results.append(out)
         del state
     merged = {k: np.concatenate([r[k] for r in results]) for k in results[0]}

@@ -405,13 +405,16 @@ def describe_group(static: Static) -> str:
     return " ".join([static.network, *parts])
 
 
-def _fingerprint(sweep: Sweep, overrides: dict, devices, memory_budget: int | None) -> str:
+def _fingerprint(sweep: Sweep, overrides: dict, devices, memory_budget: int | None,
+                 placement: str) -> str:
     """What a checkpoint must match to be resumed: the sweep file, the overrides, and what
-    decides how each group is split into chunks (the processes, devices and memory budget)."""
+    decides where each group trains and how it is split into chunks (the processes, devices,
+    memory budget and placement)."""
     import jax
     from uspsjax import population
     layout = {"processes": jax.process_count(), "devices": len(devices or jax.devices()),
-              "memory_budget": memory_budget or population.device_memory(jax.local_devices()[0])}
+              "memory_budget": memory_budget or population.device_memory(jax.local_devices()[0]),
+              "placement": placement}
     return json.dumps({"sweep": sweep.text, "overrides": overrides, "layout": layout},
                       sort_keys=True)
 
@@ -441,18 +444,34 @@ def _cpu_count() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
+PLACEMENTS = ("members", "groups")
 LIVE_SECONDS = 10  # the longest silence inside an epoch when progress is shown
+
+
+def place_groups(costs: list[float], n_processes: int) -> list[int]:
+    """The process that trains each group, given each group's cost: the costliest group first,
+    each to the least loaded process (ties: the lowest index)."""
+    load, owners = [0.0] * n_processes, [0] * len(costs)
+    for g in sorted(range(len(costs)), key=lambda g: -costs[g]):
+        owners[g] = min(range(n_processes), key=lambda p: load[p])
+        load[owners[g]] += costs[g]
+    return owners
 
 
 def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
               checkpoints: Path | None = None, resume: bool = False, devices=None,
-              memory_budget: int | None = None, log=print, live: bool = True) -> dict:
+              memory_budget: int | None = None, placement: str = "members", log=print,
+              live: bool = True) -> dict:
     """Train every static group of `sweep` and return the `run` dict that `results` writes.
 
     One program is compiled per static group; each trains all its members at once. With
-    `checkpoints`, every group checkpoints after each epoch under `checkpoints/NAME/`, and
-    `resume` continues from there (skipping finished groups). Progress goes to `log`: a line
-    per epoch and, with `live`, one at least every `LIVE_SECONDS` inside long epochs.
+    placement "members" each group's members are sharded over all `devices` (of every
+    process); with "groups" each process trains whole groups on its own devices, balanced by
+    `place_groups`, and the results are gathered. With `checkpoints`, every group checkpoints
+    after each epoch under `checkpoints/NAME/`, and `resume` continues from there (skipping
+    finished groups). Progress goes to `log`: a line per epoch and, with `live`, one at least
+    every `LIVE_SECONDS` inside long epochs (in a run over several processes, of the groups
+    that process 0 trains).
     """
     import jax
     import numpy as np
@@ -469,11 +488,20 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
     data = train.as_data(dataset)
     ckpt_root = checkpoints / sweep.name if checkpoints else None
     if ckpt_root:
-        _prepare_checkpoints(ckpt_root, _fingerprint(sweep, overrides, devices, memory_budget),
-                             resume)
+        _prepare_checkpoints(ckpt_root, _fingerprint(sweep, overrides, devices, memory_budget,
+                                                     placement), resume)
+    n_train = data.x_train.shape[0]
+    owners = None
+    if placement == "groups":
+        owners = place_groups([len(idx) * population.member_cost(static, n_train)
+                               for static, idx in groups.items()], jax.process_count())
+        devices = [d for d in devices or jax.devices() if d.process_index == jax.process_index()]
     n_devices = len(devices or jax.devices())
+    where = (f"whole groups placed on {jax.process_count()} process"
+             f"{'es' if jax.process_count() > 1 else ''}, members sharded over each one's "
+             if owners else "members sharded over ")
     log(f"sweep {sweep.name}: {len(members)} members in {len(groups)} static groups "
-        f"-> {len(groups)} compiled training programs, members sharded over {n_devices} "
+        f"-> {len(groups)} compiled training programs, {where}{n_devices} "
         f"device{'s' if n_devices > 1 else ''}")
     evaluation = population.Evaluation(sweep.attack_eps, min(sweep.attack_samples,
                                                               data.x_test.shape[0]))
@@ -482,10 +510,12 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
     diverged = np.zeros(n_members, np.int32)
     probs = np.zeros((n_members, data.x_test.shape[0], 10), np.float32)
     robust = np.zeros((n_members, len(population.ATTACKS), len(sweep.attack_eps)), np.float32)
-    group_info = []
+    walls, chunks = np.zeros(len(groups)), np.zeros(len(groups), np.int32)
     device, versions = environment()
     t_start = time.perf_counter()
     for g, (static, idx) in enumerate(groups.items()):
+        if owners and owners[g] != jax.process_index():
+            continue
         label = describe_group(static)
         keys = jax.numpy.stack([population.member_key(members[i].seed, members[i].bag or None)
                                 for i in idx])
@@ -525,9 +555,25 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
         probs[idx] = res["test_probs"]
         if sweep.attack_eps:
             robust[idx] = res["robust"]
-        group_info.append({"label": label, "members": len(idx), "wall_time_s": wall,
-                           "chunks": int(res["chunks"]), "device": device})
+        walls[g], chunks[g] = wall, res["chunks"]
         log(f"  [{g + 1}/{len(groups)}] {label}: {len(idx)} members done in {wall:.1f} s")
+    if owners and jax.process_count() > 1:
+        # Each process holds its own groups' rows: take every group's from its owner.
+        mine = {"curves": curves, "diverged": diverged, "probs": probs, "robust": robust,
+                "walls": walls, "chunks": chunks}
+        every = {k: distributed.gather(v) for k, v in mine.items() if v.size}
+        for g, idx in enumerate(groups.values()):
+            for k in ("curves", "diverged", "probs", "robust"):
+                if k in every:
+                    mine[k][idx] = every[k][owners[g]][idx]
+            for k in ("walls", "chunks"):
+                mine[k][g] = every[k][owners[g]][g]
+            if owners[g]:
+                log(f"  [{g + 1}/{len(groups)}] {describe_group(list(groups)[g])}: "
+                    f"{len(idx)} members done in {walls[g]:.1f} s on process {owners[g]}")
+    group_info = [{"label": describe_group(static), "members": len(idx),
+                   "wall_time_s": float(walls[g]), "chunks": int(chunks[g]), "device": device}
+                  for g, (static, idx) in enumerate(groups.items())]
     settings = []
     for g, (static, idx) in enumerate(groups.items()):
         for i in idx:
@@ -555,7 +601,7 @@ def _prepare_checkpoints(root: Path, fingerprint: str, resume: bool) -> None:
             raise InputError(f"{root}: nothing to resume (no checkpoint of this sweep)")
         if stamp.read_text() != fingerprint:
             raise InputError(f"{root}: the checkpoint is of a different sweep file, overrides or "
-                             "number of processes, devices or memory budget; run without "
+                             "layout (processes, devices, memory budget, placement); run without "
                              "--resume to start again")
         return
     if distributed.is_writer():
@@ -597,6 +643,10 @@ def build_parser() -> cli.Parser:
                    help="run one sweep over several processes or hosts (JAX's multi-controller "
                         "runtime; the coordinator found by Slurm, TPU pod or Open MPI detection, "
                         "or given below; README 'Scale-out')")
+    p.add_argument("--placement", choices=PLACEMENTS, default="members",
+                   help="members: shard each static group's members over every device of every "
+                        "process, one group after another (default); groups: each process "
+                        "trains whole groups on its own devices, balanced by their FLOPs")
     p.add_argument("--coordinator", metavar="HOST:PORT",
                    help="with --distributed: process 0's address (else $JAX_COORDINATOR_ADDRESS)")
     p.add_argument("--num-processes", type=cli.positive_int,
@@ -717,7 +767,8 @@ def _plan(args, log) -> tuple:
     devices = _devices(args)
     if args.resume and args.sweep != "all":
         _prepare_checkpoints(checkpoints / sweeps[0].name,
-                             _fingerprint(sweeps[0], overrides, devices, None), resume=True)
+                             _fingerprint(sweeps[0], overrides, devices, None, args.placement),
+                             resume=True)
     from uspsjax import data as data_mod
     dataset = data_mod.load(args.data)
     import jax
@@ -771,7 +822,8 @@ def main(argv=None) -> int:
             run = run_sweep(sweep, dataset, overrides=overrides,
                             checkpoints=None if args.no_checkpoints else checkpoints,
                             resume=args.resume and (ckpt / "sweep.json").exists(),
-                            devices=devices, log=log, live=not quiet)
+                            devices=devices, placement=args.placement, log=log,
+                            live=not quiet)
             distributed.barrier(f"{sweep.name} trained")
             if not writer:
                 continue
