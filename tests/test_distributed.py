@@ -3,6 +3,7 @@ loopback, as a user launches them in two shells, against 1 process x 4 devices a
 a killed process and a resume; only process 0 writes; clear refusals."""
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -37,6 +38,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def env(data, devices: int) -> dict:
@@ -172,13 +182,37 @@ def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path
     procs[0].send_signal(signal.SIGKILL)
     finish(procs)
     assert not (outs[0] / "spread").exists()
-    resumed = finish(launch(shared_h5, path, outs, ck, "--resume"))
+    # Resumed as a launcher that sets JAX's variables instead of flags would.
+    port = free_port()
+    resumed = finish([subprocess.Popen(
+        sweep_cmd(path, out, ck, "--distributed", "--resume"),
+        env={**env(shared_h5, 2), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+             "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, out in enumerate(outs)])
     assert [r[0] for r in resumed] == [0, 0], resumed[0][2] + resumed[1][2]
     assert "epoch 1/3" not in resumed[0][2]  # it went on from the checkpoint
     # The same program on the same machine, resumed from a checkpoint: bit for bit.
     a, b = read(tmp_path / "whole0"), read(outs[0])
     np.testing.assert_array_equal(a["curves"], b["curves"])
     np.testing.assert_array_equal(a["test_probs"], b["test_probs"])
+
+
+def test_a_slurm_launch_finds_its_processes_from_slurm_variables(tmp_path, subset_h5):
+    # What `srun --ntasks 2 python -m uspsjax.sweep NAME --distributed` gives each task, with
+    # the one node being this machine: JAX's Slurm detection takes the coordinator from the
+    # node list and a port from the job id.
+    path = sweep_file(tmp_path)
+    job = next(j for j in random.sample(range(2**12), 64) if port_is_free(61440 + j))
+    procs = [subprocess.Popen(
+        sweep_cmd(path, tmp_path / f"out{i}", tmp_path / "ck", "--distributed", "--quiet"),
+        env={**env(subset_h5, 2), "SLURM_JOB_ID": str(job), "SLURM_STEP_NODELIST": "localhost",
+             "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
+             "SLURM_STEP_NUM_NODES": "1"},
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outcome = finish(procs)
+    assert [r[0] for r in outcome] == [0, 0], outcome[0][2] + outcome[1][2]
+    assert read(tmp_path / "out0")["device"].endswith("4 devices in 2 processes")
+    assert not (tmp_path / "out1").exists()
 
 
 def test_a_refusal_on_one_process_stops_every_process(tmp_path, shared_h5):
