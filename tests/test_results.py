@@ -51,6 +51,7 @@ def make_run(*, robust=True):
         "overrides": {"epochs": EPOCHS}, "metrics": METRICS, "settings": settings,
         "curves": curves, "diverged": diverged, "test_probs": probs,
         "y_test": rng.integers(0, 10, N_TEST).astype(np.int32), "n_train": 7291,
+        "validation": 0, "validation_seed": 0,
         "robust": rng.uniform(0, 1, (m, 2, 2)).astype(np.float32) if robust else None,
         "attack_eps": [0.05, 0.1] if robust else [], "ensemble": 0,
         "study": {"fc": {"test_acc": 0.9357, "test_loss": 0.4535}},

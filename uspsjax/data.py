@@ -39,12 +39,15 @@ SOURCES = MappingProxyType({
 
 
 class Dataset(NamedTuple):
-    """The USPS splits: pixels float32 (N, 256) in [0, 1], labels int32 (N,) in 0..9."""
+    """The USPS splits: pixels float32 (N, 256) in [0, 1], labels int32 (N,) in 0..9; a
+    validation split only when `split_validation` made one."""
 
     x_train: np.ndarray
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
+    x_val: np.ndarray | None = None  # held out from the training images (`split_validation`)
+    y_val: np.ndarray | None = None
 
 
 def cache_dir() -> Path:
@@ -207,6 +210,21 @@ def read_h5(path: Path) -> Dataset:
         # h5py reports damaged files (e.g. truncated) through several exception types.
         raise InputError(f"{path}: unreadable HDF5: {' '.join(str(e).split())}") from None
     return Dataset(x_train, y_train, x_test, y_test)
+
+
+def split_validation(dataset: Dataset, n: int, seed: int = 0) -> Dataset:
+    """Hold out `n` training images, drawn with `seed`, as the validation split: the same for
+    every member of a sweep, whatever its own seed. The remaining training images keep their
+    order. `n = 0` returns the dataset unchanged."""
+    if n == 0:
+        return dataset
+    total = len(dataset.y_train)
+    if not 0 < n < total:
+        raise InputError(f"validation = {n}: expected 0 <= n < {total} training images")
+    held = np.zeros(total, bool)
+    held[np.random.default_rng(seed).permutation(total)[:n]] = True
+    return dataset._replace(x_train=dataset.x_train[~held], y_train=dataset.y_train[~held],
+                            x_val=dataset.x_train[held], y_val=dataset.y_train[held])
 
 
 def load(path: str | None = None) -> Dataset:

@@ -194,7 +194,7 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
               on_epoch: Callable | None = None, on_step: Callable | None = None) -> dict:
     """Train the members `(keys, hps)` (leading axis `MEMBER_AXIS`) of one static group.
 
-    Returns numpy arrays: `curves (M, epochs, len(METRICS))`, `diverged (M,)` (epoch, 0 if
+    Returns numpy arrays: `curves (M, epochs, metrics)` (`train.metric_names`), `diverged (M,)` (epoch, 0 if
     never), `test_probs (M, N_test, 10)`, `robust (M, len(ATTACKS), len(eps))` when
     `evaluation.attack_eps` is set, and `chunks`, the number of chunks run. `on_epoch(info)` is
     called after each epoch with a dict (epoch, epochs, members, chunk, chunks, seconds,
@@ -219,6 +219,7 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
     replicated = NamedSharding(mesh, PartitionSpec())
     data = distributed.put(data, replicated)
     n_train = data.x_train.shape[0]
+    n_metrics = len(train.metric_names(data.x_val is not None))
 
     init = jax.jit(jax.vmap(partial(train.init_member, static, n_train=n_train)),
                    out_shardings=by_member)
@@ -261,7 +262,7 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         k_chunk = distributed.put(_pad(keys[lo:hi], size), by_member)
         hp_chunk = distributed.put(_pad(jax.tree.map(lambda x: x[lo:hi], hps), size), by_member)
         state = init(k_chunk, hp_chunk)
-        curves = np.full((size, static.epochs, len(train.METRICS)), np.nan, np.float32)
+        curves = np.full((size, static.epochs, n_metrics), np.nan, np.float32)
         manager = _checkpoints(checkpoint / f"chunk{c}", processes) if checkpoint else None
         if manager and manager.latest_step() is not None:
             state, curves = _restore_epoch(manager, state, curves)

@@ -20,15 +20,17 @@ from uspsjax.errors import InputError
 
 NETS = ("fc", "lc", "cnn")
 NAMES = {"fc": "FC", "lc": "LC", "cnn": "CNN"}
-METRIC = {"train_loss": 0, "train_acc": 1, "test_loss": 2, "test_acc": 3}
 
 
 class Study:
-    """One sweep's results with lookups by network and setting label."""
+    """One sweep's results with lookups by network and setting label. Comparisons and rankings
+    (`acc`, `beats`, `rank`) use the validation split when the sweep held one out (`on` =
+    "val"), else the test set, as the study itself compared."""
 
     def __init__(self, run: dict):
         self.run = run
         self.rows = {(r["network"], r["label"]): r for r in results.summarize(run)}
+        self.on = "val" if "val_acc" in run["metrics"] else "test"
 
     def networks(self) -> list[str]:
         """The networks this sweep ran, in the study's order."""
@@ -39,21 +41,22 @@ class Study:
         return [label for n, label in self.rows if n == net]
 
     def acc(self, net: str, label: str) -> float | None:
-        """Mean final test accuracy of a setting; None when every seed diverged or it is absent."""
+        """Mean final accuracy of a setting on the `on` split; None when every seed diverged or
+        it is absent."""
         row = self.rows.get((net, label))
         if row is None or row["n_diverged"] == row["n"]:
             return None
-        return row["test_acc_mean"]
+        return row[f"{self.on}_acc_mean"]
 
     def beats(self, net: str, a: str, b: str) -> bool | None:
-        """Whether setting `a` has a higher final test accuracy than `b` by more than their
-        combined std over seeds; None when the difference is within that noise. A setting that
-        diverged in every seed loses to any that did not."""
+        """Whether setting `a` has a higher final accuracy (on the `on` split) than `b` by more
+        than their combined std over seeds; None when the difference is within that noise. A
+        setting that diverged in every seed loses to any that did not."""
         acc_a, acc_b = self.acc(net, a), self.acc(net, b)
         if acc_a is None or acc_b is None:
             return None if acc_a is acc_b else acc_b is None
         row_a, row_b = self.rows[(net, a)], self.rows[(net, b)]
-        noise = math.hypot(row_a["test_acc_std"], row_b["test_acc_std"])
+        noise = math.hypot(row_a[f"{self.on}_acc_std"], row_b[f"{self.on}_acc_std"])
         return None if abs(acc_a - acc_b) <= noise else acc_a > acc_b
 
     def cell(self, net: str, label: str) -> str:
@@ -70,7 +73,7 @@ class Study:
         """Mean test accuracy at a 1-based epoch over the setting's healthy members."""
         idx = [i for i, s in enumerate(self.run["settings"])
                if s["network"] == net and s["label"] == label]
-        values = self.run["curves"][idx, epoch - 1, METRIC["test_acc"]]
+        values = self.run["curves"][idx, epoch - 1, list(self.run["metrics"]).index("test_acc")]
         values = values[np.isfinite(values)]
         return float(values.mean()) if values.size else math.nan
 
@@ -92,7 +95,8 @@ def verdict(holds: bool | None, claim: str, evidence: str) -> str:
 
 
 def rank(study: Study, net: str) -> list[tuple[str, float | None]]:
-    """The settings of a network from best to worst final test accuracy (diverged last)."""
+    """The settings of a network from best to worst final accuracy on the split the study
+    selects on (`Study.on`; diverged last)."""
     scored = [(label, study.acc(net, label)) for label in study.labels(net)]
     return sorted(scored, key=lambda t: -1.0 if t[1] is None else t[1], reverse=True)
 

@@ -10,6 +10,7 @@ metrics.h5 (schema_version 1; M members, E epochs, N test samples, A attacks, P 
 |----------------|------------------------|--------------------------------------------------------|
 | `curves`       | float32 [M, E, metric] | per-epoch metrics, NaN past a member's epochs or       |
 |                |                        | its divergence; attribute `metrics` = metric names     |
+|                |                        | (`val_loss`, `val_acc` too with a validation split)    |
 | `diverged`     | int32 [M]              | 1-based epoch in which the member diverged, 0 if never |
 | `test_probs`   | float16 [M, N, 10]     | final softmax on the test set (float16 to stay small)  |
 | `y_test`       | int32 [N]              | test labels                                            |
@@ -24,7 +25,9 @@ metrics.h5 (schema_version 1; M members, E epochs, N test samples, A attacks, P 
 |                |                        | (JSON), `study` (JSON), `device`, `versions` (JSON),   |
 |                |                        | `wall_time_s`, `programs`, `ensemble`, `attack_eps`,   |
 |                |                        | `n_train` (training images; absent from files written  |
-|                |                        | before it, read back as None), `created` (ISO time),   |
+|                |                        | before it, read back as None), `validation` and        |
+|                |                        | `validation_seed` (images held out from training and   |
+|                |                        | their seed; 0 when absent), `created` (ISO time),      |
 |                |                        | `schema_version` = 1                                   |
 
 Large datasets are gzip-compressed.
@@ -88,6 +91,8 @@ def write_metrics(path: Path, run: dict) -> None:
         a["programs"] = int(run["programs"])
         a["ensemble"] = int(run["ensemble"])
         a["n_train"] = int(run["n_train"])
+        a["validation"] = int(run.get("validation", 0))
+        a["validation_seed"] = int(run.get("validation_seed", 0))
         a["attack_eps"] = np.asarray(run["attack_eps"], np.float64)
         a["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         a["schema_version"] = SCHEMA_VERSION
@@ -137,6 +142,8 @@ def read_metrics(path: Path) -> dict:
         run.update({k: int(a[k]) for k in ("programs", "ensemble", "schema_version")})
         run["wall_time_s"] = float(a["wall_time_s"])
         run["n_train"] = int(a["n_train"]) if "n_train" in a else None
+        run["validation"] = int(a.get("validation", 0))
+        run["validation_seed"] = int(a.get("validation_seed", 0))
         run["attack_eps"] = [float(e) for e in a["attack_eps"]]
         run["metrics"] = tuple(str(m) for m in f["curves"].attrs["metrics"])
         for key in ("curves", "diverged", "y_test"):
@@ -295,24 +302,28 @@ def summary_markdown(run: dict) -> str:
              f"{run['programs']} programs; {len(run['settings'])} members."]
     if run["overrides"]:
         lines.append(f"Overrides: {describe_overrides(run['overrides'])}.")
+    if run.get("validation"):
+        lines.append(f"Validation: {run['validation']} training images held out (seed "
+                     f"{run['validation_seed']}, the same for every member); select on it, "
+                     "report test.")
     lines += ["Final epoch, mean ± std (sample, ddof=1) over seeds of members that did not diverge.",
               ""]
+    splits = ["train", "val", "test"] if "val_acc" in run["metrics"] else ["train", "test"]
     rows = []
     for r in summarize(run):
         n, bad = r["n"], r["n_diverged"]
         if bad == n:
-            row = [r["network"], r["label"], str(n), f"diverged ({n}/{n})"] + ["—"] * 4
+            row = [r["network"], r["label"], str(n), f"diverged ({n}/{n})"]
+            row += ["—"] * (2 * len(splits))
         else:
             row = [r["network"], r["label"], f"{n} ({bad}/{n} diverged)" if bad else str(n)]
-            row += [_pct(r["train_acc_mean"], r["train_acc_std"]),
-                    _pct(r["test_acc_mean"], r["test_acc_std"]),
-                    _num(r["train_loss_mean"], r["train_loss_std"]),
-                    _num(r["test_loss_mean"], r["test_loss_std"]),
-                    _num(r["loss_gap_mean"], r["loss_gap_std"])]
+            row += [_pct(r[f"{s}_acc_mean"], r[f"{s}_acc_std"]) for s in splits]
+            row += [_num(r[f"{s}_loss_mean"], r[f"{s}_loss_std"]) for s in splits]
+            row += [_num(r["loss_gap_mean"], r["loss_gap_std"])]
         study = r["study_test_acc"]
         rows.append(row + ["—" if study is None else f"{100 * study:.2f}"])
-    lines += _table(["network", "setting", "seeds", "train acc", "test acc", "train loss",
-                     "test loss", "test−train loss", "study"], rows)
+    lines += _table(["network", "setting", "seeds", *(f"{s} acc" for s in splits),
+                     *(f"{s} loss" for s in splits), "test−train loss", "study"], rows)
     if run["ensemble"]:
         lines += ["## Bagging ensembles", "",
                   "Test accuracy (%) over seeds; left out = diverged members of all ensembles.", ""]
@@ -372,13 +383,15 @@ def _save(fig, axes, path: Path, integer_x: bool = True) -> None:
 
 
 def _plot_curves(run: dict, kind: str, path: Path) -> None:
-    """accuracy.png / loss.png: rows train and test, a column per network, a line per label."""
+    """accuracy.png / loss.png: rows train, validation (when held out) and test, a column per
+    network, a line per label."""
     nets, metrics = _networks(run["settings"]), list(run["metrics"])
+    splits = ("train", "val", "test") if "val_acc" in metrics else ("train", "test")
     diverged, epochs = np.asarray(run["diverged"]), np.arange(1, run["curves"].shape[1] + 1)
-    fig, axes = _panels(2, len(nets), 4.0, 3.3)
+    fig, axes = _panels(len(splits), len(nets), 4.0, 3.3)
     for col, net in enumerate(nets):
         groups = [(label, idx) for n, label, idx in _settings_groups(run) if n == net]
-        for row, split in enumerate(("train", "test")):
+        for row, split in enumerate(splits):
             ax, j = axes[row, col], metrics.index(f"{split}_{kind}")
             for c, (label, idx) in enumerate(groups):
                 color, bad = f"C{c % 10}", idx[diverged[idx] > 0]

@@ -24,6 +24,8 @@ A sweep file (see `sweeps/*.toml`):
     size = 6
     [evaluation]                     # robust accuracy after training
     attack_eps = [0.05, 0.1]
+    validation = 1000                # hold out 1000 training images (seeded by validation_seed,
+    validation_seed = 0              # the same for every member): val_loss/val_acc curves
     [study.fc]                       # the study's own numbers, shown beside ours
     test_acc = 0.9357
 
@@ -112,6 +114,8 @@ class Sweep:
     attack_eps: tuple
     attack_samples: int
     study: dict
+    validation: int = 0         # training images held out as the validation split
+    validation_seed: int = 0
 
 
 def _check_setting(where: str, key: str, value, n_train: int) -> None:
@@ -252,8 +256,17 @@ def load_sweep(name_or_path: str, n_train: int = 7291) -> Sweep:
             isinstance(ensemble, dict) and set(ensemble) - {"size"}):
         raise InputError(f"{where}: ensemble must be a table with an integer size >= 1")
     evaluation = raw.get("evaluation", {})
-    if not isinstance(evaluation, dict) or set(evaluation) - {"attack_eps", "attack_samples"}:
-        raise InputError(f"{where}: evaluation takes attack_eps (a list) and attack_samples")
+    if not isinstance(evaluation, dict) or set(evaluation) - {
+            "attack_eps", "attack_samples", "validation", "validation_seed"}:
+        raise InputError(f"{where}: evaluation takes attack_eps (a list), attack_samples, "
+                         "validation and validation_seed")
+    held = {k: evaluation.get(k, 0) for k in ("validation", "validation_seed")}
+    for key, value in held.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise InputError(f"{where}: evaluation.{key} must be an integer >= 0, got {value!r}")
+    if held["validation"] >= n_train:
+        raise InputError(f"{where}: evaluation.validation = {held['validation']} leaves no "
+                         f"training images of {n_train}")
     eps = evaluation.get("attack_eps", [])
     if not isinstance(eps, list) or not all(
             isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e <= 1 for e in eps):
@@ -270,7 +283,8 @@ def load_sweep(name_or_path: str, n_train: int = 7291) -> Sweep:
     if not isinstance(description, str):
         raise InputError(f"{where}: description must be a string")
     return Sweep(path, text, name, description, networks, seeds, base, per_network, cpu, axes, size,
-                 tuple(float(e) for e in eps), samples, study)
+                 tuple(float(e) for e in eps), samples, study, held["validation"],
+                 held["validation_seed"])
 
 
 def check_grid_size(where: str, members: int) -> None:
@@ -372,6 +386,11 @@ def member_settings(m: Member) -> dict:
 def check_mergeable(sweep: Sweep, old: dict, trained: list[str]) -> None:
     """Raise InputError unless the members of `old` that a merge keeps (the networks not in
     `trained`) are exactly what `sweep` specifies for them, on the kind of device they ran on."""
+    from uspsjax import train
+    if tuple(old["metrics"]) != train.metric_names(sweep.validation > 0):
+        raise InputError(f"{sweep.path}: the earlier results have the curves "
+                         f"{', '.join(old['metrics'])}, this sweep's validation split others; "
+                         "cannot merge")
     kept = [s for s in old["settings"] if s["network"] not in trained]
     if not kept:
         return
@@ -475,7 +494,7 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
     """
     import jax
     import numpy as np
-    from uspsjax import population, train
+    from uspsjax import data as data_mod, population, train
 
     overrides = overrides or {}
     on_cpu = (devices or jax.devices())[0].platform == "cpu"
@@ -485,7 +504,8 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
         log(f"sweep {sweep.name}: on this CPU {net} runs with "
             + ", ".join(f"{k}={v}" for k, v in table.items())
             + " (the sweep's [cpu] table; --epochs/--seeds override it)")
-    data = train.as_data(dataset)
+    data = train.as_data(data_mod.split_validation(dataset, sweep.validation,
+                                                   sweep.validation_seed))
     ckpt_root = checkpoints / sweep.name if checkpoints else None
     if ckpt_root:
         _prepare_checkpoints(ckpt_root, _fingerprint(sweep, overrides, devices, memory_budget,
@@ -506,7 +526,8 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
     evaluation = population.Evaluation(sweep.attack_eps, min(sweep.attack_samples,
                                                               data.x_test.shape[0]))
     n_members, max_epochs = len(members), max(s.epochs for s in groups)
-    curves = np.full((n_members, max_epochs, len(train.METRICS)), np.nan, np.float32)
+    metrics = train.metric_names(data.x_val is not None)
+    curves = np.full((n_members, max_epochs, len(metrics)), np.nan, np.float32)
     diverged = np.zeros(n_members, np.int32)
     probs = np.zeros((n_members, data.x_test.shape[0], 10), np.float32)
     robust = np.zeros((n_members, len(population.ATTACKS), len(sweep.attack_eps)), np.float32)
@@ -581,10 +602,11 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
             settings.append((i, {**member_settings(m), "group": g}))
     return {
         "name": sweep.name, "description": sweep.description, "sweep_text": sweep.text,
-        "overrides": overrides, "metrics": train.METRICS,
+        "overrides": overrides, "metrics": metrics,
         "settings": [s for _, s in sorted(settings, key=lambda t: t[0])],
         "curves": curves, "diverged": diverged, "test_probs": probs, "y_test": np.asarray(data.y_test),
-        "n_train": int(data.x_train.shape[0]),
+        "n_train": int(data.x_train.shape[0]), "validation": sweep.validation,
+        "validation_seed": sweep.validation_seed,
         "robust": robust if sweep.attack_eps else None, "attack_eps": list(sweep.attack_eps),
         "ensemble": sweep.ensemble, "study": sweep.study, "device": device, "versions": versions,
         "wall_time_s": time.perf_counter() - t_start, "programs": len(groups), "groups": group_info,
@@ -780,7 +802,8 @@ def _plan(args, log) -> tuple:
             log(f"sweep {sweep.name}: already complete in {done}, skipped")
             continue
         plans.append((sweep, *plan_output(sweep, expand(sweep, overrides, on_cpu),
-                                          len(dataset.y_train), out, args.merge, args.replace)))
+                                          len(dataset.y_train) - sweep.validation, out,
+                                          args.merge, args.replace)))
     return plans, overrides, dataset, devices
 
 

@@ -6,9 +6,10 @@ that are traced and can be vmapped over a population (learning rate, momentum, i
 scale, dropout rates, L1 coefficient, adversarial epsilon). Nothing here knows about populations:
 `population` vmaps these functions over a leading member axis.
 
-Curves have one row per epoch and the columns of `METRICS`. Train loss and accuracy are the
-running means over the epoch's batches (as Keras reports them, dropout on); test loss and
-accuracy are evaluated after the epoch with dropout off and batch-norm running averages.
+Curves have one row per epoch and the columns of `metric_names` (`METRICS`, and `VAL_METRICS`
+when a validation split is held out). Train loss and accuracy are the running means over the
+epoch's batches (as Keras reports them, dropout on); validation and test loss and accuracy are
+evaluated after the epoch with dropout off and batch-norm running averages.
 """
 
 import dataclasses
@@ -25,6 +26,7 @@ from uspsjax import attacks
 from uspsjax.models import NETWORKS, draw_kernel
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
+VAL_METRICS = ("val_loss", "val_acc")  # between train and test when a validation split exists
 ADVERSARIAL = ("none", "fgsm", "pgd")
 LR_SCHEDULES = ("constant", "cosine")
 DTYPES = ("float32", "bfloat16")
@@ -95,6 +97,8 @@ class Data(NamedTuple):
     y_train: jax.Array
     x_test: jax.Array
     y_test: jax.Array
+    x_val: jax.Array | None = None
+    y_val: jax.Array | None = None
 
 
 def make_model(static: Static):
@@ -295,10 +299,11 @@ def train_steps(static: Static, state: MemberState, hp: Hparams, data: Data, bat
 def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data,
                 every: jax.Array | int = 1, on_step: Callable | None = None):
     """One epoch: a new shuffle of the member's training indices, full batches only (the last
-    partial batch is dropped; the next shuffle covers it), then evaluation on the test set.
+    partial batch is dropped; the next shuffle covers it), then evaluation on the validation
+    split (when `data` holds one) and the test set.
     `on_step` and `every` are passed to `train_steps`.
 
-    Returns the new state and this epoch's metrics `(len(METRICS),)`; NaN once diverged.
+    Returns the new state and this epoch's metrics (`metric_names`); NaN once diverged.
     """
     n = state.train_idx.shape[0]
     steps = n // static.batch_size
@@ -309,9 +314,18 @@ def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data,
     state, (losses, accs) = train_steps(static, state, hp, data, batches,
                                         jax.random.split(k_steps, steps), on_step, every)
     state = state.replace(epoch=state.epoch + 1)
-    test_loss, test_acc, _ = evaluate(static, state, hp, data.x_test, data.y_test)
-    metrics = jnp.stack([jnp.mean(losses), jnp.mean(accs), test_loss, test_acc])
-    return state, jnp.where(state.diverged > 0, jnp.nan, metrics)
+    held_out = [data.x_test, data.y_test] if data.x_val is None else [
+        data.x_val, data.y_val, data.x_test, data.y_test]
+    metrics = [jnp.mean(losses), jnp.mean(accs)]
+    for x, y in zip(held_out[::2], held_out[1::2]):
+        metrics += evaluate(static, state, hp, x, y)[:2]
+    return state, jnp.where(state.diverged > 0, jnp.nan, jnp.stack(metrics))
+
+
+def metric_names(validation: bool) -> tuple[str, ...]:
+    """The curves' columns: `METRICS`, with `VAL_METRICS` after the train pair when a
+    validation split is held out."""
+    return METRICS[:2] + VAL_METRICS + METRICS[2:] if validation else METRICS
 
 
 def compiler_options(platform: str) -> dict:
@@ -324,7 +338,8 @@ def compiler_options(platform: str) -> dict:
 
 def make_train(static: Static, data: Data):
     """A pure `train(key, hp) -> (state, curves)`: `static.epochs` epochs from the seed key,
-    curves of shape `(epochs, len(METRICS))`. It can be jitted and vmapped over (key, hp)."""
+    curves of shape `(epochs, len(metric_names(...)))`. It can be jitted and vmapped over
+    (key, hp)."""
     n_train = data.x_train.shape[0]
 
     def train(key: jax.Array, hp: Hparams):
@@ -339,6 +354,8 @@ def make_train(static: Static, data: Data):
 
 
 def as_data(dataset) -> Data:
-    """Device arrays from a `uspsjax.data.Dataset` (or any object with its four fields)."""
-    return Data(*(jnp.asarray(np.asarray(a)) for a in
-                  (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test)))
+    """Device arrays from a `uspsjax.data.Dataset` (or any object with its four fields, and
+    optionally `x_val`/`y_val`)."""
+    fields = (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test,
+              getattr(dataset, "x_val", None), getattr(dataset, "y_val", None))
+    return Data(*(None if a is None else jnp.asarray(np.asarray(a)) for a in fields))

@@ -1,0 +1,106 @@
+"""The validation split: held out once per sweep, reported beside train and test, and what
+the report selects on."""
+
+import numpy as np
+import pytest
+
+from conftest import assert_curves_match
+from test_paths import run_cli
+from test_results import make_run
+from uspsjax import data, population, report, results, sweep, train
+from uspsjax.errors import InputError
+
+SWEEP = """
+name = "held"
+networks = ["fc"]
+seeds = 2
+[base]
+epochs = 2
+batch_size = 32
+lr = 0.05
+[evaluation]
+validation = 200
+validation_seed = 3
+"""
+
+
+def test_split_is_disjoint_fixed_by_its_seed_and_keeps_the_order(dataset):
+    a = data.split_validation(dataset, 500, seed=1)
+    assert a.x_val.shape == (500, 256) and len(a.y_train) == len(dataset.y_train) - 500
+    assert a.x_test is dataset.x_test
+    # Every training image is in exactly one part, the training part in its original order.
+    rows = {r.tobytes(): i for i, r in enumerate(dataset.x_train)}
+    train_idx = [rows[r.tobytes()] for r in a.x_train]
+    val_idx = [rows[r.tobytes()] for r in a.x_val]
+    assert train_idx == sorted(train_idx) and not set(train_idx) & set(val_idx)
+    assert len(set(train_idx) | set(val_idx)) == len(dataset.y_train)
+    np.testing.assert_array_equal(a.y_val, dataset.y_train[val_idx])
+    again, other = data.split_validation(dataset, 500, seed=1), data.split_validation(dataset, 500, 2)
+    np.testing.assert_array_equal(again.x_val, a.x_val)
+    assert not np.array_equal(other.x_val, a.x_val)
+    assert data.split_validation(dataset, 0) is dataset
+    with pytest.raises(InputError, match="expected 0 <= n < 7291"):
+        data.split_validation(dataset, 7291)
+
+
+def test_a_sweep_reports_validation_beside_train_and_test(tmp_path, subset_h5, capsys, dataset):
+    path = tmp_path / "held.toml"
+    path.write_text(SWEEP)
+    code, out, err = run_cli(capsys, path, "--data", subset_h5, "--out", tmp_path / "out",
+                             "--checkpoints", tmp_path / "ck", "--quiet")
+    assert code == 0, err
+    run = results.read_metrics(tmp_path / "out" / "held" / "metrics.h5")
+    assert run["metrics"] == ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
+                              "test_acc")
+    assert (run["n_train"], run["validation"], run["validation_seed"]) == (824, 200, 3)
+    assert np.isfinite(run["curves"]).all() and run["curves"].shape == (2, 2, 6)
+    summary = (tmp_path / "out" / "held" / "summary.md").read_text()
+    assert "Validation: 200 training images held out (seed 3" in summary
+    assert "| train acc | val acc | test acc | train loss | val loss | test loss |" in summary
+    # The validation curves are the member's own on the held-out images: one split for both
+    # seeds, drawn from the training images, not the test set.
+    small = data.Dataset(dataset.x_train[:1024], dataset.y_train[:1024], dataset.x_test[:256],
+                         dataset.y_test[:256])
+    first = sweep.expand(sweep.load_sweep(str(path)))[0]
+    member = train.make_train(first.static, train.as_data(data.split_validation(small, 200, 3)))
+    _, curves = member(population.member_key(first.seed), train.make_hparams(**first.hparams))
+    assert_curves_match(run["curves"][0], np.asarray(curves), n_test=200)
+
+
+def test_validation_settings_are_checked(tmp_path):
+    for table, fragment in [("validation = -1", "integer >= 0"),
+                            ("validation = true", "integer >= 0"),
+                            ("validation = 7291", "leaves no training images"),
+                            ("validation_seed = 1.5", "integer >= 0"),
+                            ("holdout = 10", "evaluation takes")]:
+        path = tmp_path / "v.toml"
+        path.write_text(f'name = "v"\nnetworks = ["fc"]\n[evaluation]\n{table}\n')
+        with pytest.raises(InputError, match=fragment):
+            sweep.load_sweep(str(path))
+
+
+def test_the_report_selects_on_validation_when_there_is_one():
+    run = make_run()
+    # cnn: lr=0.001 (members 6-8) ahead on the validation split, lr=50 (9-11) on the test set.
+    curves = run["curves"]
+    val = np.where(np.isnan(curves[..., 2:]), np.nan, 0.5)
+    curves = np.concatenate([curves[..., :2], val, curves[..., 2:]], axis=-1)
+    curves[6:9, -1, 3], curves[6:9, -1, 5] = 0.99, 0.20
+    curves[9:11, -1, 3], curves[9:11, -1, 5] = 0.10, 0.95  # member 11 diverged
+    run.update(curves=curves, metrics=train.metric_names(True))
+    on_val = report.Study(run)
+    assert on_val.on == "val" and report.Study(make_run()).on == "test"
+    assert on_val.acc("cnn", "lr=0.001") == pytest.approx(0.99)
+    assert [label for label, _ in report.rank(on_val, "cnn")] == ["lr=0.001", "lr=50"]
+    assert on_val.beats("cnn", "lr=0.001", "lr=50") is True
+    # The tables still show test accuracy: what was chosen, reported on data it never saw.
+    assert on_val.rows[("cnn", "lr=50")]["test_acc_mean"] == pytest.approx(0.95)
+    assert on_val.cell("cnn", "lr=0.001").startswith("20.00 ± 0.00")
+
+
+def test_merging_results_with_other_curves_is_refused(tmp_path):
+    path = tmp_path / "held.toml"
+    path.write_text(SWEEP)
+    old = make_run()  # curves without validation
+    with pytest.raises(InputError, match="cannot merge"):
+        sweep.check_mergeable(sweep.load_sweep(str(path)), old, ["fc"])
