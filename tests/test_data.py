@@ -119,7 +119,7 @@ def test_download_via_locate(server, shared_h5, tmp_path, monkeypatch):
     assert path == tmp_path / "uspsjax" / "usps.h5"
     assert sorted(p.name for p in path.parent.iterdir()) == ["usps.h5"]
     got, want = data.read_h5(path), data.read_h5(shared_h5)
-    for g, w in zip(got, want):
+    for g, w in zip(got[:4], want[:4]):  # the four splits (no validation split here)
         assert g.dtype == w.dtype and g.shape == w.shape
         np.testing.assert_allclose(g, w, rtol=0, atol=1e-6)
     # Once cached, no network is needed: a dead mirror must not matter.

@@ -55,8 +55,11 @@ def frozen_parts(state):
 
 @pytest.mark.parametrize("batchnorm, hp", [("after", make_hparams(lr=50.0)),
                                            ("after", make_hparams(lr=50.0, momentum=0.9)),
-                                           ("none", make_hparams(lr=1e-3, init_scale=1e5))],
-                         ids=["lr50-batchnorm", "lr50-momentum-batchnorm", "init1e5"])
+                                           ("none", make_hparams(lr=1e-3, init_scale=1e5)),
+                                           ("none", make_hparams(lr=50.0, momentum=0.9,
+                                                                 weight_decay=0.01))],
+                         ids=["lr50-batchnorm", "lr50-momentum-batchnorm", "init1e5",
+                              "lr50-weight-decay"])
 def test_divergent_member_is_never_updated_again(small, batchnorm, hp):
     static = Static(network="fc", batch_size=16, epochs=3, batchnorm=batchnorm)
     step = jax.jit(partial(train_step, static))

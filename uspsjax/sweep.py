@@ -72,7 +72,9 @@ RANGES = {"lr": (0, math.inf, False, False), "momentum": (0, 1, True, False),
           "l1": (0, math.inf, True, False), "adv_eps": (0, 1, True, True),
           "bn_momentum": (0, 1, True, False), "epochs": (1, math.inf, True, False),
           "batch_size": (1, math.inf, True, False), "adv_steps": (1, math.inf, True, False),
-          "augment": (0, 15, True, True),
+          "augment": (0, 15, True, True), "weight_decay": (0, math.inf, True, False),
+          "label_smoothing": (0, 1, True, False), "rotate": (0, 180, True, True),
+          "scale": (0, 1, True, False),
           "init_scale": (-math.inf, math.inf, False, False)}
 # A name is one plain folder under OUT: no separators, no dots (so no "..", and no clash with the
 # LOWER_SCALE folders written beside a result).

@@ -28,7 +28,8 @@ from uspsjax.models import NETWORKS, draw_kernel
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 VAL_METRICS = ("val_loss", "val_acc")  # between train and test when a validation split exists
 ADVERSARIAL = ("none", "fgsm", "pgd")
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "onecycle")
+ONECYCLE_WARMUP = 0.3  # the share of the run over which "onecycle" warms up
 DTYPES = ("float32", "bfloat16")
 
 
@@ -46,11 +47,13 @@ class Static:
     bn_momentum: float = 0.99
     dropout_at: str = "none"      # "none", "conv", "dense" or "both"
     l1_at: str = "none"           # "none", "hidden" or "last" (hidden layer)
-    lr_schedule: str = "constant"  # "constant", or "cosine" decay to 0 over the run
+    lr_schedule: str = "constant"  # "constant", "cosine" decay to 0 over the run, or "onecycle"
+                                   # (linear warm-up over the first 30 %, then cosine to 0)
     adversarial: str = "none"     # "none", "fgsm" (with random start) or "pgd"
     adv_steps: int = 7            # PGD steps in adversarial training
     bootstrap: bool = False       # train each member on its own bootstrap resample
     augment: int = 0              # random shifts of up to this many pixels per training image
+    affine: bool = False          # random rotations and scalings (strengths: rotate, scale)
     dtype: str = "float32"        # compute dtype; parameters stay float32
 
 
@@ -65,10 +68,15 @@ class Hparams:
     dropout_dense: jax.Array
     l1: jax.Array
     adv_eps: jax.Array
+    weight_decay: jax.Array       # L2 weight decay added to the gradient (optax)
+    label_smoothing: jax.Array    # of the training targets (optax); 0: plain cross-entropy
+    rotate: jax.Array             # with `affine`: the largest rotation, in degrees
+    scale: jax.Array              # with `affine`: the largest relative change of size
 
 
 HPARAM_DEFAULTS = {"lr": 1e-3, "momentum": 0.0, "init_scale": 1.0, "dropout_conv": 0.0,
-                   "dropout_dense": 0.0, "l1": 0.0, "adv_eps": 0.0}
+                   "dropout_dense": 0.0, "l1": 0.0, "adv_eps": 0.0, "weight_decay": 0.0,
+                   "label_smoothing": 0.0, "rotate": 0.0, "scale": 0.0}
 
 
 def make_hparams(**values) -> Hparams:
@@ -108,10 +116,17 @@ def make_model(static: Static):
                                     dropout_at=static.dropout_at, l1_at=static.l1_at, **only_lc)
 
 
+def _sgd(learning_rate, momentum, weight_decay):
+    """SGD with momentum on the gradient plus `weight_decay` times the parameters."""
+    return optax.chain(optax.add_decayed_weights(weight_decay),
+                       optax.sgd(learning_rate=learning_rate, momentum=momentum))
+
+
 def make_optimizer(hp: Hparams) -> optax.GradientTransformation:
-    """SGD with momentum, its learning rate and momentum held as optimizer state
-    (`inject_hyperparams`), so one transformation serves a whole population."""
-    return optax.inject_hyperparams(optax.sgd)(learning_rate=hp.lr, momentum=hp.momentum)
+    """SGD with momentum and weight decay, its learning rate, momentum and decay held as
+    optimizer state (`inject_hyperparams`), so one transformation serves a whole population."""
+    return optax.inject_hyperparams(_sgd)(learning_rate=hp.lr, momentum=hp.momentum,
+                                          weight_decay=hp.weight_decay)
 
 
 def init_params(static: Static, key: jax.Array, init_scale: jax.Array):
@@ -160,6 +175,12 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
+def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing) -> jax.Array:
+    """Mean cross-entropy against one-hot targets smoothed towards uniform by `smoothing`."""
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+
+
 def forward(static: Static, params, batch_stats, x, hp: Hparams, *, train: bool, key=None):
     """Logits, updated batch statistics and the L1 activity penalty for a batch `x`."""
     model = make_model(static)
@@ -200,17 +221,60 @@ def shift_images(x: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
     return jax.vmap(crop)(images, offsets).reshape(x.shape)
 
 
+def schedule(name: str, progress: jax.Array) -> jax.Array:
+    """The learning rate's factor at `progress` in [0, 1) of the run: "cosine" decays from 1 to
+    0; "onecycle" rises linearly from 0.04 to 1 over the first 30 %, then decays as a cosine."""
+    if name == "cosine":
+        return 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    warm = ONECYCLE_WARMUP
+    rise = 0.04 + 0.96 * progress / warm
+    fall = 0.5 * (1.0 + jnp.cos(jnp.pi * (progress - warm) / (1 - warm)))
+    return jnp.where(progress < warm, rise, fall)
+
+
+def affine_images(x: jax.Array, key: jax.Array, rotate: jax.Array, scale: jax.Array) -> jax.Array:
+    """Each 16x16 image of `x` `(B, 256)` rotated by its own random angle in [-rotate, rotate]
+    degrees and resized by a random factor in [1 - scale, 1 + scale] (`warp_images`)."""
+    k_rot, k_scale = jax.random.split(key)
+    angle = jnp.deg2rad(rotate) * jax.random.uniform(k_rot, (x.shape[0],), minval=-1, maxval=1)
+    factor = 1 + scale * jax.random.uniform(k_scale, (x.shape[0],), minval=-1, maxval=1)
+    return warp_images(x, angle, factor)
+
+
+def warp_images(x: jax.Array, angle: jax.Array, factor: jax.Array) -> jax.Array:
+    """Each 16x16 image of `x` `(B, 256)` rotated about its centre by `angle` (radians, `(B,)`;
+    positive turns clockwise as the image is shown, row 0 on top) and resized by `factor`
+    `(B,)`, by bilinear interpolation, 0 (background) outside the image."""
+    side = 16
+    centre = (side - 1) / 2
+    rows, cols = jnp.meshgrid(jnp.arange(side) - centre, jnp.arange(side) - centre,
+                              indexing="ij")
+
+    def warp(image, a, f):
+        # Where each output pixel comes from: the inverse rotation and scaling of its position.
+        cos, sin = jnp.cos(a) / f, jnp.sin(a) / f
+        src = (cos * rows - sin * cols + centre, sin * rows + cos * cols + centre)
+        return jax.scipy.ndimage.map_coordinates(image, src, order=1, mode="constant")
+
+    return jax.vmap(warp)(x.reshape(-1, side, side), angle, factor).reshape(x.shape)
+
+
 def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progress=0.0):
     """One SGD step on batch (x, y). Returns the new state, the batch loss and accuracy.
 
-    `progress` in [0, 1) is how far the run is, for the cosine learning-rate schedule. With
-    `static.augment` the batch is first shifted at random (`shift_images`). With adversarial
-    training the objective is half clean and half adversarial loss (Goodfellow et al. 2015).
+    `progress` in [0, 1) is how far the run is, for the learning-rate `schedule`. With
+    `static.affine` the batch is first rotated and scaled at random (`affine_images`), with
+    `static.augment` shifted (`shift_images`). The objective is the cross-entropy against
+    targets smoothed by `hp.label_smoothing`; with adversarial training, half clean and half
+    adversarial (Goodfellow et al. 2015). The reported loss is the plain cross-entropy.
 
     A member whose loss is not finite is marked diverged (`state.diverged`, the 1-based epoch)
     and frozen from that step on: its parameters, batch statistics and optimizer state never
     change again. `healthy` says whether this step's loss was finite.
     """
+    if static.affine:
+        key, k_affine = jax.random.split(key)
+        x = affine_images(x, k_affine, hp.rotate, hp.scale)
     if static.augment:
         key, k_shift = jax.random.split(key)
         x = shift_images(x, k_shift, static.augment)
@@ -220,12 +284,13 @@ def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progr
         logits, batch_stats, penalty = forward(static, params, state.batch_stats, x, hp,
                                                train=True, key=k_drop)
         ce = jnp.mean(cross_entropy(logits, y))
-        loss = ce
+        loss = smoothed_cross_entropy(logits, y, hp.label_smoothing)
         if static.adversarial != "none":
             x_adv = adversarial_batch(static, params, state.batch_stats, x, y, hp, k_adv)
             adv_logits, _, _ = forward(static, params, state.batch_stats, x_adv, hp, train=True,
                                        key=k_drop)
-            loss = 0.5 * ce + 0.5 * jnp.mean(cross_entropy(adv_logits, y))
+            loss = 0.5 * loss + 0.5 * smoothed_cross_entropy(adv_logits, y,
+                                                             hp.label_smoothing)
         acc = jnp.mean(jnp.argmax(logits, -1) == y)
         return loss + hp.l1 * penalty, (ce, acc, batch_stats)
 
@@ -239,9 +304,10 @@ def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progr
     # trace exactly as it was, and the parameters keep their old values.
     grads = jax.tree.map(lambda g: jnp.where(active, g, 0.0), grads)
     stored = state.opt_state.hyperparams
-    step_hparams = {**stored, "momentum": jnp.where(active, stored["momentum"], 1.0)}
-    if static.lr_schedule == "cosine":
-        step_hparams["learning_rate"] = hp.lr * 0.5 * (1.0 + jnp.cos(jnp.pi * progress))
+    step_hparams = {**stored, "momentum": jnp.where(active, stored["momentum"], 1.0),
+                    "weight_decay": jnp.where(active, stored["weight_decay"], 0.0)}
+    if static.lr_schedule != "constant":
+        step_hparams["learning_rate"] = hp.lr * schedule(static.lr_schedule, progress)
     updates, opt_state = make_optimizer(hp).update(
         grads, state.opt_state._replace(hyperparams=step_hparams), state.params)
     opt_state = opt_state._replace(
