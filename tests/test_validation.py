@@ -6,7 +6,7 @@ import pytest
 
 from conftest import assert_curves_match
 from test_paths import run_cli
-from test_results import make_run
+from test_results import make_bagging_run, make_run
 from uspsjax import data, population, report, results, sweep, train
 from uspsjax.errors import InputError
 
@@ -104,3 +104,25 @@ def test_merging_results_with_other_curves_is_refused(tmp_path):
     old = make_run()  # curves without validation
     with pytest.raises(InputError, match="cannot merge"):
         sweep.check_mergeable(sweep.load_sweep(str(path)), old, ["fc"])
+
+
+def test_the_beyond_section_chooses_on_validation_and_tests_the_choice_once(tmp_path):
+    search = make_run(robust=False)
+    curves = search["curves"]
+    val = np.where(np.isnan(curves[..., 2:]), np.nan, 0.5)
+    curves = np.concatenate([curves[..., :2], val, curves[..., 2:]], axis=-1)
+    curves[9:11, -1, 3] = 0.9  # cnn lr=50 best on validation (member 11 diverged)
+    search.update(name="beyond", curves=curves, metrics=train.metric_names(True),
+                  validation=1000, settings=[dict(s) for s in search["settings"]])
+    final = make_bagging_run()
+    final.update(name="beyond-final",
+                 settings=[dict(s, network="cnn", label="lr=50") for s in final["settings"]])
+    out = tmp_path / "results"
+    results.write_results(out, search)
+    results.write_results(out, final)
+    text = report.build_report(out)
+    assert "Chosen on validation (1000 held-out training images): **lr=50**, 90.00 %" in text
+    assert "- the retrained recipe is the one chosen on validation: **holds** — lr=50." in text
+    assert "| uspsjax CNN, 3-member ensemble (mean ± std over 2) |" in text
+    assert "target: the ensemble's test error is at most 2.2 %" in text
+    assert "![beyond-final bagging](beyond-final/bagging.png)" in text
