@@ -50,7 +50,7 @@ def _train(xtr, ytr, steps=300, lr=1e-2):
 
 @pytest.fixture(scope="module")
 def setup(dataset):
-    xtr, ytr, xte, yte = dataset
+    xtr, ytr, xte, yte = dataset[:4]
     params = _train(jnp.asarray(xtr, jnp.float32), jnp.asarray(ytr, jnp.int32))
     x, y = jnp.asarray(xte[:N_ATTACK], jnp.float32), jnp.asarray(yte[:N_ATTACK], jnp.int32)
 

@@ -77,7 +77,10 @@ def test_shipped_sweeps_are_valid_and_have_the_study_values():
     assert momentum.axes["momentum"] == [0.5, 0.9, 0.99]
     assert (momentum.base["init"], momentum.base["lr"], momentum.base["batch_size"]) == (
         "glorot_uniform", 1e-3, 16)
-    assert all(sweep.load_sweep(n).seeds >= 3 for n in sweep.list_sweeps())
+    # Every reported result has error bars over >= 3 seeds; the recipe search (`beyond`)
+    # ranks 12 candidates on validation with 2 seeds each, and its pick is retrained with 3.
+    assert all(sweep.load_sweep(n).seeds >= 3 for n in sweep.list_sweeps() if n != "beyond")
+    assert sweep.load_sweep("beyond").seeds == 2 and sweep.load_sweep("beyond-final").seeds == 3
 
 
 def test_expansion_and_grouping(tmp_path):
