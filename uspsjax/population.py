@@ -194,9 +194,9 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
               on_epoch: Callable | None = None, on_step: Callable | None = None) -> dict:
     """Train the members `(keys, hps)` (leading axis `MEMBER_AXIS`) of one static group.
 
-    Returns numpy arrays: `curves (M, epochs, metrics)` (`train.metric_names`), `diverged (M,)` (epoch, 0 if
-    never), `test_probs (M, N_test, 10)`, `robust (M, len(ATTACKS), len(eps))` when
-    `evaluation.attack_eps` is set, and `chunks`, the number of chunks run. `on_epoch(info)` is
+    Returns numpy arrays: `curves (M, epochs, metrics)` (`train.metric_names`), `diverged
+    (M,)` (epoch, 0 if never), `test_probs (M, N_test, 10)`, `robust (M, len(ATTACKS),
+    len(eps))` when `evaluation.attack_eps` is set, and `chunks`, the number of chunks run. `on_epoch(info)` is
     called after each epoch with a dict (epoch, epochs, members, chunk, chunks, seconds,
     members_per_device: how the member axis of the parameters is laid out over the devices).
     `on_step(info)`, if given, is called from inside each epoch (`train.train_steps`) about
@@ -204,7 +204,7 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
     (epoch, epochs, step, steps, members, chunk, chunks, seconds since the epoch began).
     With `checkpoint` (a folder on a file system every process sees), each chunk's state is
     saved after every epoch and a run that finds one resumes from it; a finished chunk keeps only
-    its results, written by process 0.
+    its results, written by the first of the processes that trained it.
     """
     devices = devices or jax.devices()
     # The processes whose devices train this group; the first writes its finished chunks.

@@ -618,7 +618,6 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
 def _prepare_checkpoints(root: Path, fingerprint: str, resume: bool) -> None:
     """Start fresh checkpoints (process 0 clears the folder while the others wait), or check
     that the ones to resume belong to this sweep and device layout."""
-    from uspsjax import distributed
     stamp = root / "sweep.json"
     if resume:
         if not stamp.is_file():
