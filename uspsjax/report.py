@@ -395,9 +395,12 @@ def section_beyond(s: Study, final: Study | None) -> list[str]:
         row = s.rows[("cnn", label)]
         out.append(f"| {label} | {row['n']} | {pct(row['val_acc_mean'])} ± "
                    f"{100 * row['val_acc_std']:.2f} | {s.cell('cnn', label)} |")
-    chosen = rank(s, "cnn")[0]
+    order = rank(s, "cnn")
+    chosen, runner_up = order[0], order[1] if len(order) > 1 else order[0]
     out += ["", f"Chosen on validation ({s.run['validation']} held-out training images): "
-            f"**{chosen[0]}**, {pct(chosen[1])}. The search took "
+            f"**{chosen[0]}**, {pct(chosen[1])}; next {runner_up[0]}, {pct(runner_up[1])}. One "
+            f"validation image is {100 / s.run['validation']:.2f} points, so candidates this "
+            f"close are a draw, not a ranking. The search took "
             f"{s.run['wall_time_s'] / 60:.0f} min on {s.run['device']}.", ""]
     if final is None:
         return out + ["Not retrained yet: `python -m uspsjax.sweep beyond-final`."]
