@@ -2,7 +2,6 @@
 loopback, as a user launches them in two shells, against 1 process x 4 devices and 1 device;
 a killed process and a resume; only process 0 writes; clear refusals."""
 
-import os
 import random
 import signal
 import socket
@@ -14,7 +13,7 @@ import numpy as np
 import pytest
 
 from conftest import assert_curves_match
-from test_population import saved_epochs
+from test_population import env as population_env, saved_epochs
 from uspsjax import distributed, results, sweep
 from uspsjax.errors import InputError
 
@@ -51,8 +50,9 @@ def port_is_free(port: int) -> bool:
 
 
 def env(data, devices: int) -> dict:
-    return {**os.environ, "USPSJAX_DATA": str(data), "PYTHONPATH": os.getcwd(),
-            "JAX_PLATFORMS": "cpu", "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}"}
+    """A sweep's environment with `devices` CPU devices per process."""
+    return population_env(data, JAX_PLATFORMS="cpu",
+                          XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
 
 
 def sweep_cmd(path, out, ck, *extra):

@@ -79,15 +79,21 @@ def test_validation_settings_are_checked(tmp_path):
             sweep.load_sweep(str(path))
 
 
-def test_the_report_selects_on_validation_when_there_is_one():
-    run = make_run()
-    # cnn: lr=0.001 (members 6-8) ahead on the validation split, lr=50 (9-11) on the test set.
+def with_validation(run: dict) -> dict:
+    """`run` with validation curves (loss and accuracy 0.5, NaN where the test curves are)
+    between its train and test columns."""
     curves = run["curves"]
     val = np.where(np.isnan(curves[..., 2:]), np.nan, 0.5)
-    curves = np.concatenate([curves[..., :2], val, curves[..., 2:]], axis=-1)
+    return dict(run, curves=np.concatenate([curves[..., :2], val, curves[..., 2:]], axis=-1),
+                metrics=train.metric_names(True))
+
+
+def test_the_report_selects_on_validation_when_there_is_one():
+    run = with_validation(make_run())
+    # cnn: lr=0.001 (members 6-8) ahead on the validation split, lr=50 (9-11) on the test set.
+    curves = run["curves"]
     curves[6:9, -1, 3], curves[6:9, -1, 5] = 0.99, 0.20
     curves[9:11, -1, 3], curves[9:11, -1, 5] = 0.10, 0.95  # member 11 diverged
-    run.update(curves=curves, metrics=train.metric_names(True))
     on_val = report.Study(run)
     assert on_val.on == "val" and report.Study(make_run()).on == "test"
     assert on_val.acc("cnn", "lr=0.001") == pytest.approx(0.99)
@@ -107,13 +113,9 @@ def test_merging_results_with_other_curves_is_refused(tmp_path):
 
 
 def test_the_beyond_section_chooses_on_validation_and_tests_the_choice_once(tmp_path):
-    search = make_run(robust=False)
-    curves = search["curves"]
-    val = np.where(np.isnan(curves[..., 2:]), np.nan, 0.5)
-    curves = np.concatenate([curves[..., :2], val, curves[..., 2:]], axis=-1)
-    curves[9:11, -1, 3] = 0.9  # cnn lr=50 best on validation (member 11 diverged)
-    search.update(name="beyond", curves=curves, metrics=train.metric_names(True),
-                  validation=1000, settings=[dict(s) for s in search["settings"]])
+    search = with_validation(make_run(robust=False))
+    search["curves"][9:11, -1, 3] = 0.9  # cnn lr=50 best on validation (member 11 diverged)
+    search.update(name="beyond", validation=1000)
     final = make_bagging_run()
     final.update(name="beyond-final",
                  settings=[dict(s, network="cnn", label="lr=50") for s in final["settings"]])

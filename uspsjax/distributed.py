@@ -114,15 +114,22 @@ def to_host(x) -> np.ndarray:
     return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
+def raw_keys(tree):
+    """`tree` with typed PRNG keys as their raw data (what a transfer or checkpoint carries)."""
+    return jax.tree.map(lambda x: jax.random.key_data(x)
+                        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
+
+
+def typed_keys(raw, like):
+    """Undo `raw_keys`, taking the key types from `like`."""
+    return jax.tree.map(lambda r, x: jax.random.wrap_key_data(r, impl=jax.random.key_impl(x))
+                        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key) else r, raw, like)
+
+
 def put(tree, sharding):
     """Place host values (the same on every process) on `sharding`, typed PRNG keys included."""
-    def one(x):
-        if jax.dtypes.issubdtype(x.dtype, jax.dtypes.prng_key):
-            return jax.random.wrap_key_data(jax.device_put(np.asarray(jax.random.key_data(x)),
-                                                           sharding),
-                                            impl=jax.random.key_impl(x))
-        return jax.device_put(np.asarray(x), sharding)
-    return jax.tree.map(one, tree)
+    placed = jax.tree.map(lambda x: jax.device_put(np.asarray(x), sharding), raw_keys(tree))
+    return typed_keys(placed, tree)
 
 
 def gather(x) -> np.ndarray:
@@ -143,18 +150,13 @@ def barrier(name: str) -> None:
 def agree(error: str | None) -> None:
     """Raise InputError on every process when any process has an `error` (its own message, or a
     line naming the first process that refused), so that all refuse alike before training."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-        refused = np.asarray(multihost_utils.process_allgather(np.int32(error is not None)))
-        if error is None and refused.any():
-            error = f"process {int(np.argmax(refused))} of {refused.size} refused its input"
+    refused = gather(np.int32(error is not None))
+    if error is None and refused.any():
+        error = f"process {int(np.argmax(refused))} of {refused.size} refused its input"
     if error is not None:
         raise InputError(error)
 
 
 def agree_status(code: int) -> int:
     """The exit status every process returns: the worst (highest) of all processes' `code`."""
-    if jax.process_count() == 1:
-        return code
-    from jax.experimental import multihost_utils
-    return int(np.max(multihost_utils.process_allgather(np.int32(code))))
+    return int(gather(np.int32(code)).max())

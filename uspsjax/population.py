@@ -113,12 +113,19 @@ def member_cost(static: Static, n_train: int) -> float:
     return static.epochs * n_train * float((cost[0] if isinstance(cost, list) else cost)["flops"])
 
 
+def memory_budget_of(total_bytes: int, platform: str) -> int:
+    """The bytes a population may use on a device of `total_bytes`: 80 % of an accelerator's,
+    half of a CPU's host RAM (the rest is the system's and the compiler's)."""
+    return int(total_bytes * 0.8) if platform != "cpu" else total_bytes // 2
+
+
 def device_memory(device) -> int:
-    """Usable memory of `device` in bytes: the allocator's limit, or half the host RAM on CPU."""
+    """Usable memory of `device` in bytes (`memory_budget_of` its allocator's limit, or of the
+    host RAM on CPU)."""
     stats = device.memory_stats() if hasattr(device, "memory_stats") else None
     if stats and "bytes_limit" in stats:
-        return int(stats["bytes_limit"] * 0.8)
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        return memory_budget_of(stats["bytes_limit"], device.platform)
+    return memory_budget_of(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "cpu")
 
 
 def chunk_size(n_members: int, n_devices: int, member_bytes: int, budget: int) -> int:
@@ -144,25 +151,13 @@ def _checkpoints(folder: Path, processes: list[int]):
         create=False))
 
 
-def _raw_keys(tree):
-    """`tree` with typed PRNG keys as their raw data (what a checkpoint stores)."""
-    return jax.tree.map(lambda x: jax.random.key_data(x)
-                        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x, tree)
-
-
-def _typed_keys(raw, like):
-    """Undo `_raw_keys`, taking the key types from `like`."""
-    return jax.tree.map(lambda r, x: jax.random.wrap_key_data(r, impl=jax.random.key_impl(x))
-                        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else r, raw, like)
-
-
 def _save_epoch(manager, epoch: int, state, curves) -> None:
     """Checkpoint a chunk after `epoch` epochs: its state and its curves so far. Arrays sharded
     over several processes are saved shard by shard; those on one process's devices go as numpy
     (orbax refuses such host-local arrays when there are several processes)."""
     import orbax.checkpoint as ocp
     state = jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable else x,
-                         _raw_keys(state))
+                         distributed.raw_keys(state))
     manager.save(epoch, args=ocp.args.StandardSave({"state": state, "curves": curves}))
     manager.wait_until_finished()
 
@@ -170,14 +165,14 @@ def _save_epoch(manager, epoch: int, state, curves) -> None:
 def _restore_epoch(manager, state, curves):
     """The latest checkpoint of a chunk, laid out (sharded) as `state`, and its curves."""
     import orbax.checkpoint as ocp
-    raw = _raw_keys(state)
+    raw = distributed.raw_keys(state)
     template = {"state": jax.tree.map(
         lambda x: np.empty(x.shape, x.dtype) if x.is_fully_addressable
         else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), raw), "curves": curves}
     saved = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(template))
     placed = jax.tree.map(lambda r, x: jax.device_put(r, x.sharding) if x.is_fully_addressable
                           else r, saved["state"], raw)
-    return _typed_keys(placed, state), np.array(saved["curves"])
+    return distributed.typed_keys(placed, state), np.array(saved["curves"])
 
 
 def _pad(tree, size: int):

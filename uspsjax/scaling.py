@@ -23,13 +23,13 @@ from uspsjax.sweep import STUDY_ORDER, expand, group_members, load_sweep
 
 N_TRAIN = 7291
 DEVICE_COUNTS = (1, 8, 64)
-GPU_BYTES = 80 * 10**9  # an 80 GB accelerator, budgeted as `population.device_memory` does
-CPU_BYTES = 24 * 2**30  # this machine's RAM; the engine budgets half of it on a CPU
+GPU_BYTES = 80 * 10**9  # an 80 GB accelerator
+CPU_BYTES = 24 * 2**30  # this machine's RAM
 
 
 def budget(platform: str) -> int:
-    """The bytes per device the engine lets a population use (`population.device_memory`)."""
-    return int(GPU_BYTES * 0.8) if platform != "cpu" else CPU_BYTES // 2
+    """The bytes per device the engine lets a population use (`population.memory_budget_of`)."""
+    return population.memory_budget_of(CPU_BYTES if platform == "cpu" else GPU_BYTES, platform)
 
 
 def member_rate(rows: list[dict], network: str, batch_size: int, members: int) -> float:

@@ -380,10 +380,11 @@ def train_epoch(static: Static, state: MemberState, hp: Hparams, data: Data,
     state, (losses, accs) = train_steps(static, state, hp, data, batches,
                                         jax.random.split(k_steps, steps), on_step, every)
     state = state.replace(epoch=state.epoch + 1)
-    held_out = [data.x_test, data.y_test] if data.x_val is None else [
-        data.x_val, data.y_val, data.x_test, data.y_test]
+    held_out = [(data.x_test, data.y_test)]
+    if data.x_val is not None:
+        held_out.insert(0, (data.x_val, data.y_val))
     metrics = [jnp.mean(losses), jnp.mean(accs)]
-    for x, y in zip(held_out[::2], held_out[1::2]):
+    for x, y in held_out:
         metrics += evaluate(static, state, hp, x, y)[:2]
     return state, jnp.where(state.diverged > 0, jnp.nan, jnp.stack(metrics))
 
