@@ -101,6 +101,8 @@ SWEEP_FILES = {
     "dropout-1": ("name = 'x'\n[base]\ndropout_dense = 1.0\n", "dropout_dense = 1.0 is impossible"),
     "epochs-0": ("name = 'x'\n[base]\nepochs = 0\n", "epochs = 0 is impossible"),
     "seeds-0": ("name = 'x'\nseeds = 0\n", "seeds must be a positive integer"),
+    "cpu-ensemble-0": ("name = 'x'\n[ensemble]\nsize = 4\n[cpu.lc]\nensemble = 0\n",
+                       "cpu.lc.ensemble must be a positive integer"),
     "batch-too-big": ("name = 'x'\n[base]\nbatch_size = 10000\n", "batch_size = 10000"),
     "wrong-type": ("name = 'x'\n[base]\nepochs = '10'\n", "epochs must be an integer"),
     "empty-axis": ("name = 'x'\n[axes]\nmomentum = []\n", "non-empty list"),

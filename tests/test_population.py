@@ -159,6 +159,49 @@ def test_memory_estimate_chunks_a_large_lc_population():
     assert population.chunk_size(64, 8, lc, 2 * 2**30) % 8 == 0
 
 
+def test_chunks_are_even_and_within_their_limits():
+    # 8 members at most 3 at a time: 3 + 3 + 2, not 3 + 3 + 3 with a padded member.
+    assert population.chunk_size(8, 1, 1, 2**40, most=3) == 3
+    assert population.chunk_sizes(8, 3, 1) == [3, 3, 2]
+    # Memory alone: 9 members, 8 fit: two chunks of 5 (one padded), not 8 + 8.
+    assert population.chunk_size(9, 1, 100, 800) == 5
+    assert population.chunk_sizes(9, 5, 1) == [5, 4]
+    # Two devices: chunks stay multiples of the device count; the last padded to one.
+    assert population.chunk_size(7, 2, 1, 2**40, most=2) == 4
+    assert population.chunk_sizes(7, 4, 2) == [4, 4]
+    assert population.chunk_size(5, 1, 1, 2**40) == 5  # no limit: one chunk
+
+
+def test_cpu_chunks_keep_a_step_within_the_cache():
+    widths = {}
+    for net in ("fc", "cnn", "lc"):
+        for b in (16, 32, 128):
+            static = Static(network=net, batch_size=b)
+            widths[net, b] = population.cpu_members_per_chunk(static)
+            n_params, per_sample = population.member_sizes(static)
+            step_bytes = 4 * (3 * n_params + b * per_sample)
+            assert widths[net, b] * step_bytes <= population.CPU_CACHE_BYTES or widths[net, b] == 1
+            assert (widths[net, b] + 1) * step_bytes > population.CPU_CACHE_BYTES
+    assert population.member_sizes(Static(network="cnn"))[0] == 315_146
+    assert widths["lc", 16] == 1  # 133 MB of parameters: one member at a time
+    assert widths["fc", 16] > widths["cnn", 16] > widths["cnn", 128] == 1
+
+
+def test_cpu_population_in_cache_sized_chunks_equals_one_chunk(small, monkeypatch):
+    static = Static(network="cnn", epochs=1, batch_size=16)
+    assert population.cpu_members_per_chunk(static) == 3  # so 5 members run as 3 + 2
+    keys = jnp.stack([population.member_key(s) for s in range(5)])
+    # Small steps: a chaotic run would grow the chunks' rounding differences past the tolerance.
+    hps = population.stack([make_hparams(lr=0.002 * (1 + i)) for i in range(5)])
+    chunked = population.run_group(static, keys, hps, small)
+    assert (chunked["chunks"], chunked["chunk_members"]) == (2, 3)
+    monkeypatch.setattr(population, "CPU_CACHE_BYTES", 2**40)
+    whole = population.run_group(static, keys, hps, small)
+    assert (whole["chunks"], whole["chunk_members"]) == (1, 5)
+    assert_curves_match(whole["curves"], chunked["curves"], small.x_test.shape[0])
+    np.testing.assert_allclose(whole["test_probs"], chunked["test_probs"], rtol=0, atol=1e-4)
+
+
 def test_progress_is_reported_from_inside_epochs(small):
     static = Static(network="fc", epochs=2, batch_size=16)  # 32 steps an epoch
     keys = jnp.stack([population.member_key(s) for s in range(2)])

@@ -222,6 +222,13 @@ def test_ensemble_table_and_bagging_outputs(tmp_path):
         (3, 0.75, 0.0, 0.875, np.std([0.75, 1.0], ddof=1), 1, 6),  # seed 0: A+B+C = 3/4, seed 1: A+C = 4/4
     ]
     assert results.ensemble_table(make_run()) == []
+    # A network whose ensembles a sweep's [cpu] table shrank to one member: only k = 1.
+    lc = dict(run, settings=[dict(x, network="lc" if x["seed"] == 1 else "fc",
+                                  bag=1 if x["seed"] == 1 else x["bag"])
+                             for x in run["settings"][:4]], test_probs=run["test_probs"][:4],
+              diverged=run["diverged"][:4])
+    assert [(r["network"], r["k"]) for r in results.ensemble_table(lc)] == [
+        ("fc", 1), ("fc", 2), ("fc", 3), ("lc", 1)]
     folder = results.write_results(tmp_path, run)
     assert (folder / "bagging.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = (folder / "summary.md").read_text()

@@ -115,6 +115,16 @@ def test_static_axes_make_groups_and_cpu_limits_apply():
     assert all(m.static.epochs == 2 for m in forced)
 
 
+def test_cpu_table_may_shrink_one_networks_ensembles():
+    final = sweep.load_sweep("beyond-final")
+    sizes = {net: [sum(m.network == net and m.seed == s for m in members) for s in range(3)]
+             for members in [sweep.expand(final, on_cpu=True)] for net in ("cnn", "fc", "lc")}
+    assert sizes == {"cnn": [16] * 3, "fc": [16] * 3, "lc": [1] * 3}
+    full = sweep.expand(final, on_cpu=False)
+    assert sum(m.network == "lc" for m in full) == 48
+    assert {m.bag for m in full} == set(range(1, 17))
+
+
 def test_placement_axis_skips_networks_without_those_layers():
     members = sweep.expand(sweep.load_sweep("dropout"), {"seeds": 1})
     fc = {m.static.dropout_at for m in members if m.network == "fc"}

@@ -123,8 +123,11 @@ def test_the_beyond_section_chooses_on_validation_and_tests_the_choice_once(tmp_
     results.write_results(out, search)
     results.write_results(out, final)
     text = report.build_report(out)
-    assert "Chosen on validation (1000 held-out training images): **lr=50**, 90.00 %" in text
+    assert ("Chosen on the CNN's validation (1000 held-out training images): **lr=50**, 90.00 %"
+            in text)
+    assert "| lr=50 | 3 | diverged | diverged (3/3) |" in text  # the FC beside it
+    assert "For the FC the recipes rank differently: its best on validation is lr=0.001" in text
     assert "- the retrained recipe is the one chosen on validation: **holds** — lr=50." in text
     assert "| uspsjax CNN, 3-member ensemble (mean ± std over 2) |" in text
-    assert "target: the ensemble's test error is at most 2.2 %" in text
+    assert "target: the CNN ensemble's test error is at most 2.2 %" in text
     assert "![beyond-final bagging](beyond-final/bagging.png)" in text

@@ -4,7 +4,8 @@
 member (keys, `Hparams`, `MemberState`, curves) carries it first, and `train.train_epoch` is
 `vmap`ped over it. The member axis is sharded across the chosen devices with `jax.sharding`
 (the population is padded to a multiple of the device count), and split into chunks run one
-after another when the whole population would not fit the device memory.
+after another when the whole population would not fit the device memory or, on a CPU, its
+last-level cache (`cpu_members_per_chunk`).
 
 After every epoch the chunk's state is checkpointed atomically (orbax: every process saves its
 own shards), so `run_group(..., checkpoint=)` resumes an interrupted run from its last completed
@@ -31,6 +32,11 @@ from uspsjax.train import Data, Hparams, Static
 
 MEMBER_AXIS = 0
 STEP_CALL_SECONDS = 2.0  # the spacing of `on_step` calls inside an epoch
+# On a CPU, members vmapped together share its last-level cache (32 MiB here): once a step's
+# parameters, optimizer state and activations outgrow about half of it, every member trains
+# slower than it would alone (NOTES §14: 8 CNN members at batch 16 at 0.6x). Chunks keep a step's
+# working set of members under this many bytes.
+CPU_CACHE_BYTES = 16 * 2**20
 ATTACKS = ("fgsm", "pgd20")
 
 
@@ -88,19 +94,33 @@ def robust_accuracy(static: Static, state: train.MemberState, hp: Hparams, x, y,
     return (counts / n).T
 
 
-def bytes_per_member(static: Static, n_train: int) -> int:
-    """An estimate of one member's device memory: parameters, momentum, gradients and the
-    updated copy (4 x parameters), plus a batch's activations kept for the backward pass."""
+def member_sizes(static: Static) -> tuple[int, int]:
+    """(parameters, activation values per sample: every layer's output) of one member."""
     model = train.make_model(static)
     variables = jax.eval_shape(partial(model.init, train=False), jax.random.key(0),
                                jnp.zeros((1, 256)))
     n_params = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(variables["params"]))
     _, inter = jax.eval_shape(partial(model.apply, train=False, capture_intermediates=True,
                                       mutable=["intermediates"]), variables, jnp.zeros((1, 256)))
-    per_sample = sum(int(np.prod(v.shape)) for v in jax.tree.leaves(inter))
+    return n_params, sum(int(np.prod(v.shape)) for v in jax.tree.leaves(inter))
+
+
+def bytes_per_member(static: Static, n_train: int) -> int:
+    """An estimate of one member's device memory: parameters, momentum, gradients and the
+    updated copy (4 x parameters), plus a batch's activations kept for the backward pass."""
+    n_params, per_sample = member_sizes(static)
     # The LC layer builds a patch tensor kernel-size times its input: count activations 3x.
     batch = max(static.batch_size, 512)  # evaluation runs in chunks of 512
     return 4 * (4 * n_params + 3 * batch * per_sample) + 8 * n_train
+
+
+def cpu_members_per_chunk(static: Static) -> int:
+    """How many members a CPU trains together: as many as keep a training step's working set
+    (parameters, momentum and gradients, and the batch's activations, float32) within
+    `CPU_CACHE_BYTES`, at least one. Depends on the static settings only, so a command always
+    splits a group the same way."""
+    n_params, per_sample = member_sizes(static)
+    return max(1, CPU_CACHE_BYTES // (4 * (3 * n_params + static.batch_size * per_sample)))
 
 
 def member_cost(static: Static, n_train: int) -> float:
@@ -128,12 +148,30 @@ def device_memory(device) -> int:
     return memory_budget_of(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"), "cpu")
 
 
-def chunk_size(n_members: int, n_devices: int, member_bytes: int, budget: int) -> int:
-    """The most members per chunk that fit `budget` bytes per device, a multiple of the device
-    count (at least one member per device)."""
-    per_device = max(1, budget // max(member_bytes, 1))
+def chunk_size(n_members: int, n_devices: int, member_bytes: int, budget: int,
+               most: int | None = None) -> int:
+    """Members per chunk: a multiple of the device count (at least one member per device), at
+    most what fits `budget` bytes per device and `most` members per device, and as even as the
+    chunks allow (the last chunk is padded to this size, so padding stays below one member per
+    chunk and device)."""
+    per_device = min(max(1, budget // max(member_bytes, 1)), most or n_members)
     needed = -(-n_members // n_devices)  # members per device if all run at once (padded)
-    return min(needed, per_device) * n_devices
+    chunks = -(-needed // per_device)
+    return -(-needed // chunks) * n_devices
+
+
+def plan_chunks(static: Static, n_members: int, devices: list, n_train: int, budget: int) -> int:
+    """Members per chunk (`chunk_size`) for `n_members` of one static group on `devices`, each
+    with `budget` bytes; on a CPU also within its cache (`cpu_members_per_chunk`)."""
+    most = cpu_members_per_chunk(static) if devices[0].platform == "cpu" else None
+    return chunk_size(n_members, len(devices), bytes_per_member(static, n_train), budget, most)
+
+
+def chunk_sizes(n_members: int, size: int, n_devices: int) -> list[int]:
+    """The padded size of each chunk of `size` members: the last holds the rest, padded to a
+    multiple of the device count. At most two distinct sizes: two compiled programs."""
+    return [-(-min(size, n_members - lo) // n_devices) * n_devices
+            for lo in range(0, n_members, size)]
 
 
 def _checkpoints(folder: Path, processes: list[int]):
@@ -191,7 +229,8 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
 
     Returns numpy arrays: `curves (M, epochs, metrics)` (`train.metric_names`), `diverged
     (M,)` (epoch, 0 if never), `test_probs (M, N_test, 10)`, `robust (M, len(ATTACKS),
-    len(eps))` when `evaluation.attack_eps` is set, and `chunks`, the number of chunks run. `on_epoch(info)` is
+    len(eps))` when `evaluation.attack_eps` is set, `chunks`, the number of chunks run one after
+    another, and `chunk_members`, the members per chunk (padding included). `on_epoch(info)` is
     called after each epoch with a dict (epoch, epochs, members, chunk, chunks, seconds,
     members_per_device: how the member axis of the parameters is laid out over the devices).
     `on_step(info)`, if given, is called from inside each epoch (`train.train_steps`) about
@@ -206,8 +245,7 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
     processes = sorted({d.process_index for d in devices})
     n_members = keys.shape[MEMBER_AXIS]
     budget = memory_budget or device_memory(jax.local_devices()[0])
-    size = chunk_size(n_members, len(devices), bytes_per_member(static, data.x_train.shape[0]),
-                      budget)
+    size = plan_chunks(static, n_members, devices, data.x_train.shape[0], budget)
     n_chunks = -(-n_members // size)
     mesh = Mesh(np.array(devices), ("member",))
     by_member = NamedSharding(mesh, PartitionSpec("member"))
@@ -246,28 +284,28 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         return probs, robust
 
     final = jax.jit(jax.vmap(final_eval))
-    results, compiled = [], None
-    for c in range(n_chunks):
+    results, compiled = [], {}  # a program per padded chunk size
+    for c, padded in enumerate(chunk_sizes(n_members, size, len(devices))):
         lo, hi = c * size, min((c + 1) * size, n_members)
         done_path = checkpoint / f"chunk{c}.done.npz" if checkpoint else None
         if done_path and done_path.exists():
             with np.load(done_path) as f:
                 results.append({k: f[k] for k in f.files})
             continue
-        k_chunk = distributed.put(_pad(keys[lo:hi], size), by_member)
-        hp_chunk = distributed.put(_pad(jax.tree.map(lambda x: x[lo:hi], hps), size), by_member)
+        k_chunk = distributed.put(_pad(keys[lo:hi], padded), by_member)
+        hp_chunk = distributed.put(_pad(jax.tree.map(lambda x: x[lo:hi], hps), padded), by_member)
         state = init(k_chunk, hp_chunk)
-        curves = np.full((size, static.epochs, n_metrics), np.nan, np.float32)
+        curves = np.full((padded, static.epochs, n_metrics), np.nan, np.float32)
         manager = _checkpoints(checkpoint / f"chunk{c}", processes) if checkpoint else None
         if manager and manager.latest_step() is not None:
             state, curves = _restore_epoch(manager, state, curves)
-        if compiled is None:  # ahead, so that an epoch's clock times training only
-            compiled = epoch_fn.lower(state, hp_chunk, data, jnp.int32(every)).compile(
+        if padded not in compiled:  # ahead, so that an epoch's clock times training only
+            compiled[padded] = epoch_fn.lower(state, hp_chunk, data, jnp.int32(every)).compile(
                 train.compiler_options(devices[0].platform))
         for epoch in range(int(distributed.to_host(state.epoch)[0]), static.epochs):
             t0 = time.perf_counter()
             running.update(epoch=epoch + 1, chunk=c + 1, members=hi - lo, t0=t0, step=0)
-            state, metrics = compiled(state, hp_chunk, data, jnp.int32(every))
+            state, metrics = compiled[padded](state, hp_chunk, data, jnp.int32(every))
             curves[:, epoch] = distributed.to_host(metrics)
             # Space the next epoch's calls from this one's pace (a traced count: same program).
             every = max(1, int(steps * STEP_CALL_SECONDS / (time.perf_counter() - t0)))
@@ -297,5 +335,5 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         results.append(out)
         del state
     merged = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
-    merged["chunks"] = n_chunks
+    merged["chunks"], merged["chunk_members"] = n_chunks, size
     return merged

@@ -62,8 +62,8 @@ def profile(network: str, batch_size: int, population: int, steps: int, dtype: s
     """Profile one configuration. Returns (wall seconds of the traced call, [(op, seconds per
     step, output type, source)] from slowest to fastest)."""
     static, hparams = bench.bench_setup(network, batch_size, dtype)
-    compiled, state, hp, batches, _, _ = bench.build_population(static, hparams, data,
-                                                                population, steps)
+    compiled, state, hp, _, _ = bench.build_population(static, hparams, data, population, steps)
+    batches = bench.member_batches(data.x_train.shape[0], population, steps, batch_size)
     ops = hlo_ops(compiled.as_text())
     state = jax.block_until_ready(compiled(state, hp, batches, data)[0])  # warm-up
     with tempfile.TemporaryDirectory() as tmp:

@@ -234,9 +234,10 @@ def ensemble_accuracy(probs: np.ndarray, y: np.ndarray, keep: np.ndarray) -> flo
 
 
 def ensemble_table(run: dict) -> list[dict]:
-    """Bagging: per (network, label) and k = 1..K, single-member and k-member ensemble accuracy.
+    """Ensembles: per (network, label) and k = 1..K, single-member and k-member ensemble accuracy.
 
-    Members sharing (network, label, seed) with bag = 1..K form one ensemble; seeds are
+    Members sharing (network, label, seed) with bag = 1..K form one ensemble (K: the largest bag
+    of that network, which a sweep's `[cpu]` table may set below its ensemble size); seeds are
     independent ensembles. Row keys: network, label, k, single_mean/std (the bag=k members),
     ensemble_mean/std (bags 1..k, diverged ones left out), left_out (diverged members left out,
     summed over seeds), n_members (members considered, summed over seeds). Empty if not bagging.
@@ -246,7 +247,7 @@ def ensemble_table(run: dict) -> list[dict]:
     rows = []
     for net, label, idx in _settings_groups(run) if run["ensemble"] else []:
         seeds = list(dict.fromkeys(settings[i]["seed"] for i in idx))
-        for k in range(1, run["ensemble"] + 1):
+        for k in range(1, max(settings[i]["bag"] for i in idx) + 1):
             single, ensemble, left_out, n_members = [], [], 0, 0
             for seed in seeds:
                 bags = {settings[i]["bag"]: i for i in idx if settings[i]["seed"] == seed}

@@ -16,11 +16,13 @@ A sweep file (see `sweeps/*.toml`):
     [per_network.lc]                 # settings for one network, over base
     epochs = 30
     [cpu.lc]                         # only when running on a CPU: the LC net is slow there
-    epochs = 2                       # (also `seeds`); said in the output, --epochs overrides
+    epochs = 2                       # (also `seeds`, and `ensemble`: a smaller size); said in
+                                     # the output, --epochs/--seeds override
     [axes]                           # the grid: every combination, for every network and seed
     lr = [1e-6, 1e-3, 50]
     dropout = [{label = "rate 0.1", dropout_conv = 0.1, dropout_dense = 0.1}, ...]  # tied settings
-    [ensemble]                       # bagging: `size` bootstrap members per (setting, seed)
+    [ensemble]                       # `size` members per (setting, seed): bootstrap resamples
+                                     # (bagging) with `bootstrap = true`, else their own seeds
     size = 6
     [evaluation]                     # robust accuracy after training
     attack_eps = [0.05, 0.1]
@@ -229,9 +231,10 @@ def load_sweep(name_or_path: str, n_train: int = 7291) -> Sweep:
             if not isinstance(table, dict):
                 raise InputError(f"{where}: {key}.{net} must be a table of settings")
             table = dict(table)
-            net_seeds = table.pop("seeds", 1) if key == "cpu" else 1
-            if isinstance(net_seeds, bool) or not isinstance(net_seeds, int) or net_seeds < 1:
-                raise InputError(f"{where}: {key}.{net}.seeds must be a positive integer")
+            for count in ("seeds", "ensemble") if key == "cpu" else ():
+                value = table.pop(count, 1)
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise InputError(f"{where}: {key}.{net}.{count} must be a positive integer")
             _check_settings(f"{where}: {key}.{net}", table, n_train)
     axes = raw.get("axes", {})
     if not isinstance(axes, dict):
@@ -336,12 +339,14 @@ def expand(sweep: Sweep, overrides: dict | None = None, on_cpu: bool = False) ->
     limits = cpu_limits(sweep, overrides, on_cpu)
     seeds = {net: overrides.get("seeds", limits.get(net, {}).get("seeds", sweep.seeds))
              for net in networks}
-    check_grid_size(str(sweep.path), sum(seeds.values()) * (sweep.ensemble or 1)
+    sizes = {net: min(sweep.ensemble, limits.get(net, {}).get("ensemble", sweep.ensemble))
+             for net in networks}
+    check_grid_size(str(sweep.path), sum(seeds[n] * (sizes[n] or 1) for n in networks)
                     * math.prod(map(len, sweep.axes.values())))
     grid = list(itertools.product(*(_axis_points(a, v) for a, v in sweep.axes.items())))
     members = []
     for net in networks:
-        limit = {k: v for k, v in limits.get(net, {}).items() if k != "seeds"}
+        limit = {k: v for k, v in limits.get(net, {}).items() if k not in ("seeds", "ensemble")}
         for point in grid:
             label = " ".join(part for part, _ in point) or "default"
             settings = {**NETWORKS[net].defaults, **sweep.base, **sweep.per_network.get(net, {}),
@@ -354,7 +359,7 @@ def expand(sweep: Sweep, overrides: dict | None = None, on_cpu: bool = False) ->
                 continue  # a placement axis reaches layers this network lacks: not its point
             static, hparams = split_settings(net, settings, where=f"{sweep.path}: {net} {label}")
             for seed in range(seeds[net]):
-                for bag in range(1, sweep.ensemble + 1) if sweep.ensemble else [0]:
+                for bag in range(1, sizes[net] + 1) if sizes[net] else [0]:
                     members.append(Member(net, seed, bag, label, static, hparams))
     for net in networks:
         if not any(m.network == net for m in members):
@@ -572,7 +577,8 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
                                    on_step=progress if live else None)
         wall = time.perf_counter() - t0
         if res["chunks"] > 1:
-            log(f"  [{g + 1}/{len(groups)}] {label}: ran in {res['chunks']} chunks to fit memory")
+            log(f"  [{g + 1}/{len(groups)}] {label}: ran as {res['chunks']} chunks of "
+                f"{res['chunk_members']} members (to fit the memory or, on a CPU, the cache)")
         curves[idx, : static.epochs] = res["curves"]
         diverged[idx] = res["diverged"]
         probs[idx] = res["test_probs"]
