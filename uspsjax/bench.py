@@ -206,11 +206,19 @@ def build_population(static, hparams: dict, data: train.Data, members: int, step
     return compiled, state, hp, compile_s, xla_bytes
 
 
-def choose_steps(flops_per_step: float, peak: float, quick: bool) -> int:
+# Fewest steps per call: each call allocates its buffers afresh, which XLA:CPU pays for in page
+# faults (NOTES §14: the CNN at batch 1024, 2 steps a call, ran 0.78x of a whole epoch's 7).
+# Training calls one program per epoch, so the bench's calls are at least this long, or an epoch.
+MIN_STEPS = 8
+
+
+def choose_steps(flops_per_step: float, peak: float, quick: bool, epoch_steps: int) -> int:
     """Steps per call: enough that one call lasts ~0.1 s (0.3 s in a full run) at a third of the
-    matmul peak, so per-call dispatch is amortized, but at least 2 and at most 10 (20)."""
+    matmul peak, so per-call costs are amortized, at most 10 (20), and at least `MIN_STEPS` or
+    the `epoch_steps` of one epoch, whichever is fewer: what one call of training runs."""
     target, cap = (0.1, 10) if quick else (0.3, 20)
-    return int(np.clip(round(target * peak / 3 / flops_per_step), 2, cap))
+    low = min(MIN_STEPS, epoch_steps)
+    return int(np.clip(round(target * peak / 3 / flops_per_step), low, max(low, cap)))
 
 
 def measure_chunks(programs: dict, batches, data, size: int, repeats: int, target_s: float):
@@ -248,7 +256,8 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
         bound = row_bound(network, b, n_params, peaks, device.platform, lowering)
         # One step count per batch size, so the P=1 program replays any member's batches.
         steps = (2 if args.quick and network == "lc"
-                 else choose_steps(max(populations) * b * fps, peak, args.quick))
+                 else choose_steps(max(populations) * b * fps, peak, args.quick,
+                                   data.x_train.shape[0] // b))
         # Programs by member count (the P=1 one also times members one after another), each
         # with its compile seconds and XLA memory.
         programs, built = {}, {}

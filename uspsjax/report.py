@@ -386,10 +386,11 @@ PUBLISHED = [("human", "~2.5 %", 0.025), ("tangent distance, kernel density (Key
              ("LeNet (LeCun et al. 1989)", "~5 %", 0.05)]
 
 
-def section_beyond(s: Study, final: Study | None) -> list[str]:
+def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> list[str]:
     """Recipes for the study's CNN compared on validation only (and the FC beside it); the chosen
     one retrained on every training image, for the CNN as ensembles of independently seeded
-    members, and for the FC and LC as far as the sweep ran them, each tested once."""
+    members, and for the FC and LC as far as the sweep ran them, each tested once and set beside
+    the network's default training (`baseline`)."""
     out = []
     for net in s.networks():
         out += [f"{NAMES[net]}:", "",
@@ -439,7 +440,19 @@ def section_beyond(s: Study, final: Study | None) -> list[str]:
                        f"{seeds}) | {100 * (1 - ens['ensemble_mean']):.2f} % | "
                        f"{100 * ens['ensemble_mean']:.2f} ± {100 * ens['ensemble_std']:.2f} |")
     out += [f"| {name} | {text} | — |" for name, text, _ in PUBLISHED]
-    out += ["", "Each network's default training and the study's own models: Task 1."]
+    out.append("")
+    for net in final.networks() if baseline else ():
+        label = final.labels(net)[0]
+        ours, base = final.acc(net, label), baseline.acc(net, "default")
+        if ours is not None and base is not None:
+            noise = math.hypot(final.rows[(net, label)]["test_acc_std"],
+                               baseline.rows[(net, "default")]["test_acc_std"])
+            train_acc = final.rows[(net, label)]["train_acc_mean"]
+            out.append(verdict(None if abs(ours - base) <= noise else ours > base,
+                               f"{NAMES[net]}: one member trained with the recipe beats the "
+                               "default training of Task 1",
+                               f"{pct(ours)} vs {pct(base)} (train accuracy on the recipe's "
+                               f"augmented images {pct(train_acc)})"))
     row = final.rows[("cnn", final.labels("cnn")[0])]
     ens = ensembles[("cnn", sizes["cnn"])]
     out += ["", verdict(1 - ens["ensemble_mean"] <= 0.022,
@@ -465,13 +478,13 @@ SECTIONS = [
     ("batchnorm", "Beyond the study — batch normalization", section_batchnorm, ()),
     ("beyond", "Beyond the study — the CNN at the best published USPS error", section_beyond, ()),
 ]
-# Sections that read a second sweep besides their own.
-PARTNERS = {"momentum": "lr", "beyond": "beyond-final"}
+# Sections that read other sweeps besides their own (each passed as a Study, or None).
+PARTNERS = {"momentum": ("lr",), "beyond": ("beyond-final", "baseline")}
 
 
 def build_report(root: Path) -> str:
     """The text of REPORT.md from the sweeps and benchmarks under `root`."""
-    names = [name for name, *_ in SECTIONS] + list(PARTNERS.values())
+    names = [name for name, *_ in SECTIONS] + [p for ps in PARTNERS.values() for p in ps]
     studies = {name: Study(results.read_metrics(root / name / "metrics.h5"))
                for name in dict.fromkeys(names) if (root / name / "metrics.h5").is_file()}
     lines = ["# uspsjax reproduction report", "",
@@ -505,10 +518,7 @@ def build_report(root: Path) -> str:
                   f"{len(run['settings'])} members, {run['wall_time_s']:.0f} s on {run['device']}."
                   + (f" Overrides: {results.describe_overrides(run['overrides'])}."
                      if run["overrides"] else ""), ""]
-        if name in PARTNERS:
-            lines += section(study, studies.get(PARTNERS[name]))
-        else:
-            lines += section(study)
+        lines += section(study, *(studies.get(p) for p in PARTNERS.get(name, ())))
         lines += ["", *figures(name, extra), ""]
     return "\n".join(lines)
 
