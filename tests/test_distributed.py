@@ -281,5 +281,5 @@ def test_resume_refuses_a_checkpoint_of_another_layout(tmp_path, subset_h5, caps
     code = sweep.main([str(path), "--data", str(subset_h5), "--out", str(tmp_path / "out"),
                        "--checkpoints", str(ck), "--resume"])
     err = capsys.readouterr().err
-    assert code == 2 and "layout (processes, devices, memory budget, placement)" in err
+    assert code == 2 and "layout (processes, devices, memory budget, chunks, placement)" in err
     assert not (tmp_path / "out").exists()

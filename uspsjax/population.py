@@ -34,8 +34,8 @@ MEMBER_AXIS = 0
 STEP_CALL_SECONDS = 2.0  # the spacing of `on_step` calls inside an epoch
 # On a CPU, members vmapped together share its last-level cache (32 MiB here): once a step's
 # parameters, optimizer state and activations outgrow about half of it, every member trains
-# slower than it would alone (NOTES §14: 8 CNN members at batch 16 at 0.6x). Chunks keep a step's
-# working set of members under this many bytes.
+# slower than it would alone (NOTES §14: 8 CNN members at batch 16 at 0.64-0.87x). Chunks keep a
+# step's working set of members under this many bytes.
 CPU_CACHE_BYTES = 16 * 2**20
 ATTACKS = ("fgsm", "pgd20")
 
@@ -152,8 +152,7 @@ def chunk_size(n_members: int, n_devices: int, member_bytes: int, budget: int,
                most: int | None = None) -> int:
     """Members per chunk: a multiple of the device count (at least one member per device), at
     most what fits `budget` bytes per device and `most` members per device, and as even as the
-    chunks allow (the last chunk is padded to this size, so padding stays below one member per
-    chunk and device)."""
+    chunks allow: 8 members at most 3 at a time run as 3 + 3 + 2 (`chunk_sizes`)."""
     per_device = min(max(1, budget // max(member_bytes, 1)), most or n_members)
     needed = -(-n_members // n_devices)  # members per device if all run at once (padded)
     chunks = -(-needed // per_device)

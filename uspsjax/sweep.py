@@ -435,12 +435,12 @@ def _fingerprint(sweep: Sweep, overrides: dict, devices, memory_budget: int | No
                  placement: str) -> str:
     """What a checkpoint must match to be resumed: the sweep file, the overrides, and what
     decides where each group trains and how it is split into chunks (the processes, devices,
-    memory budget and placement)."""
+    memory budget, the CPU cache a chunk keeps within, and placement)."""
     import jax
     from uspsjax import population
     layout = {"processes": jax.process_count(), "devices": len(devices or jax.devices()),
               "memory_budget": memory_budget or population.device_memory(jax.local_devices()[0]),
-              "placement": placement}
+              "cpu_cache_bytes": population.CPU_CACHE_BYTES, "placement": placement}
     return json.dumps({"sweep": sweep.text, "overrides": overrides, "layout": layout},
                       sort_keys=True)
 
@@ -630,7 +630,7 @@ def _prepare_checkpoints(root: Path, fingerprint: str, resume: bool) -> None:
             raise InputError(f"{root}: nothing to resume (no checkpoint of this sweep)")
         if stamp.read_text() != fingerprint:
             raise InputError(f"{root}: the checkpoint is of a different sweep file, overrides or "
-                             "layout (processes, devices, memory budget, placement); run without "
+                             "layout (processes, devices, memory budget, chunks, placement); run without "
                              "--resume to start again")
         return
     if distributed.is_writer():
