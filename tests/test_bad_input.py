@@ -286,6 +286,18 @@ def test_merge_that_does_not_match_is_refused_before_training(earlier_fc, tmp_pa
     assert "fc" in line and (out / "two" / "metrics.h5").is_file()
 
 
+def test_merge_with_other_data_is_refused_before_training(earlier_fc, tmp_path, capsys):
+    root, out = earlier_fc
+    capsys.readouterr()
+    other = tiny_h5(tmp_path / "other.h5", **{"test/data": np.zeros((6, 256), np.float32),
+                                              "test/target": np.arange(6, dtype=np.int32)})
+    line = refuse_sweep(capsys, tmp_path, [str(root / "two.toml"), "--networks", "cnn",
+                                           "--merge", "--data", str(other)],
+                        "tested on 10; this data has 20 and 6, or other test labels: "
+                        "cannot merge", out=out)
+    assert "trained on 20 images" in line and (out / "two" / "metrics.h5").is_file()
+
+
 def test_unreadable_earlier_result_is_refused(tmp_path, capsys):
     out = tmp_path / "out"
     (out / "tiny").mkdir(parents=True)

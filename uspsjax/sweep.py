@@ -718,14 +718,15 @@ def larger_result(old_settings: list[dict], members: list[Member], merge: bool) 
     return "; ".join(larger) or None
 
 
-def plan_output(sweep: Sweep, members: list[Member], n_train: int, out: Path, merge: bool,
-                replace: bool) -> tuple[str, dict | None, str | None]:
+def plan_output(sweep: Sweep, members: list[Member], n_train: int, y_test, out: Path,
+                merge: bool, replace: bool) -> tuple[str, dict | None, str | None]:
     """Decide, before training, where a run of `members` goes and check that it can.
 
     Returns (the folder name under `out`, the earlier run to merge with or None, a line to say
     when the run goes beside the earlier result). The folder is NAME, or NAME + LOWER_SCALE when
     NAME holds a larger result and not `replace`. InputError if a batch exceeds the `n_train`
-    training samples, the earlier result cannot be read, or a merge would mix settings.
+    training samples, the earlier result cannot be read, or a merge would mix settings or data
+    (another training-set size, or other test labels than the data's `y_test`).
     """
     biggest = max(m.static.batch_size for m in members)
     if biggest > n_train:
@@ -741,6 +742,11 @@ def plan_output(sweep: Sweep, members: list[Member], n_train: int, out: Path, me
         raise InputError(f"{done}: cannot read the existing result ({' '.join(str(e).split())}); "
                          "move it away, or --replace it") from None
     if merge:
+        import numpy as np
+        if old["n_train"] != n_train or not np.array_equal(old["y_test"], y_test):
+            raise InputError(f"{done}: the earlier run trained on {old['n_train']} images and "
+                             f"tested on {len(old['y_test'])}; this data has {n_train} and "
+                             f"{len(y_test)}, or other test labels: cannot merge")
         check_mergeable(sweep, old, list(dict.fromkeys(m.network for m in members)))
     larger = None if replace else larger_result(old["settings"], members, merge)
     if larger is None:
@@ -809,8 +815,8 @@ def _plan(args, log) -> tuple:
             log(f"sweep {sweep.name}: already complete in {done}, skipped")
             continue
         plans.append((sweep, *plan_output(sweep, expand(sweep, overrides, on_cpu),
-                                          len(dataset.y_train) - sweep.validation, out,
-                                          args.merge, args.replace)))
+                                          len(dataset.y_train) - sweep.validation,
+                                          dataset.y_test, out, args.merge, args.replace)))
     return plans, overrides, dataset, devices
 
 
