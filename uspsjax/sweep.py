@@ -743,7 +743,8 @@ def plan_output(sweep: Sweep, members: list[Member], n_train: int, y_test, out: 
                          "move it away, or --replace it") from None
     if merge:
         import numpy as np
-        if old["n_train"] != n_train or not np.array_equal(old["y_test"], y_test):
+        # Results written before `n_train` was recorded say None: their test labels decide.
+        if old["n_train"] not in (None, n_train) or not np.array_equal(old["y_test"], y_test):
             raise InputError(f"{done}: the earlier run trained on {old['n_train']} images and "
                              f"tested on {len(old['y_test'])}; this data has {n_train} and "
                              f"{len(y_test)}, or other test labels: cannot merge")
