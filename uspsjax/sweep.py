@@ -630,8 +630,8 @@ def _prepare_checkpoints(root: Path, fingerprint: str, resume: bool) -> None:
             raise InputError(f"{root}: nothing to resume (no checkpoint of this sweep)")
         if stamp.read_text() != fingerprint:
             raise InputError(f"{root}: the checkpoint is of a different sweep file, overrides or "
-                             "layout (processes, devices, memory budget, chunks, placement); run without "
-                             "--resume to start again")
+                             "layout (processes, devices, memory budget, chunks, placement); "
+                             "run without --resume to start again")
         return
     if distributed.is_writer():
         if root.exists():
