@@ -352,6 +352,10 @@ def commands(tmp_path):
         ("bench", "unknown"): (bench.main, ["--bogus"], "unrecognized arguments: --bogus"),
         ("bench", "value"): (bench.main, ["--batch-sizes", "0"], "--batch-sizes: expected"),
         ("bench", "choice"): (bench.main, ["--dtype", "float16"], "invalid choice: 'float16'"),
+        ("bench", "microbatch"): (bench.main, ["--microbatch", "-1"], "--microbatch: expected"),
+        ("bench", "block"): (bench.main, ["--quick", "--networks", "cnn", "--batch-sizes", "16",
+                                          "--microbatch", "5", "--out", str(tmp_path / "out")],
+                             "microbatch = 5 must divide batch_size = 16"),
         ("profile", "unknown"): (profile.main, ["fc", "--bogus"], "unrecognized arguments"),
         ("profile", "value"): (profile.main, ["fc", "--steps", "0"], "--steps: expected a"),
         ("profile", "missing"): (profile.main, [], "required: network"),
@@ -363,7 +367,7 @@ def commands(tmp_path):
 
 @pytest.mark.parametrize("command, case", [
     ("sweep", "unknown"), ("sweep", "value"), ("bench", "unknown"), ("bench", "value"),
-    ("bench", "choice"), ("profile", "unknown"), ("profile", "value"), ("profile", "missing"),
+    ("bench", "choice"), ("bench", "microbatch"), ("bench", "block"), ("profile", "unknown"), ("profile", "value"), ("profile", "missing"),
     ("profile", "network"), ("report", "unknown"), ("report", "value")])
 def test_every_command_refuses_a_bad_flag_in_one_line(commands, tmp_path, capsys, command, case):
     main, argv, fragment = commands[(command, case)]

@@ -35,6 +35,7 @@ def write(tmp_path, text, name="s.toml"):
     ("name = 't'\n[base]\nbatch_size = 0", "batch_size = 0 is impossible"),
     ("name = 't'\n[base]\nbatch_size = 99999", "batch_size = 99999 is impossible"),
     ("name = 't'\n[base]\nbatch_size = 16.5", "batch_size must be an integer"),
+    ("name = 't'\n[base]\nmicrobatch = -1", "microbatch = -1 is impossible"),
     ("name = 't'\n[base]\nepochs = true", "epochs must be an integer"),
     ("name = 't'\n[base]\nbatchnorm = 'sideways'", "batchnorm must be one of"),
     ("name = 't'\n[base]\nwarmup = 3", "unknown setting 'warmup'"),
@@ -58,6 +59,15 @@ def test_bad_sweep_files_name_file_key_and_problem(tmp_path, text, fragment):
 def test_impossible_placement_in_base_is_an_error(tmp_path):
     path = write(tmp_path, "name = 't'\nnetworks = ['fc']\n[base]\ndropout_at = 'conv'")
     with pytest.raises(InputError, match="impossible for fc"):
+        sweep.expand(sweep.load_sweep(str(path)))
+
+
+@pytest.mark.parametrize("base", ["batch_size = 32\nmicrobatch = 12",
+                                  "batch_size = 32\nmicrobatch = 8\nbatchnorm = 'after'",
+                                  "batch_size = 32\nmicrobatch = 8\nadversarial = 'fgsm'"])
+def test_a_microbatch_that_would_change_the_numbers_is_an_error(tmp_path, base):
+    path = write(tmp_path, f"name = 't'\nnetworks = ['cnn']\n[base]\n{base}")
+    with pytest.raises(InputError, match="microbatch = .* must divide batch_size = 32, without"):
         sweep.expand(sweep.load_sweep(str(path)))
 
 

@@ -1,6 +1,7 @@
 """The trainer: vmapped members equal single runs, determinism, divergence, and the semantics
 of bootstrap, dropout, L1 activity and batch normalization."""
 
+from dataclasses import replace
 from functools import partial
 
 import jax
@@ -12,7 +13,7 @@ from conftest import assert_curves_match, assert_params_match
 from uspsjax import population
 from uspsjax.models import FC, dropout
 from uspsjax.train import (Hparams, Static, forward, init_member, init_params, make_hparams,
-                           make_train, shift_images, train_epoch, train_step)
+                           make_train, microbatch_size, shift_images, train_epoch, train_step)
 
 
 def single_runs(static, data, keys, hps):
@@ -36,6 +37,37 @@ def test_vmapped_member_equals_its_single_run(small, static):
         assert_curves_match(curves[i], curve, small.x_test.shape[0])
         assert_params_match(jax.tree.map(lambda x: x[i], states.params), state.params)
     assert np.all(np.isfinite(curves))
+
+
+@pytest.mark.parametrize("static, block, hp", [
+    (Static(network="cnn", batch_size=32, epochs=1, dropout_at="both"), 8,
+     make_hparams(lr=0.01, momentum=0.9, dropout_conv=0.25, dropout_dense=0.5)),
+    (Static(network="fc", batch_size=16, epochs=2, dropout_at="dense", l1_at="hidden"), 4,
+     make_hparams(lr=0.01, momentum=0.9, dropout_dense=0.3, l1=1e-4, label_smoothing=0.1)),
+])
+def test_a_batch_in_blocks_trains_as_the_whole_batch(small, static, block, hp):
+    """Gradients summed over blocks, each block with its rows of the batch's dropout masks:
+    the whole batch's training to float32 rounding (other masks would change the curves)."""
+    runs = [jax.jit(make_train(replace(static, microbatch=m), small))(jax.random.key(3), hp)
+            for m in (static.batch_size, block)]
+    (whole, whole_curves), (blocks, block_curves) = runs
+    assert_curves_match(block_curves, whole_curves, small.x_test.shape[0])
+    assert_params_match(blocks.params, whole.params)
+    assert not all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(blocks.params),
+                                                          jax.tree.leaves(whole.params)))
+
+
+def test_microbatch_size_keeps_the_whole_batch_where_blocks_would_change_it():
+    cnn = Static(network="cnn", batch_size=1024)
+    assert microbatch_size(cnn, "cpu") == 32
+    assert microbatch_size(cnn, "gpu") == 1024
+    assert microbatch_size(replace(cnn, batch_size=32), "cpu") == 32
+    assert microbatch_size(replace(cnn, batch_size=48), "cpu") == 48  # not a multiple of 32
+    assert microbatch_size(replace(cnn, batchnorm="after"), "cpu") == 1024
+    assert microbatch_size(replace(cnn, adversarial="fgsm"), "cpu") == 1024
+    assert microbatch_size(replace(cnn, microbatch=256), "gpu") == 256
+    assert microbatch_size(Static(network="fc", batch_size=1024), "cpu") == 1024
+    assert microbatch_size(Static(network="lc", batch_size=1024), "cpu") == 1024
 
 
 def test_same_seed_is_bit_identical(small):

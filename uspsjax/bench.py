@@ -12,7 +12,8 @@ the row (`row_bound`: the matmul peak, or the weight traffic of ~9 passes per st
 matmul peak with the grouped patch convolutions of `conv_general_dilated_local` counted) and the
 share of it reached, and for P > 1 the speed-up over the same P members trained one at a time
 with the P=1 program. Peaks are measured in the same run. LC rows record the lowering their
-layers ran (`--lc-lowering`, the static setting `lc_lowering`).
+layers ran (`--lc-lowering`, the static setting `lc_lowering`); every row the samples a step
+works through at a time (`--microbatch`, `train.microbatch_size`).
 Writes `OUT/<device>.json` and `OUT/<device>.md` and prints the table.
 """
 
@@ -161,10 +162,13 @@ def memory_high_water(device) -> tuple[int, str]:
     return (device.memory_stats() or {}).get("peak_bytes_in_use", 0), "peak_bytes_in_use"
 
 
-def bench_setup(network: str, batch_size: int, dtype: str, lc_lowering: str = "auto"):
+def bench_setup(network: str, batch_size: int, dtype: str, lc_lowering: str = "auto",
+                microbatch: int = 0):
     """The `Static` and hyperparameters the study trains `network` with (plain SGD, lr 1e-3, its
-    own dropout), at this batch size and compute dtype, LC layers lowered as `lc_lowering`."""
+    own dropout), at this batch size and compute dtype, LC layers lowered as `lc_lowering`, the
+    batch worked through `microbatch` samples at a time (0: as the platform prefers)."""
     settings = {**NETWORKS[network].defaults, "batch_size": batch_size, "dtype": dtype,
+                "microbatch": microbatch,
                 **({"lc_lowering": lc_lowering} if network == "lc" else {})}
     return split_settings(network, settings, where=f"bench {network}")
 
@@ -248,7 +252,7 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
     peak = peaks["matmul_flop_per_s"]
     timing = (2, 0.3) if args.quick else (3, 1.0)  # repeats, seconds per measurement
     for b in batch_sizes:
-        static, hparams = bench_setup(network, b, args.dtype, args.lc_lowering)
+        static, hparams = bench_setup(network, b, args.dtype, args.lc_lowering, args.microbatch)
         n_params = count_params(jax.eval_shape(partial(train.init_params, static),
                                                jax.random.key(0), jnp.float32(1))[0])
         lowering = (lc_lowering_name(static.lc_lowering, device.platform) if network == "lc"
@@ -285,7 +289,8 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
             samples_s = p * steps * b / seconds
             compile_s, xla_bytes = built[size]
             row = {"network": network, "batch_size": b, "population": p, "chunk_members": size,
-                   "steps": steps, "n_params": n_params, "seconds_per_call": seconds,
+                   "microbatch": train.microbatch_size(static, device.platform), "steps": steps,
+                   "n_params": n_params, "seconds_per_call": seconds,
                    "member_samples_per_s": samples_s, "member_steps_per_s": samples_s / b,
                    "flops_per_sample": fps, "flop_per_s": samples_s * fps,
                    "pct_matmul_peak": 100 * samples_s * fps / peak, "compile_s": compile_s,
@@ -367,14 +372,17 @@ def markdown(result: dict) -> str:
              "A population of P trains in chunks of members one after another, as "
              "`population.run_group` runs it (on a CPU, as many members as its cache holds); "
              "speed-up: over the same P members trained one at a time.",
-             "", "| net | B | P | per chunk | steps | member-samples/s | GFLOP/s | % peak | bound "
-             "| % bound | compile s | XLA MB | high-water growth MB | speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "Block: the samples of a batch a step works through at a time, summing their "
+             "gradients (`train.microbatch_size`).",
+             "", "| net | B | P | per chunk | block | steps | member-samples/s | GFLOP/s | % peak "
+             "| bound | % bound | compile s | XLA MB | high-water growth MB | speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     mb = lambda v: f"{v / 2**20:,.0f}" if v is not None else "-"
     for r in result["rows"]:
         speedup = f"{r['vmap_speedup']:.1f}x" if "vmap_speedup" in r else "-"
         lines.append(f"| {r['network']} | {r['batch_size']} | {r['population']} "
-                     f"| {r['chunk_members']} | {r['steps']} "
+                     f"| {r['chunk_members']} | {r.get('microbatch', r['batch_size'])} "
+                     f"| {r['steps']} "
                      f"| {r['member_samples_per_s']:,.0f} | {r['flop_per_s'] / 1e9:,.1f} "
                      f"| {r['pct_matmul_peak']:.1f} | {r['bound']} | {r['pct_bound']:.0f} "
                      f"| {r['compile_s']:.1f} "
@@ -431,6 +439,10 @@ def build_parser() -> cli.Parser:
                         "conv_general_dilated_local elsewhere), reference "
                         "(conv_general_dilated_local everywhere) or sliced (everywhere); "
                         "each LC row records the one it ran")
+    p.add_argument("--microbatch", type=int, default=0,
+                   help="samples a training step works through at a time (default 0: as the "
+                        "platform prefers, on a CPU the CNN in blocks of 32; a batch size: the "
+                        "whole batch at once); each row records it")
     p.add_argument("--out", default="results/bench", help="output folder (default: results/bench)")
     p.add_argument("--data", help="the USPS h5 file (default: as `uspsjax.sweep`)")
     return p
@@ -451,6 +463,12 @@ def main(argv=None) -> int:
     if args.max_gflop_per_step is not None and not args.max_gflop_per_step > 0:
         raise InputError(f"--max-gflop-per-step: expected a positive number, "
                          f"got {args.max_gflop_per_step}")
+    if args.microbatch < 0:
+        raise InputError(f"--microbatch: expected 0 or a positive integer, got {args.microbatch}")
+    grid = QUICK_GRID if args.quick else FULL_GRID
+    for net in nets:  # settings that cannot run fail here, before anything is measured
+        for b in batch_sizes or grid[net][0]:
+            bench_setup(net, b, args.dtype, args.lc_lowering, args.microbatch)
     cli.check_out(Path(args.out))
     data = load_data(args.data, batch_sizes or (), "--batch-sizes")
     n_train = data.x_train.shape[0]
@@ -460,7 +478,6 @@ def main(argv=None) -> int:
     peaks = measure_peaks(device, args.dtype, 2 if args.quick else 5, 0.2 if args.quick else 0.5)
     log(f"bench on {description}: matmul {peaks['matmul_flop_per_s'] / 1e9:,.0f} GFLOP/s, "
         f"copy {peaks['copy_bytes_per_s'] / 1e9:,.1f} GB/s")
-    grid = QUICK_GRID if args.quick else FULL_GRID
     baseline, memory_source = memory_high_water(device)
     rows, skipped = [], []
     for net in nets:

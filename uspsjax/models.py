@@ -26,15 +26,22 @@ BATCHNORM = ("none", "before", "after")
 L1_AT = ("none", "hidden", "last")
 
 
-def dropout(module: nn.Module, x: jax.Array, rate: jax.Array, train: bool) -> jax.Array:
+def dropout(module: nn.Module, x: jax.Array, rate: jax.Array, train: bool,
+            rows: tuple | None = None) -> jax.Array:
     """Inverted dropout whose rate may be a traced value (Flax's `nn.Dropout` needs a Python float).
 
     A rate of 0 keeps every unit, so a population can mix rates 0 and 0.5 in one program.
+    `rows = (start, batch)` says that `x` holds rows `start:start + len(x)` of a batch of `batch`
+    samples: its mask is those rows of the whole batch's mask, so a batch trained in blocks
+    drops exactly the units the whole batch would. (JAX's threefry bits are a function of each
+    element's index, so XLA computes only the block's.)
     """
     if not train:
         return x
     keep = 1.0 - rate
-    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, x.shape)
+    start, batch = rows or (0, x.shape[0])
+    mask = jax.random.bernoulli(module.make_rng("dropout"), keep, (batch, *x.shape[1:]))
+    mask = jax.lax.dynamic_slice_in_dim(mask, start, x.shape[0])
     return jnp.where(mask, x / keep, 0.0)
 
 
@@ -307,6 +314,9 @@ class Network(nn.Module):
     dropout_places: ClassVar[tuple] = ("none",)
     # The batch axis of the hidden activations `activate` sees.
     batch_axis: ClassVar[int] = 0
+    # On a CPU, the samples a training step works through at a time when its batch is larger
+    # (`train.microbatch_size`); None: the whole batch.
+    cpu_block: ClassVar[int | None] = None
 
     def activate(self, y: jax.Array, train: bool, last: bool) -> jax.Array:
         """ReLU with batch normalization before or after it, and the L1 activity recorded."""
@@ -330,12 +340,13 @@ class FC(Network):
     dropout_places: ClassVar[tuple] = ("none", "dense")
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool, rates=(0.0, 0.0)) -> jax.Array:
-        """Logits for `x` of shape `(batch, 256)`; `rates` are (conv, dense) dropout rates."""
+    def __call__(self, x: jax.Array, *, train: bool, rates=(0.0, 0.0), rows=None) -> jax.Array:
+        """Logits for `x` of shape `(batch, 256)`; `rates` are (conv, dense) dropout rates,
+        `rows` where `x` sits in a larger batch (`dropout`)."""
         for i, width in enumerate(self.widths):
             x = self.activate(nn.Dense(width)(x), train, last=i == len(self.widths) - 1)
             if self.dropout_at == "dense":
-                x = dropout(self, x, rates[1], train)
+                x = dropout(self, x, rates[1], train, rows)
         return nn.Dense(10)(x)
 
 
@@ -350,8 +361,9 @@ class LC(Network):
     batch_axis: ClassVar[int] = 1
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool, rates=(0.0, 0.0)) -> jax.Array:
-        """Logits for `x` of shape `(batch, 256)`; `rates` are (conv, dense) dropout rates."""
+    def __call__(self, x: jax.Array, *, train: bool, rates=(0.0, 0.0), rows=None) -> jax.Array:
+        """Logits for `x` of shape `(batch, 256)`; `rates` are (conv, dense) dropout rates,
+        `rows` where `x` sits in a larger batch (`dropout`)."""
         # Hidden activations are (length, batch, channels): each position's rows contiguous for
         # the per-position dots of the CPU lowering (results/bench/NOTES.md).
         x = x.T[..., None]
@@ -362,7 +374,7 @@ class LC(Network):
         # before the layout changed.
         x = jnp.swapaxes(x, 0, 1)
         if self.dropout_at == "conv":
-            x = dropout(self, x, rates[0], train)
+            x = dropout(self, x, rates[0], train, rows)
         return nn.Dense(10)(x.reshape(x.shape[0], -1))
 
 
@@ -373,19 +385,23 @@ class CNN(Network):
 
     defaults: ClassVar[dict] = {"dropout_at": "both", "dropout_conv": 0.25, "dropout_dense": 0.5}
     dropout_places: ClassVar[tuple] = ("none", "conv", "dense", "both")
+    # A block's patch matrices and their gradients (~0.4 MB a sample) stay in the CPU's cache:
+    # batch 1024 in blocks of 32 trains 1.4x as fast as at once (results/bench/NOTES.md §15).
+    cpu_block: ClassVar[int | None] = 32
 
     @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool, rates=(0.0, 0.0)) -> jax.Array:
-        """Logits for `x` of shape `(batch, 256)`; `rates` are (conv, dense) dropout rates."""
+    def __call__(self, x: jax.Array, *, train: bool, rates=(0.0, 0.0), rows=None) -> jax.Array:
+        """Logits for `x` of shape `(batch, 256)`; `rates` are (conv, dense) dropout rates,
+        `rows` where `x` sits in a larger batch (`dropout`)."""
         x = x.reshape(x.shape[0], 16, 16, 1)
         x = self.activate(Conv(32)(x), train, last=False)
         x = self.activate(Conv(64)(x), train, last=False)
         x = max_pool_2x2(x)
         if self.dropout_at in ("conv", "both"):
-            x = dropout(self, x, rates[0], train)
+            x = dropout(self, x, rates[0], train, rows)
         x = self.activate(nn.Dense(128)(x.reshape(x.shape[0], -1)), train, last=True)
         if self.dropout_at in ("dense", "both"):
-            x = dropout(self, x, rates[1], train)
+            x = dropout(self, x, rates[1], train, rows)
         return nn.Dense(10)(x)
 
 

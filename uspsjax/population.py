@@ -116,11 +116,12 @@ def bytes_per_member(static: Static, n_train: int) -> int:
 
 def cpu_members_per_chunk(static: Static) -> int:
     """How many members a CPU trains together: as many as keep a training step's working set
-    (parameters, momentum and gradients, and the batch's activations, float32) within
-    `CPU_CACHE_BYTES`, at least one. Depends on the static settings only, so a command always
-    splits a group the same way."""
+    (parameters, momentum and gradients, and the activations of the samples a step works
+    through at a time, `train.microbatch_size`; float32) within `CPU_CACHE_BYTES`, at least
+    one. Depends on the static settings only, so a command always splits a group the same way."""
     n_params, per_sample = member_sizes(static)
-    return max(1, CPU_CACHE_BYTES // (4 * (3 * n_params + static.batch_size * per_sample)))
+    samples = train.microbatch_size(static, "cpu")
+    return max(1, CPU_CACHE_BYTES // (4 * (3 * n_params + samples * per_sample)))
 
 
 def member_cost(static: Static, n_train: int) -> float:

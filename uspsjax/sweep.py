@@ -77,7 +77,8 @@ RANGES = {"lr": (0, math.inf, False, False), "momentum": (0, 1, True, False),
           "augment": (0, 15, True, True), "weight_decay": (0, math.inf, True, False),
           "label_smoothing": (0, 1, True, False), "rotate": (0, 180, True, True),
           "scale": (0, 1, True, False),
-          "init_scale": (-math.inf, math.inf, False, False)}
+          "init_scale": (-math.inf, math.inf, False, False),
+          "microbatch": (0, math.inf, True, False)}
 # A name is one plain folder under OUT: no separators, no dots (so no "..", and no clash with the
 # LOWER_SCALE folders written beside a result).
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
@@ -380,6 +381,12 @@ def split_settings(network: str, settings: dict, where: str) -> tuple[Static, di
     if static.dropout_at not in NETWORKS[network].dropout_places:
         raise InputError(f"{where}: dropout_at = {static.dropout_at!r} is impossible for {network} "
                          f"(it has: {', '.join(NETWORKS[network].dropout_places)})")
+    if static.microbatch and static.microbatch < static.batch_size and (
+            static.batch_size % static.microbatch or static.batchnorm != "none"
+            or static.adversarial != "none"):
+        raise InputError(f"{where}: microbatch = {static.microbatch} must divide batch_size = "
+                         f"{static.batch_size}, without batch norm or adversarial training "
+                         "(they need the whole batch at once)")
     return static, hparams
 
 

@@ -55,6 +55,8 @@ class Static:
     augment: int = 0              # random shifts of up to this many pixels per training image
     affine: bool = False          # random rotations and scalings (strengths: rotate, scale)
     dtype: str = "float32"        # compute dtype; parameters stay float32
+    microbatch: int = 0           # samples a step works through at a time (`microbatch_size`);
+                                  # 0: as the platform prefers. The same numbers to rounding.
 
 
 @struct.dataclass
@@ -175,14 +177,19 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
 
 
-def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing) -> jax.Array:
-    """Mean cross-entropy against one-hot targets smoothed towards uniform by `smoothing`."""
+def smoothed_cross_entropy(logits: jax.Array, labels: jax.Array, smoothing,
+                           batch: int | None = None) -> jax.Array:
+    """Cross-entropy against one-hot targets smoothed towards uniform by `smoothing`, summed
+    and divided by `batch` (by default the number of samples: the mean)."""
     targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
-    return jnp.mean(optax.softmax_cross_entropy(logits.astype(jnp.float32), targets))
+    losses = optax.softmax_cross_entropy(logits.astype(jnp.float32), targets)
+    return jnp.sum(losses) / (batch or losses.shape[0])
 
 
-def forward(static: Static, params, batch_stats, x, hp: Hparams, *, train: bool, key=None):
-    """Logits, updated batch statistics and the L1 activity penalty for a batch `x`."""
+def forward(static: Static, params, batch_stats, x, hp: Hparams, *, train: bool, key=None,
+            rows=None):
+    """Logits, updated batch statistics and the L1 activity penalty for a batch `x` (rows
+    `rows = (start, batch)` of a larger batch, for its dropout masks)."""
     model = make_model(static)
     dtype = jnp.dtype(static.dtype)
     if dtype != jnp.float32:
@@ -190,7 +197,7 @@ def forward(static: Static, params, batch_stats, x, hp: Hparams, *, train: bool,
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
     logits, updates = model.apply(
         variables, x.astype(dtype), train=train, rates=(hp.dropout_conv, hp.dropout_dense),
-        rngs={"dropout": key} if train else {}, mutable=["batch_stats", "losses"])
+        rows=rows, rngs={"dropout": key} if train else {}, mutable=["batch_stats", "losses"])
     penalty = sum(jnp.sum(v) for v in jax.tree.leaves(updates.get("losses", {})))
     return logits, updates.get("batch_stats", batch_stats), jnp.asarray(penalty, jnp.float32)
 
@@ -259,6 +266,23 @@ def warp_images(x: jax.Array, angle: jax.Array, factor: jax.Array) -> jax.Array:
     return jax.vmap(warp)(x.reshape(-1, side, side), angle, factor).reshape(x.shape)
 
 
+def microbatch_size(static: Static, platform: str) -> int:
+    """How many samples of a batch a training step on `platform` ("cpu", "gpu", ...) works
+    through at a time, summing their gradients: `static.microbatch` when set; with 0, on a CPU
+    the network's `cpu_block` where the batch divides into such blocks (models.CNN: a block's
+    patches and gradients stay in the cache, results/bench/NOTES.md §15); otherwise the whole
+    batch. Batch norm and adversarial training always take the whole batch at once: their
+    statistics and attacks' random starts are the batch's."""
+    batch = static.batch_size
+    if static.microbatch:
+        return min(static.microbatch, batch)
+    block = NETWORKS[static.network].cpu_block if platform == "cpu" else None
+    if (block and batch > block and batch % block == 0 and static.batchnorm == "none"
+            and static.adversarial == "none"):
+        return block
+    return batch
+
+
 def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progress=0.0):
     """One SGD step on batch (x, y). Returns the new state, the batch loss and accuracy.
 
@@ -266,7 +290,10 @@ def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progr
     `static.affine` the batch is first rotated and scaled at random (`affine_images`), with
     `static.augment` shifted (`shift_images`). The objective is the cross-entropy against
     targets smoothed by `hp.label_smoothing`; with adversarial training, half clean and half
-    adversarial (Goodfellow et al. 2015). The reported loss is the plain cross-entropy.
+    adversarial (Goodfellow et al. 2015). The reported loss is the plain cross-entropy. The
+    batch's gradient is summed over blocks of `microbatch_size` samples, each block with its
+    rows of the whole batch's dropout masks: the same numbers as the whole batch at once, to
+    float32 rounding.
 
     A member whose loss is not finite is marked diverged (`state.diverged`, the 1-based epoch)
     and frozen from that step on: its parameters, batch statistics and optimizer state never
@@ -279,22 +306,45 @@ def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progr
         key, k_shift = jax.random.split(key)
         x = shift_images(x, k_shift, static.augment)
     k_adv, k_drop = jax.random.split(key)
+    batch = x.shape[0]
 
-    def objective(params):
-        logits, batch_stats, penalty = forward(static, params, state.batch_stats, x, hp,
-                                               train=True, key=k_drop)
-        ce = jnp.mean(cross_entropy(logits, y))
-        loss = smoothed_cross_entropy(logits, y, hp.label_smoothing)
+    def objective(params, xb, yb, start):
+        # Sums over the block divided by the whole batch: blocks add up to the batch's means.
+        logits, batch_stats, penalty = forward(static, params, state.batch_stats, xb, hp,
+                                               train=True, key=k_drop, rows=(start, batch))
+        ce = jnp.sum(cross_entropy(logits, yb)) / batch
+        loss = smoothed_cross_entropy(logits, yb, hp.label_smoothing, batch)
         if static.adversarial != "none":
-            x_adv = adversarial_batch(static, params, state.batch_stats, x, y, hp, k_adv)
+            x_adv = adversarial_batch(static, params, state.batch_stats, xb, yb, hp, k_adv)
             adv_logits, _, _ = forward(static, params, state.batch_stats, x_adv, hp, train=True,
-                                       key=k_drop)
-            loss = 0.5 * loss + 0.5 * smoothed_cross_entropy(adv_logits, y,
-                                                             hp.label_smoothing)
-        acc = jnp.mean(jnp.argmax(logits, -1) == y)
-        return loss + hp.l1 * penalty, (ce, acc, batch_stats)
+                                       key=k_drop, rows=(start, batch))
+            loss = 0.5 * loss + 0.5 * smoothed_cross_entropy(adv_logits, yb,
+                                                             hp.label_smoothing, batch)
+        acc = jnp.sum(jnp.argmax(logits, -1) == yb) / batch
+        return loss + hp.l1 * penalty * (xb.shape[0] / batch), (ce, acc, batch_stats)
 
-    grads, (ce, acc, batch_stats) = jax.grad(objective, has_aux=True)(state.params)
+    def gradients(block):
+        # The whole batch at once, or block by block with the gradients and metrics summed.
+        gradient = jax.grad(objective, has_aux=True)
+        if block == batch:
+            grads, (ce, acc, batch_stats) = gradient(state.params, x, y, 0)
+            return grads, ce, acc, batch_stats
+
+        def accumulate(total, part):
+            grads, (ce, acc, _) = gradient(state.params, *part)
+            return jax.tree.map(jnp.add, total, (grads, ce, acc)), None
+
+        parts = (x.reshape(-1, block, x.shape[1]), y.reshape(-1, block),
+                 jnp.arange(0, batch, block))
+        zero = jax.tree.map(jnp.zeros_like, (state.params, 0.0, 0.0))
+        return *jax.lax.scan(accumulate, zero, parts)[0], state.batch_stats
+
+    on_cpu, elsewhere = microbatch_size(static, "cpu"), microbatch_size(static, "gpu")
+    if on_cpu == elsewhere:
+        grads, ce, acc, batch_stats = gradients(on_cpu)
+    else:
+        grads, ce, acc, batch_stats = jax.lax.platform_dependent(
+            cpu=lambda: gradients(on_cpu), default=lambda: gradients(elsewhere))
     healthy = jnp.isfinite(ce)
     diverged = jnp.where((state.diverged == 0) & ~healthy, state.epoch + 1, state.diverged)
     active = diverged == 0
