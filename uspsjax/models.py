@@ -158,18 +158,42 @@ FEW_ROWS = 32
 def locally_connected_sliced(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
     """`locally_connected` as three dots batched over positions on patches cut by slicing
     (forward, kernel gradient, input gradient), activations `(L, B, C)`."""
-    return jax.lax.dot_general(_local_patches(x, kernel_size), kernel, _FORWARD)
+    return _local_forward(_local_patches(x, kernel_size), kernel)
+
+
+def _local_forward(patches: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`patches (L_out, B, C*k) . kernel (L_out, C*k, F)` per position. Up to `FEW_ROWS` rows
+    as products summed over C*k, which XLA:CPU runs about 1.8 times as fast as its batched dot
+    with so few rows (layer 1 at batch 16: 4.7 against 8.4 ms, results/bench/NOTES.md §16)."""
+    if patches.shape[1] > FEW_ROWS:
+        return jax.lax.dot_general(patches, kernel, _FORWARD)
+    return jnp.sum(patches[:, :, :, None] * kernel[:, None], axis=2)
 
 
 def _sliced_fwd(x, kernel, kernel_size):
     patches = _local_patches(x, kernel_size)
-    return jax.lax.dot_general(patches, kernel, _FORWARD), (patches, kernel)
+    return _local_forward(patches, kernel), (patches, kernel)
+
+
+def _outer_sum(patches: jax.Array, g: jax.Array) -> jax.Array:
+    """The kernel gradient `patches^T . g` per position, `(L_out, C*k, F)`, as one product of
+    rows per sample added up in order: elementwise work that XLA fuses into the optimizer's
+    update of the kernel, so the gradient is never written out (one read and one write of the
+    weights and momentum a step, against the dot's write and the update's reads: layer 1 at
+    batch 16, gradient and update, 48 -> 11 ms, results/bench/NOTES.md §16)."""
+    total = patches[:, 0, :, None] * g[:, 0, None, :]
+    for b in range(1, g.shape[1]):
+        total = total + patches[:, b, :, None] * g[:, b, None, :]
+    return total
 
 
 def _sliced_bwd(kernel_size, residuals, g):
     patches, kernel = residuals
     l_out, batch, _ = g.shape
-    dk = jax.lax.dot_general(patches, g, _KERNEL_GRAD)
+    if batch > FEW_ROWS:
+        dk = jax.lax.dot_general(patches, g, _KERNEL_GRAD)
+    else:
+        dk = _outer_sum(patches, g)
     if batch <= FEW_ROWS:
         dpatches = jax.lax.dot_general(kernel, g, _PATCH_GRAD)  # (L_out, C*k, B)
         dpatches = dpatches.reshape(l_out, -1, kernel_size, batch)
