@@ -97,7 +97,7 @@ def test_valid_patches_equal_xla_patches(shape, window, dims):
     x = jax.random.normal(jax.random.key(0), shape)
     xla = jax.lax.conv_general_dilated_patches(x, window, (1,) * len(window), "VALID",
                                                dimension_numbers=dims)
-    ours = jnp.swapaxes(valid_patches(x, window), -1, -2)  # (B, *out, C, offsets): channel-major
+    ours = valid_patches(x, window)  # (B, *out, C, offsets): channel-major
     np.testing.assert_array_equal(ours.reshape(xla.shape), xla)
 
 

@@ -75,18 +75,20 @@ class LocallyConnected1D(nn.Module):
 def valid_patches(x: jax.Array, window: tuple, lead: int = 1) -> jax.Array:
     """Patches of a valid, stride-1 window over the spatial axes of `x`, which follow its first
     `lead` axes (`(B, *spatial, C)` with `lead=1`; `(L, B, C)` with `lead=0`), cut by slicing:
-    `(*lead axes, *out, *rest, prod(window), C)`, window offsets in row-major order. Channels stay
-    the innermost (contiguous) axis, so each slice is copied in runs of C values; XLA:CPU's patch
-    convolution, and patches with the offset innermost, cost far more (results/bench/NOTES.md)."""
+    `(*lead axes, *out, *rest, C, prod(window))`, window offsets in row-major order innermost,
+    so that flattening the last two axes gives `conv_general_dilated_patches`' channel-major
+    order, the LC kernel's row order, with no transpose (the LC net at batch 16: 1.08x a step
+    against stacking the offsets outside the channels and transposing, NOTES.md §16)."""
     spatial = x.shape[lead:lead + len(window)]
     out = [size - w + 1 for size, w in zip(spatial, window)]
     return jnp.stack([x[(*(slice(None),) * lead, *(slice(o, o + n) for o, n in zip(offset, out)))]
-                      for offset in itertools.product(*(range(w) for w in window))], axis=-2)
+                      for offset in itertools.product(*(range(w) for w in window))], axis=-1)
 
 
 def _shift_sum(parts: jax.Array, window: tuple, lead: int = 1) -> jax.Array:
-    """The transpose of `valid_patches`: `parts (*lead axes, *out, *rest, prod(window), C)` added
-    back at their offsets into `(*lead axes, *(out + window - 1), *rest, C)`."""
+    """The transpose of `valid_patches` with its last two axes swapped: `parts (*lead axes, *out,
+    *rest, prod(window), C)` added back at their offsets into `(*lead axes, *(out + window - 1),
+    *rest, C)`."""
     total = 0
     rest = parts.ndim - 1 - lead - len(window)
     for i, offset in enumerate(itertools.product(*(range(w) for w in window))):
@@ -136,7 +138,7 @@ def locally_connected_reference(x: jax.Array, kernel: jax.Array, kernel_size: in
 
 def _local_patches(x: jax.Array, kernel_size: int) -> jax.Array:
     """Channel-major patch rows of `x (L, B, C)`: `(L_out, B, C * k)`, the kernel's row order."""
-    patches = jnp.swapaxes(valid_patches(x, (kernel_size,), lead=0), -1, -2)
+    patches = valid_patches(x, (kernel_size,), lead=0)
     return patches.reshape(*patches.shape[:2], -1)
 
 
