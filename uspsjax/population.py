@@ -116,12 +116,13 @@ def bytes_per_member(static: Static, n_train: int) -> int:
 
 def cpu_members_per_chunk(static: Static) -> int:
     """How many members a CPU trains together: as many as keep a training step's working set
-    (parameters, momentum and gradients, and the activations of the samples a step works
-    through at a time, `train.microbatch_size`; float32) within `CPU_CACHE_BYTES`, at least
-    one. Depends on the static settings only, so a command always splits a group the same way."""
+    (parameters, momentum and gradients, and the batch's activations, float32) within
+    `CPU_CACHE_BYTES`, at least one. Depends on the static settings only, so a command always
+    splits a group the same way. It counts the whole batch even where a step works through it
+    in blocks (`train.microbatch_size`): two CNN members at batch 1024 in blocks of 32 trained
+    at 0.8x of one at a time (results/bench/NOTES.md §15)."""
     n_params, per_sample = member_sizes(static)
-    samples = train.microbatch_size(static, "cpu")
-    return max(1, CPU_CACHE_BYTES // (4 * (3 * n_params + samples * per_sample)))
+    return max(1, CPU_CACHE_BYTES // (4 * (3 * n_params + static.batch_size * per_sample)))
 
 
 def member_cost(static: Static, n_train: int) -> float:
