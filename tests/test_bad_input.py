@@ -367,7 +367,8 @@ def commands(tmp_path):
 
 @pytest.mark.parametrize("command, case", [
     ("sweep", "unknown"), ("sweep", "value"), ("bench", "unknown"), ("bench", "value"),
-    ("bench", "choice"), ("bench", "microbatch"), ("bench", "block"), ("profile", "unknown"), ("profile", "value"), ("profile", "missing"),
+    ("bench", "choice"), ("bench", "microbatch"), ("bench", "block"), ("profile", "unknown"),
+    ("profile", "value"), ("profile", "missing"),
     ("profile", "network"), ("report", "unknown"), ("report", "value")])
 def test_every_command_refuses_a_bad_flag_in_one_line(commands, tmp_path, capsys, command, case):
     main, argv, fragment = commands[(command, case)]

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from uspsjax.models import (FEW_ROWS, LC_LOWERING_NAMES, NETWORKS, LocallyConnected1D, conv2d,
-                            count_params, draw_kernel, lc_lowering_name, locally_connected,
-                            locally_connected_reference, locally_connected_sliced, max_pool_2x2,
-                            parse_init, valid_patches)
+from uspsjax.models import (FEW_ROWS, LC_LOWERING_NAMES, NETWORKS, OUTER_SUM_ROWS,
+                            LocallyConnected1D, conv2d, count_params, draw_kernel,
+                            lc_lowering_name, locally_connected, locally_connected_reference,
+                            locally_connected_sliced, max_pool_2x2, parse_init, valid_patches)
 from uspsjax.train import Static, forward, init_params, make_hparams
 
 # The study's Keras summaries, layer by layer.
@@ -111,9 +111,11 @@ def assert_close_to(ours, ref):
 
 
 @pytest.mark.parametrize("channels", [1, 6])
-@pytest.mark.parametrize("batch", [4, 40])  # both layouts of the input gradient (FEW_ROWS)
+# Every path of the backward: the kernel gradient as row products (up to OUTER_SUM_ROWS) or a
+# dot, the input gradient in either layout (FEW_ROWS).
+@pytest.mark.parametrize("batch", [4, 24, 40])
 def test_sliced_lowering_equals_conv_general_dilated_local(channels, batch):
-    assert 4 <= FEW_ROWS < 40
+    assert 4 <= OUTER_SUM_ROWS < 24 <= FEW_ROWS < 40
     x = jax.random.normal(jax.random.key(0), (18, batch, channels))  # (L, B, C)
     kernel = jax.random.normal(jax.random.key(1), (16, channels * 3, 5))
     loss = lambda layer: lambda x, k: jnp.sum(jnp.sin(layer(x, k, 3)))

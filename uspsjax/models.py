@@ -77,8 +77,7 @@ def valid_patches(x: jax.Array, window: tuple, lead: int = 1) -> jax.Array:
     `lead` axes (`(B, *spatial, C)` with `lead=1`; `(L, B, C)` with `lead=0`), cut by slicing:
     `(*lead axes, *out, *rest, C, prod(window))`, window offsets in row-major order innermost,
     so that flattening the last two axes gives `conv_general_dilated_patches`' channel-major
-    order, the LC kernel's row order, with no transpose (the LC net at batch 16: 1.08x a step
-    against stacking the offsets outside the channels and transposing, NOTES.md §16)."""
+    order, the LC kernel's row order, with no transpose (results/bench/NOTES.md §16)."""
     spatial = x.shape[lead:lead + len(window)]
     out = [size - w + 1 for size, w in zip(spatial, window)]
     return jnp.stack([x[(*(slice(None),) * lead, *(slice(o, o + n) for o, n in zip(offset, out)))]
@@ -154,27 +153,21 @@ _PATCH_GRAD = (((2,), (2,)), ((0,), (0,)))   # g . kernel^T
 # one transpose costs less than the strided reads of the other layout. At batch 128 it is 1.4
 # times slower, at 1024 three times (results/bench/NOTES.md, section 7).
 FEW_ROWS = 32
+# Up to this batch size the kernel gradient is a sum of row products (`_outer_sum`): at 16 rows
+# 1.3x a step against the dot, at 32 0.98x (results/bench/NOTES.md §16).
+OUTER_SUM_ROWS = 16
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def locally_connected_sliced(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
     """`locally_connected` as three dots batched over positions on patches cut by slicing
     (forward, kernel gradient, input gradient), activations `(L, B, C)`."""
-    return _local_forward(_local_patches(x, kernel_size), kernel)
-
-
-def _local_forward(patches: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`patches (L_out, B, C*k) . kernel (L_out, C*k, F)` per position. Up to `FEW_ROWS` rows
-    as products summed over C*k, which XLA:CPU runs about 1.8 times as fast as its batched dot
-    with so few rows (layer 1 at batch 16: 4.7 against 8.4 ms, results/bench/NOTES.md §16)."""
-    if patches.shape[1] > FEW_ROWS:
-        return jax.lax.dot_general(patches, kernel, _FORWARD)
-    return jnp.sum(patches[:, :, :, None] * kernel[:, None], axis=2)
+    return jax.lax.dot_general(_local_patches(x, kernel_size), kernel, _FORWARD)
 
 
 def _sliced_fwd(x, kernel, kernel_size):
     patches = _local_patches(x, kernel_size)
-    return _local_forward(patches, kernel), (patches, kernel)
+    return jax.lax.dot_general(patches, kernel, _FORWARD), (patches, kernel)
 
 
 def _outer_sum(patches: jax.Array, g: jax.Array) -> jax.Array:
@@ -192,7 +185,7 @@ def _outer_sum(patches: jax.Array, g: jax.Array) -> jax.Array:
 def _sliced_bwd(kernel_size, residuals, g):
     patches, kernel = residuals
     l_out, batch, _ = g.shape
-    if batch > FEW_ROWS:
+    if batch > OUTER_SUM_ROWS:
         dk = jax.lax.dot_general(patches, g, _KERNEL_GRAD)
     else:
         dk = _outer_sum(patches, g)
