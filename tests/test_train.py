@@ -12,8 +12,10 @@ import pytest
 from conftest import assert_curves_match, assert_params_match
 from uspsjax import population
 from uspsjax.models import FC, dropout
+from uspsjax.sweep import environment
 from uspsjax.train import (Hparams, Static, forward, init_member, init_params, make_hparams,
-                           make_train, microbatch_size, shift_images, train_epoch, train_step)
+                           make_train, microbatch_rule, microbatch_size, shift_images,
+                           train_epoch, train_step)
 
 
 def single_runs(static, data, keys, hps):
@@ -68,6 +70,9 @@ def test_microbatch_size_keeps_the_whole_batch_where_blocks_would_change_it():
     assert microbatch_size(replace(cnn, microbatch=256), "gpu") == 256
     assert microbatch_size(Static(network="fc", batch_size=1024), "cpu") == 1024
     assert microbatch_size(Static(network="lc", batch_size=1024), "cpu") == 1024
+    assert microbatch_rule("cpu").startswith("cnn batches larger than 32 in blocks of 32")
+    assert microbatch_rule("gpu") == "whole batches"
+    assert environment()[1]["microbatch"] == microbatch_rule(jax.devices()[0].platform)
 
 
 def test_same_seed_is_bit_identical(small):

@@ -54,7 +54,8 @@ from uspsjax import KEEPS_FREED_MEMORY, cli, distributed
 from uspsjax.errors import InputError
 from uspsjax.models import (BATCHNORM, L1_AT, LC_FANS, LC_LOWERINGS, NETWORKS, lc_lowering_name,
                             parse_init)
-from uspsjax.train import ADVERSARIAL, DTYPES, HPARAM_DEFAULTS, LR_SCHEDULES, Static
+from uspsjax.train import (ADVERSARIAL, DTYPES, HPARAM_DEFAULTS, LR_SCHEDULES, Static,
+                           microbatch_rule)
 
 # The shipped sweep files: the top-level sweeps/ folder, installed as the package uspsjax.sweeps
 # (pyproject.toml), so that an installed uspsjax finds them from any working directory.
@@ -469,6 +470,7 @@ def environment() -> tuple[str, dict]:
     # What LC layers with the default `lc_lowering = "auto"` run here (a member's own setting is
     # recorded with its settings), and the allocator (`uspsjax.__init__`).
     versions["lc_lowering"] = lc_lowering_name("auto", dev.platform)
+    versions["microbatch"] = microbatch_rule(dev.platform)  # what `microbatch = 0` runs here
     versions["malloc"] = "glibc, keeps freed memory" if KEEPS_FREED_MEMORY else "default"
     return device, versions
 

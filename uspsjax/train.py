@@ -283,6 +283,15 @@ def microbatch_size(static: Static, platform: str) -> int:
     return batch
 
 
+def microbatch_rule(platform: str) -> str:
+    """What `microbatch = 0` runs on `platform` (`microbatch_size`), for the record of a result."""
+    blocks = [f"{name} batches larger than {net.cpu_block} in blocks of {net.cpu_block}"
+              for name, net in NETWORKS.items() if net.cpu_block]
+    if platform != "cpu" or not blocks:
+        return "whole batches"
+    return "; ".join(blocks) + " (not with batch norm or adversarial training)"
+
+
 def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progress=0.0):
     """One SGD step on batch (x, y). Returns the new state, the batch loss and accuracy.
 
