@@ -56,7 +56,7 @@ def test_quick_lc_run_records_its_lowering(tmp_path, shared_h5):
     [row] = json.loads((out / "cpu.json").read_text())["rows"]
     assert (row["network"], row["batch_size"], row["population"]) == ("lc", 16, 1)
     assert row["member_samples_per_s"] > 0 and row["n_params"] == 33_177_770
-    assert row["lc_lowering"] == "conv_general_dilated_local"
+    assert row["lc_lowering"] == "conv_general_dilated_local" and row["microbatch"] == 16
     # Which bound is lower depends on this machine's measured peaks; that the grouped patches
     # are counted, and that the lower bound is the one named, does not.
     peaks = json.loads((out / "cpu.json").read_text())["peaks"]
@@ -73,7 +73,7 @@ def test_quick_lc_run_records_its_lowering(tmp_path, shared_h5):
 def test_quick_fc_run_writes_json_and_table(tmp_path, shared_h5, capsys):
     out = tmp_path / "bench"
     argv = ["--quick", "--networks", "fc", "--batch-sizes", "16", "--populations", "1,2",
-            "--out", str(out), "--data", str(shared_h5)]
+            "--microbatch", "8", "--out", str(out), "--data", str(shared_h5)]
     assert bench.main(argv) == 0
     result = json.loads((out / "cpu.json").read_text())
     assert result["peaks"]["matmul_flop_per_s"] > 0 and result["peaks"]["copy_bytes_per_s"] > 0
@@ -85,12 +85,12 @@ def test_quick_fc_run_writes_json_and_table(tmp_path, shared_h5, capsys):
         assert r["flops_per_sample"] == 6 * FC_MACS
         assert r["n_params"] == 109_722
         assert r["bound"] in ("matmul peak", "weight traffic") and r["pct_bound"] > 0
-        assert "lc_lowering" not in r
+        assert "lc_lowering" not in r and r["microbatch"] == 8
     assert rows[1]["vmap_speedup"] > 0
     assert {f["sweep"] for f in result["flop_floor"]} == {"init", "lr", "batch", "momentum"}
     assert all(f["seconds_at_peak"] > 0 for f in result["flop_floor"])
     assert any("sequential" in t["text"] for t in result["targets"])
-    assert "| fc | 16 | 2 |" in (out / "cpu.md").read_text()
+    assert "| fc | 16 | 2 | 2 | 8 |" in (out / "cpu.md").read_text()
     assert "| fc | 16 | 2 |" in capsys.readouterr().out
 
 

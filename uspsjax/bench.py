@@ -381,7 +381,7 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         speedup = f"{r['vmap_speedup']:.1f}x" if "vmap_speedup" in r else "-"
         lines.append(f"| {r['network']} | {r['batch_size']} | {r['population']} "
-                     f"| {r['chunk_members']} | {r.get('microbatch', r['batch_size'])} "
+                     f"| {r['chunk_members']} | {r['microbatch']} "
                      f"| {r['steps']} "
                      f"| {r['member_samples_per_s']:,.0f} | {r['flop_per_s'] / 1e9:,.1f} "
                      f"| {r['pct_matmul_peak']:.1f} | {r['bound']} | {r['pct_bound']:.0f} "
