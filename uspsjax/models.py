@@ -33,8 +33,8 @@ def dropout(module: nn.Module, x: jax.Array, rate: jax.Array, train: bool,
     A rate of 0 keeps every unit, so a population can mix rates 0 and 0.5 in one program.
     `rows = (start, batch)` says that `x` holds rows `start:start + len(x)` of a batch of `batch`
     samples: its mask is those rows of the whole batch's mask, so a batch trained in blocks
-    drops exactly the units the whole batch would. (JAX's threefry bits are a function of each
-    element's index, so XLA computes only the block's.)
+    drops exactly the units the whole batch would (each block draws the whole batch's bits:
+    results/bench/NOTES.md §15).
     """
     if not train:
         return x

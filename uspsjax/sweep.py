@@ -50,12 +50,14 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
+
 from uspsjax import KEEPS_FREED_MEMORY, cli, distributed
 from uspsjax.errors import InputError
 from uspsjax.models import (BATCHNORM, L1_AT, LC_FANS, LC_LOWERINGS, NETWORKS, lc_lowering_name,
                             parse_init)
 from uspsjax.train import (ADVERSARIAL, DTYPES, HPARAM_DEFAULTS, LR_SCHEDULES, Static,
-                           microbatch_rule)
+                           microbatch_rule, needs_whole_batch)
 
 # The shipped sweep files: the top-level sweeps/ folder, installed as the package uspsjax.sweeps
 # (pyproject.toml), so that an installed uspsjax finds them from any working directory.
@@ -383,8 +385,7 @@ def split_settings(network: str, settings: dict, where: str) -> tuple[Static, di
         raise InputError(f"{where}: dropout_at = {static.dropout_at!r} is impossible for {network} "
                          f"(it has: {', '.join(NETWORKS[network].dropout_places)})")
     if static.microbatch and static.microbatch < static.batch_size and (
-            static.batch_size % static.microbatch or static.batchnorm != "none"
-            or static.adversarial != "none"):
+            static.batch_size % static.microbatch or needs_whole_batch(static)):
         raise InputError(f"{where}: microbatch = {static.microbatch} must divide batch_size = "
                          f"{static.batch_size}, without batch norm or adversarial training "
                          "(they need the whole batch at once)")
@@ -509,7 +510,6 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
     that process 0 trains).
     """
     import jax
-    import numpy as np
     from uspsjax import data as data_mod, population, train
 
     overrides = overrides or {}
@@ -751,7 +751,6 @@ def plan_output(sweep: Sweep, members: list[Member], n_train: int, y_test, out: 
         raise InputError(f"{done}: cannot read the existing result ({' '.join(str(e).split())}); "
                          "move it away, or --replace it") from None
     if merge:
-        import numpy as np
         # Results written before `n_train` was recorded say None: their test labels decide.
         if old["n_train"] not in (None, n_train) or not np.array_equal(old["y_test"], y_test):
             raise InputError(f"{done}: the earlier run trained on {old['n_train']} images and "

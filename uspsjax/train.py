@@ -266,19 +266,23 @@ def warp_images(x: jax.Array, angle: jax.Array, factor: jax.Array) -> jax.Array:
     return jax.vmap(warp)(x.reshape(-1, side, side), angle, factor).reshape(x.shape)
 
 
+def needs_whole_batch(static: Static) -> bool:
+    """Whether a step must see its whole batch at once: batch norm's statistics and the attacks'
+    random starts of adversarial training are drawn over the batch."""
+    return static.batchnorm != "none" or static.adversarial != "none"
+
+
 def microbatch_size(static: Static, platform: str) -> int:
     """How many samples of a batch a training step on `platform` ("cpu", "gpu", ...) works
     through at a time, summing their gradients: `static.microbatch` when set; with 0, on a CPU
     the network's `cpu_block` where the batch divides into such blocks (models.CNN: a block's
     patches and gradients stay in the cache, results/bench/NOTES.md §15); otherwise the whole
-    batch. Batch norm and adversarial training always take the whole batch at once: their
-    statistics and attacks' random starts are the batch's."""
+    batch, and always where a step `needs_whole_batch`."""
     batch = static.batch_size
     if static.microbatch:
         return min(static.microbatch, batch)
     block = NETWORKS[static.network].cpu_block if platform == "cpu" else None
-    if (block and batch > block and batch % block == 0 and static.batchnorm == "none"
-            and static.adversarial == "none"):
+    if block and batch > block and batch % block == 0 and not needs_whole_batch(static):
         return block
     return batch
 
