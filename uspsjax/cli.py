@@ -6,9 +6,12 @@ no traceback, and nothing written. `Parser` turns a bad flag into an `InputError
 """
 
 import argparse
+import contextlib
 import functools
+import signal
 import sys
 import tempfile
+import threading
 from pathlib import Path
 
 from uspsjax.errors import InputError
@@ -61,3 +64,26 @@ def command(main):
             return 2
 
     return run
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's or `timeout`'s stop), raised where Ctrl-C would raise
+    KeyboardInterrupt, so that both stop a run the same way: checkpoint kept, resume said."""
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt():
+    """Within the block, SIGTERM raises `Terminated`; the previous handler comes back after.
+    (Only the main thread can set handlers; elsewhere the block changes nothing.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -9,6 +9,8 @@ cluster detection (Slurm, TPU pods, Open MPI), from flags, or from the environme
 in `ENV`. On CPU the collectives run over gloo.
 """
 
+import hashlib
+import json
 import os
 import re
 import socket
@@ -155,6 +157,23 @@ def agree(error: str | None) -> None:
         error = f"process {int(np.argmax(refused))} of {refused.size} refused its input"
     if error is not None:
         raise InputError(error)
+
+
+def agree_on(parts: dict) -> None:
+    """Raise InputError on every process unless all were started alike: `parts` maps a name to
+    a JSON-able value (the sweep text, the flags, the data's hash...), compared by digest
+    before anything trains. The message names the first part and process that differ."""
+    if jax.process_count() == 1:
+        return
+    digests = np.stack([np.frombuffer(hashlib.sha256(json.dumps(
+        v, sort_keys=True, default=str).encode()).digest(), np.uint8) for v in parts.values()])
+    every = gather(digests)
+    for process in range(1, len(every)):
+        for k, name in enumerate(parts):
+            if not np.array_equal(every[process, k], every[0, k]):
+                raise InputError(f"process {process} was started with other {name} than "
+                                 "process 0; start every process with the same command, sweep "
+                                 "files and data")
 
 
 def agree_status(code: int) -> int:

@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from uspsjax import attacks, distributed, train
+from uspsjax.errors import InputError
 from uspsjax.train import Data, Hparams, Static
 
 MEMBER_AXIS = 0
@@ -38,6 +39,7 @@ STEP_CALL_SECONDS = 2.0  # the spacing of `on_step` calls inside an epoch
 # step's working set of members under this many bytes.
 CPU_CACHE_BYTES = 16 * 2**20
 ATTACKS = ("fgsm", "pgd20")
+CHECKPOINTS_KEPT = 2  # epochs kept per chunk: the latest, and the one before in case it is damaged
 
 
 @dataclass(frozen=True)
@@ -176,17 +178,17 @@ def chunk_sizes(n_members: int, size: int, n_devices: int) -> list[int]:
 
 
 def _checkpoints(folder: Path, processes: list[int]):
-    """An orbax manager of a chunk's per-epoch checkpoints in `folder` (the latest kept), saved
-    by the `processes` that hold its devices, each its own shards. Orbax writes each epoch to a
-    temporary folder and renames it when complete, so an interrupted save leaves the previous
-    epoch intact."""
+    """An orbax manager of a chunk's per-epoch checkpoints in `folder` (the latest two kept, so
+    that a damaged latest one leaves the one before), saved by the `processes` that hold its
+    devices, each its own shards. Orbax writes each epoch to a temporary folder and renames it
+    when complete, so an interrupted save leaves the previous epoch intact."""
     import orbax.checkpoint as ocp
     sync = ocp.options.MultiprocessingOptions(
         primary_host=processes[0], active_processes=set(processes),
         barrier_sync_key_prefix=re.sub(r"\W", "_", str(folder)))
     folder.mkdir(parents=True, exist_ok=True)  # orbax leaves that to us with active_processes
     return ocp.CheckpointManager(folder.absolute(), options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, enable_async_checkpointing=False, multiprocessing_options=sync,
+        max_to_keep=CHECKPOINTS_KEPT, enable_async_checkpointing=False, multiprocessing_options=sync,
         create=False))
 
 
@@ -201,17 +203,62 @@ def _save_epoch(manager, epoch: int, state, curves) -> None:
     manager.wait_until_finished()
 
 
-def _restore_epoch(manager, state, curves):
-    """The latest checkpoint of a chunk, laid out (sharded) as `state`, and its curves."""
+def _restore_epoch(manager, step: int, state, curves):
+    """A chunk's checkpoint after epoch `step`, laid out (sharded) as `state`, and its curves."""
     import orbax.checkpoint as ocp
     raw = distributed.raw_keys(state)
     template = {"state": jax.tree.map(
         lambda x: np.empty(x.shape, x.dtype) if x.is_fully_addressable
         else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), raw), "curves": curves}
-    saved = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(template))
+    saved = manager.restore(step, args=ocp.args.StandardRestore(template))
     placed = jax.tree.map(lambda r, x: jax.device_put(r, x.sharding) if x.is_fully_addressable
                           else r, saved["state"], raw)
     return distributed.typed_keys(placed, state), np.array(saved["curves"])
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(f"{type(e).__name__}: {e}".split())[:200]
+
+
+def _restore_latest(folder: Path, processes: list[int], state, curves, warn: Callable):
+    """(manager, state, curves, epochs done) from the newest epoch of `folder` that restores.
+    A damaged epoch (any file of it truncated, missing or overwritten) is said in one line to
+    `warn`, removed, and the one before is tried; InputError, naming the folder, when none
+    restores. A chunk that has no checkpoint yet starts at epoch 0."""
+    try:
+        manager = _checkpoints(folder, processes)
+        steps = sorted(manager.all_steps(), reverse=True)
+    except Exception as e:  # orbax reading its own metadata: any damage at all
+        raise InputError(f"{folder}: the checkpoint is damaged ({_one_line(e)}); remove "
+                         f"{folder.parent.parent}/ to start again") from None
+    for step in steps:
+        try:
+            restored, curves_so_far = _restore_epoch(manager, step, state, curves)
+            return manager, restored, curves_so_far, step
+        except Exception as e:  # orbax, tensorstore, zstd, json: whatever the damage raises
+            before = [s for s in steps if s < step]
+            warn(f"{folder}/{step}: the checkpoint of epoch {step} is damaged "
+                 f"({_one_line(e)}); " + (f"resuming from epoch {before[0]}" if before else
+                                          "no earlier epoch is kept"))
+            if jax.process_index() == processes[0]:
+                shutil.rmtree(folder / str(step), ignore_errors=True)
+            manager.reload()
+    if steps:
+        raise InputError(f"{folder}: no checkpoint restores (epochs {', '.join(map(str, steps))} "
+                         f"damaged); remove {folder.parent.parent}/ to start again")
+    return manager, state, curves, 0
+
+
+def _load_done(path: Path, warn: Callable) -> dict | None:
+    """A finished chunk's results, or None (said to `warn`, and the file removed) when the
+    file is damaged: the chunk is then trained again, to the same numbers."""
+    try:
+        with np.load(path) as f:
+            return {k: f[k] for k in f.files}
+    except Exception as e:  # zipfile, zlib, numpy's format checks: whatever the damage raises
+        warn(f"{path}: damaged ({_one_line(e)}); training that chunk again")
+        path.unlink(missing_ok=True)
+        return None
 
 
 def _pad(tree, size: int):
@@ -225,7 +272,8 @@ def _pad(tree, size: int):
 def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
               devices: list | None = None, memory_budget: int | None = None,
               evaluation: Evaluation = Evaluation(), checkpoint: Path | None = None,
-              on_epoch: Callable | None = None, on_step: Callable | None = None) -> dict:
+              on_epoch: Callable | None = None, on_step: Callable | None = None,
+              warn: Callable = print) -> dict:
     """Train the members `(keys, hps)` (leading axis `MEMBER_AXIS`) of one static group.
 
     Returns numpy arrays: `curves (M, epochs, metrics)` (`train.metric_names`), `diverged
@@ -239,7 +287,8 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
     (epoch, epochs, step, steps, members, chunk, chunks, seconds since the epoch began).
     With `checkpoint` (a folder on a file system every process sees), each chunk's state is
     saved after every epoch and a run that finds one resumes from it; a finished chunk keeps only
-    its results, written by the first of the processes that trained it.
+    its results, written by the first of the processes that trained it. A damaged checkpoint is
+    said to `warn` in one line and the epoch before is resumed (`_restore_latest`).
     """
     devices = devices or jax.devices()
     # The processes whose devices train this group; the first writes its finished chunks.
@@ -289,17 +338,18 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
     for c, padded in enumerate(chunk_sizes(n_members, size, len(devices))):
         lo, hi = c * size, min((c + 1) * size, n_members)
         done_path = checkpoint / f"chunk{c}.done.npz" if checkpoint else None
-        if done_path and done_path.exists():
-            with np.load(done_path) as f:
-                results.append({k: f[k] for k in f.files})
+        done = _load_done(done_path, warn) if done_path and done_path.exists() else None
+        if done is not None:
+            results.append(done)
             continue
         k_chunk = distributed.put(_pad(keys[lo:hi], padded), by_member)
         hp_chunk = distributed.put(_pad(jax.tree.map(lambda x: x[lo:hi], hps), padded), by_member)
         state = init(k_chunk, hp_chunk)
         curves = np.full((padded, static.epochs, n_metrics), np.nan, np.float32)
-        manager = _checkpoints(checkpoint / f"chunk{c}", processes) if checkpoint else None
-        if manager and manager.latest_step() is not None:
-            state, curves = _restore_epoch(manager, state, curves)
+        manager = None
+        if checkpoint:
+            manager, state, curves, _ = _restore_latest(checkpoint / f"chunk{c}", processes,
+                                                        state, curves, warn)
         if padded not in compiled:  # ahead, so that an epoch's clock times training only
             compiled[padded] = epoch_fn.lower(state, hp_chunk, data, jnp.int32(every)).compile(
                 train.compiler_options(devices[0].platform))

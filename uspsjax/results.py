@@ -47,10 +47,18 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from uspsjax.errors import InputError
+
 SCHEMA_VERSION = 1
 ATTACKS = ("fgsm", "pgd20")
 ATTACK_TITLES = {"fgsm": "FGSM", "pgd20": "PGD-20"}
 NETWORK_ORDER = ("fc", "lc", "cnn")
+# Root attributes (JSON) that only some results have: the data's SHA-256 (`data.content_hash`),
+# a shard's record (`--shard`) and a gathered result's split (`--gather`); None when absent.
+OPTIONAL_RECORDS = ("data_sha256", "shard", "shards")
+# What `write_results` puts in a result folder: a folder holding anything else is not its own.
+RESULT_FILES = ("metrics.h5", "summary.md", "accuracy.png", "loss.png", "bagging.png",
+                "robust.png")
 DPI = 100
 _GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
@@ -79,14 +87,18 @@ def write_metrics(path: Path, run: dict) -> None:
         for key in keys:
             _write_column(settings, key, [s[key] for s in run["settings"]])
         groups = f.create_group("groups", track_order=True)
-        kinds = (("label", str), ("members", int), ("wall_time_s", float), ("chunks", int))
+        kinds = (("label", str), ("members", int), ("wall_time_s", float), ("chunks", int),
+                 ("device", str), ("versions", str))
         for key, kind in kinds:
-            _write_column(groups, key, [kind(g[key]) for g in run["groups"]])
+            _write_column(groups, key, [kind(_group_value(run, g, key)) for g in run["groups"]])
         a = f.attrs
         for key in ("name", "description", "sweep_text", "device"):
             a[key] = str(run[key])
         for key in ("overrides", "study", "versions"):
             a[key] = json.dumps(run[key])
+        for key in OPTIONAL_RECORDS:  # JSON, present only where they apply
+            if run.get(key) is not None:
+                a[key] = json.dumps(run[key])
         a["wall_time_s"] = float(run["wall_time_s"])
         a["programs"] = int(run["programs"])
         a["ensemble"] = int(run["ensemble"])
@@ -96,6 +108,14 @@ def write_metrics(path: Path, run: dict) -> None:
         a["attack_eps"] = np.asarray(run["attack_eps"], np.float64)
         a["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         a["schema_version"] = SCHEMA_VERSION
+
+
+def _group_value(run: dict, group: dict, key: str):
+    # A group's device and versions default to the run's (groups of files written before they
+    # were recorded per group); versions are stored as JSON text.
+    value = group.get(key, run.get(key))
+    return json.dumps(value, sort_keys=True) if key == "versions" and isinstance(value, dict) \
+        else value
 
 
 def _write_column(group, key, values):
@@ -139,6 +159,7 @@ def read_metrics(path: Path) -> dict:
                              f"this code reads {SCHEMA_VERSION}")
         run = {k: str(a[k]) for k in ("name", "description", "sweep_text", "device", "created")}
         run.update({k: json.loads(a[k]) for k in ("overrides", "study", "versions")})
+        run.update({k: json.loads(a[k]) if k in a else None for k in OPTIONAL_RECORDS})
         run.update({k: int(a[k]) for k in ("programs", "ensemble", "schema_version")})
         run["wall_time_s"] = float(a["wall_time_s"])
         run["n_train"] = int(a["n_train"]) if "n_train" in a else None
@@ -155,6 +176,9 @@ def read_metrics(path: Path) -> dict:
         run["settings"] = [{k: c[i] for k, c in columns.items()} for i in range(n)]
         groups = {k: _read_column(ds) for k, ds in f["groups"].items()}
         run["groups"] = [dict(zip(groups, row)) for row in zip(*groups.values())]
+        for g in run["groups"]:
+            g.setdefault("device", run["device"])
+            g["versions"] = json.loads(g["versions"]) if "versions" in g else run["versions"]
     return run
 
 
@@ -303,6 +327,13 @@ def summary_markdown(run: dict) -> str:
              f"{run['programs']} programs; {len(run['settings'])} members."]
     if run["overrides"]:
         lines.append(f"Overrides: {describe_overrides(run['overrides'])}.")
+    if run.get("shard"):
+        shard = run["shard"]
+        lines.append(f"Shard {shard['index']} of {shard['count']}: {len(shard['members'])} of "
+                     f"the sweep's {shard['total']} members (`--gather` combines the shards).")
+    if run.get("shards"):
+        walls = ", ".join(f"{w:.0f}" for w in run["shards"]["wall_time_s"])
+        lines.append(f"Gathered from {run['shards']['count']} shards (wall times {walls} s).")
     if run.get("validation"):
         lines.append(f"Validation: {run['validation']} training images held out (seed "
                      f"{run['validation_seed']}, the same for every member); select on it, "
@@ -497,6 +528,20 @@ def write_results(out_dir: Path, run: dict) -> Path:
         raise
     shutil.rmtree(backup, ignore_errors=True)
     return final
+
+
+def check_replaceable(folder: Path) -> None:
+    """InputError unless `folder` is absent or a result folder as `write_results` writes them
+    (nothing in it but `RESULT_FILES`): a run replaces only what the engine wrote."""
+    if not folder.exists() and not folder.is_symlink():
+        return
+    if folder.is_symlink() or not folder.is_dir():
+        raise InputError(f"{folder}: exists and is not a uspsjax result folder; move it away "
+                         "or choose another --out")
+    foreign = sorted(p.name for p in folder.iterdir() if p.name not in RESULT_FILES)
+    if foreign:
+        raise InputError(f"{folder}: holds {foreign[0]!r}, which uspsjax did not write; move it "
+                         "away or choose another --out (a run replaces the whole folder)")
 
 
 def merge_runs(old: dict, new: dict, defaults: dict) -> dict:

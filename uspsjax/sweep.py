@@ -37,12 +37,14 @@ which sets the family (static) and scale (dynamic).
 """
 
 import dataclasses
+import hashlib
 import itertools
 import json
 import math
 import os
 import platform
 import re
+import shlex
 import shutil
 import sys
 import time
@@ -52,8 +54,9 @@ from pathlib import Path
 
 import numpy as np
 
-from uspsjax import KEEPS_FREED_MEMORY, cli, distributed
+from uspsjax import KEEPS_FREED_MEMORY, cli, distributed, shards
 from uspsjax.errors import InputError
+from uspsjax.lock import Lock
 from uspsjax.models import (BATCHNORM, L1_AT, LC_FANS, LC_LOWERINGS, NETWORKS, lc_lowering_name,
                             parse_init)
 from uspsjax.train import (ADVERSARIAL, DTYPES, HPARAM_DEFAULTS, LR_SCHEDULES, Static,
@@ -440,18 +443,42 @@ def describe_group(static: Static) -> str:
     return " ".join([static.network, *parts])
 
 
-def _fingerprint(sweep: Sweep, overrides: dict, devices, memory_budget: int | None,
-                 placement: str) -> str:
-    """What a checkpoint must match to be resumed: the sweep file, the overrides, and what
+# What a checkpoint records of the run that made it, and what each part is called when a
+# resume finds it changed.
+FINGERPRINT_PARTS = {"sweep": "sweep file", "overrides": "command-line settings (--networks, "
+                     "--epochs, --seeds, --dtype)", "data": "data (the arrays' SHA-256)",
+                     "versions": "versions of uspsjax, its source or its libraries",
+                     "layout": "layout (processes, devices, memory budget, chunks, placement)",
+                     "shard": "shard (--shard)"}
+# The versions that decide a run's numbers (`environment`): a resume needs all of them equal.
+NUMERIC_VERSIONS = ("uspsjax", "source", "jax", "jaxlib", "flax", "optax", "matmul_precision",
+                    "lc_lowering", "microbatch")
+
+
+def fingerprint(sweep: Sweep, overrides: dict, data_hash: str, devices,
+                memory_budget: int | None, placement: str, shard: tuple | None) -> dict:
+    """What a checkpoint must match to be resumed, part by part (`FINGERPRINT_PARTS`): the
+    sweep file, the overrides, the data's content, the versions that decide the numbers, what
     decides where each group trains and how it is split into chunks (the processes, devices,
-    memory budget, the CPU cache a chunk keeps within, and placement)."""
+    memory budget, the CPU cache a chunk keeps within, and placement), and the shard."""
     import jax
     from uspsjax import population
     layout = {"processes": jax.process_count(), "devices": len(devices or jax.devices()),
               "memory_budget": memory_budget or population.device_memory(jax.local_devices()[0]),
               "cpu_cache_bytes": population.CPU_CACHE_BYTES, "placement": placement}
-    return json.dumps({"sweep": sweep.text, "overrides": overrides, "layout": layout},
-                      sort_keys=True)
+    versions = environment()[1]
+    return {"sweep": sweep.text, "overrides": overrides, "data": data_hash,
+            "versions": {k: versions[k] for k in NUMERIC_VERSIONS}, "layout": layout,
+            "shard": list(shard) if shard else None}
+
+
+def source_hash() -> str:
+    """A digest of uspsjax's own Python source: the code that trains, whatever its version
+    number says (a resume continues only the same code)."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def environment() -> tuple[str, dict]:
@@ -464,7 +491,9 @@ def environment() -> tuple[str, dict]:
         device = f"cpu: {platform.processor() or platform.machine()} ({_cpu_count()} cores)"
     if jax.process_count() > 1:
         device += f", {len(jax.devices())} devices in {jax.process_count()} processes"
-    versions = {p: version(p) for p in ("jax", "jaxlib", "flax", "optax", "numpy", "h5py")}
+    versions = {p: version(p) for p in ("uspsjax", "jax", "jaxlib", "flax", "optax", "numpy",
+                                        "h5py")}
+    versions["source"] = source_hash()
     versions["python"] = platform.python_version()
     # TF32 on recent GPUs unless set to "float32"/"highest": part of what produced the numbers.
     versions["matmul_precision"] = str(jax.config.jax_default_matmul_precision or "default")
@@ -494,27 +523,48 @@ def place_groups(costs: list[float], n_processes: int) -> list[int]:
     return owners
 
 
+def shard_members(members: list[Member], shard: tuple[int, int] | None) -> list[int]:
+    """The indices of the members that shard (I, N) trains (`shards.assign` over the static
+    groups); every member without a shard. InputError when the shard would be empty."""
+    if shard is None:
+        return list(range(len(members)))
+    index, count = shard
+    if count > len(members):
+        raise InputError(f"--shard {index}/{count}: the sweep has {len(members)} members, so at "
+                         f"most {len(members)} shards")
+    owner = shards.assign(list(group_members(members).values()), count)
+    return [i for i in range(len(members)) if owner[i] == index]
+
+
 def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
               checkpoints: Path | None = None, resume: bool = False, devices=None,
               memory_budget: int | None = None, placement: str = "members", log=print,
-              live: bool = True) -> dict:
+              live: bool = True, shard: tuple[int, int] | None = None,
+              data_hash: str | None = None, warn=None) -> dict:
     """Train every static group of `sweep` and return the `run` dict that `results` writes.
 
     One program is compiled per static group; each trains all its members at once. With
     placement "members" each group's members are sharded over all `devices` (of every
     process); with "groups" each process trains whole groups on its own devices, balanced by
     `place_groups`, and the results are gathered. With `checkpoints`, every group checkpoints
-    after each epoch under `checkpoints/NAME/`, and `resume` continues from there (skipping
-    finished groups). Progress goes to `log`: a line per epoch and, with `live`, one at least
-    every `LIVE_SECONDS` inside long epochs (in a run over several processes, of the groups
-    that process 0 trains).
+    after each epoch under `checkpoints` (the run's own folder, such as checkpoints/NAME/), and
+    `resume` continues from there (skipping finished groups). Progress goes to `log`: a line
+    per epoch and, with `live`, one at least every `LIVE_SECONDS` inside long epochs (in a run
+    over several processes, of the groups that process 0 trains); a damaged checkpoint is said
+    to `warn` (default: stderr). With `shard = (I, N)` only shard I's members train
+    (`shard_members`) and the run records which they are. `data_hash` is the dataset's
+    `data.content_hash`, computed here when not given.
     """
     import jax
     from uspsjax import data as data_mod, population, train
 
     overrides = overrides or {}
+    warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    data_hash = data_hash or data_mod.content_hash(dataset)
     on_cpu = (devices or jax.devices())[0].platform == "cpu"
-    members = expand(sweep, overrides, on_cpu)
+    every_member = expand(sweep, overrides, on_cpu)
+    chosen = shard_members(every_member, shard)
+    members = [every_member[i] for i in chosen]
     groups = group_members(members)
     for net, table in cpu_limits(sweep, overrides, on_cpu).items():
         log(f"sweep {sweep.name}: on this CPU {net} runs with "
@@ -522,10 +572,10 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
             + " (the sweep's [cpu] table; --epochs/--seeds override it)")
     data = train.as_data(data_mod.split_validation(dataset, sweep.validation,
                                                    sweep.validation_seed))
-    ckpt_root = checkpoints / sweep.name if checkpoints else None
+    ckpt_root = checkpoints
     if ckpt_root:
-        _prepare_checkpoints(ckpt_root, _fingerprint(sweep, overrides, devices, memory_budget,
-                                                     placement), resume)
+        _prepare_checkpoints(ckpt_root, fingerprint(sweep, overrides, data_hash, devices,
+                                                    memory_budget, placement, shard), resume)
     n_train = data.x_train.shape[0]
     owners = None
     if placement == "groups":
@@ -536,7 +586,9 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
     where = (f"whole groups placed on {jax.process_count()} process"
              f"{'es' if jax.process_count() > 1 else ''}, members sharded over each one's "
              if owners else "members sharded over ")
-    log(f"sweep {sweep.name}: {len(members)} members in {len(groups)} static groups "
+    part = (f"shard {shard[0]} of {shard[1]}: {len(members)} of {len(every_member)} members"
+            if shard else f"{len(members)} members")
+    log(f"sweep {sweep.name}: {part} in {len(groups)} static groups "
         f"-> {len(groups)} compiled training programs, {where}{n_devices} "
         f"device{'s' if n_devices > 1 else ''}")
     evaluation = population.Evaluation(sweep.attack_eps, min(sweep.attack_samples,
@@ -583,7 +635,7 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
         res = population.run_group(static, keys, hps, data, devices=devices,
                                    memory_budget=memory_budget, evaluation=evaluation,
                                    checkpoint=ckpt, on_epoch=progress,
-                                   on_step=progress if live else None)
+                                   on_step=progress if live else None, warn=warn)
         wall = time.perf_counter() - t0
         if res["chunks"] > 1:
             log(f"  [{g + 1}/{len(groups)}] {label}: ran as {res['chunks']} chunks of "
@@ -610,8 +662,8 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
                 log(f"  [{g + 1}/{len(groups)}] {describe_group(list(groups)[g])}: "
                     f"{len(idx)} members done in {walls[g]:.1f} s on process {owners[g]}")
     group_info = [{"label": describe_group(static), "members": len(idx),
-                   "wall_time_s": float(walls[g]), "chunks": int(chunks[g]), "device": device}
-                  for g, (static, idx) in enumerate(groups.items())]
+                   "wall_time_s": float(walls[g]), "chunks": int(chunks[g]), "device": device,
+                   "versions": versions} for g, (static, idx) in enumerate(groups.items())]
     settings = []
     for g, (static, idx) in enumerate(groups.items()):
         for i in idx:
@@ -627,26 +679,73 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
         "robust": robust if sweep.attack_eps else None, "attack_eps": list(sweep.attack_eps),
         "ensemble": sweep.ensemble, "study": sweep.study, "device": device, "versions": versions,
         "wall_time_s": time.perf_counter() - t_start, "programs": len(groups), "groups": group_info,
+        "data_sha256": data_hash,
+        "shard": None if shard is None else {
+            "index": shard[0], "count": shard[1], "members": chosen, "total": len(every_member),
+            "members_sha256": shards.members_hash([member_settings(m) for m in every_member])},
     }
 
 
-def _prepare_checkpoints(root: Path, fingerprint: str, resume: bool) -> None:
-    """Start fresh checkpoints (process 0 clears the folder while the others wait), or check
-    that the ones to resume belong to this sweep and device layout."""
-    stamp = root / "sweep.json"
+STAMP = "sweep.json"   # a checkpoint folder's record of the run that made it (`fingerprint`)
+LOCK = ".lock"         # inside a checkpoint folder; OUT/.NAME.lock beside a result folder
+
+
+def read_stamp(root: Path) -> dict:
+    """The fingerprint a checkpoint folder records; InputError when there is none or it is
+    damaged (not the JSON this engine writes)."""
+    stamp = root / STAMP
+    if not stamp.is_file():
+        raise InputError(f"{root}: nothing to resume (no checkpoint of this sweep)")
+    try:
+        saved = json.loads(stamp.read_bytes().decode("utf-8"))
+    except (OSError, ValueError) as e:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        saved = e
+    if not isinstance(saved, dict):
+        raise InputError(f"{stamp}: damaged, not the record uspsjax writes; remove {root}/ to "
+                         "start again") from None
+    return saved
+
+
+def check_resumable(root: Path, expected: dict) -> None:
+    """InputError unless the checkpoint in `root` was made by the computation `expected` (a
+    `fingerprint`), naming every part that differs and what to do."""
+    saved, expected = read_stamp(root), json.loads(json.dumps(expected))
+    differs = [name for part, name in FINGERPRINT_PARTS.items()
+               if saved.get(part) != expected[part]]
+    if differs:
+        need = "the same data" if saved.get("data") != expected["data"] else "the same run"
+        raise InputError(f"{root}: the checkpoint was made with another {'; another '.join(differs)}"
+                         f"; --resume needs {need}, or remove {root}/ to start again")
+
+
+def check_checkpoint_folder(root: Path) -> None:
+    """InputError unless `root` is absent or a checkpoint folder of uspsjax (it holds its
+    `STAMP`), so that starting afresh removes nothing the engine did not write."""
+    if not root.exists() and not root.is_symlink():
+        return
+    if root.is_symlink() or not root.is_dir():
+        raise InputError(f"{root}: exists and is not a uspsjax checkpoint folder; move it away "
+                         "or choose another --checkpoints")
+    if not (root / STAMP).is_file() and any(p.name != LOCK for p in root.iterdir()):
+        raise InputError(f"{root}: not a uspsjax checkpoint folder (no {STAMP}); move it away "
+                         "or choose another --checkpoints")
+
+
+def _prepare_checkpoints(root: Path, expected: dict, resume: bool) -> None:
+    """Start fresh checkpoints in `root` (process 0 clears what an earlier run of this sweep
+    left, keeping the lock, while the others wait), or check that the ones to resume are of
+    this computation (`check_resumable`)."""
     if resume:
-        if not stamp.is_file():
-            raise InputError(f"{root}: nothing to resume (no checkpoint of this sweep)")
-        if stamp.read_text() != fingerprint:
-            raise InputError(f"{root}: the checkpoint is of a different sweep file, overrides or "
-                             "layout (processes, devices, memory budget, chunks, placement); "
-                             "run without --resume to start again")
+        check_resumable(root, expected)
         return
     if distributed.is_writer():
-        if root.exists():
-            shutil.rmtree(root)
-        root.mkdir(parents=True)
-        stamp.write_text(fingerprint)
+        check_checkpoint_folder(root)
+        if root.is_dir():
+            for path in root.iterdir():
+                if path.name != LOCK:
+                    shutil.rmtree(path) if path.is_dir() else path.unlink()
+        root.mkdir(parents=True, exist_ok=True)
+        (root / STAMP).write_text(json.dumps(expected, sort_keys=True))
     distributed.barrier(f"{root} prepared")
 
 
@@ -700,6 +799,13 @@ def build_parser() -> cli.Parser:
     p.add_argument("--replace", action="store_true",
                    help="let a run of lower scale (fewer epochs or seeds for some network) "
                         f"replace OUT/NAME/; without it such a run goes to OUT/NAME{LOWER_SCALE}/")
+    p.add_argument("--shard", metavar="I/N",
+                   help="train only shard I of N (0 <= I < N; a job array's task id): a fixed "
+                        "share of every static group's members, written to "
+                        f"OUT/NAME{shards.SUFFIX}/I-of-N/ with its own checkpoints")
+    p.add_argument("--gather", action="store_true",
+                   help=f"combine the shards in OUT/NAME{shards.SUFFIX}/ into OUT/NAME/ (with "
+                        "--merge beside the networks already there); nothing is trained")
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     return p
 
@@ -712,12 +818,12 @@ def run_scale(settings: list[dict]) -> dict[str, tuple[int, int]]:
                 len({int(s["seed"]) for s in settings if s["network"] == n})) for n in nets}
 
 
-def larger_result(old_settings: list[dict], members: list[Member], merge: bool) -> str | None:
-    """Where an earlier result holds more than a run of `members` would: for each network, more
-    epochs or more seeds, or (unless `merge` keeps them) a network the run lacks. None when the
-    run is of the same or higher scale, else a description such as "lc 3 seeds x 30 epochs,
-    this run 3 x 3"."""
-    new = run_scale([member_settings(m) for m in members])
+def larger_result(old_settings: list[dict], rows: list[dict], merge: bool) -> str | None:
+    """Where an earlier result holds more than a run of the members `rows` (their settings, as
+    `member_settings` makes them) would: for each network, more epochs or more seeds, or
+    (unless `merge` keeps them) a network the run lacks. None when the run is of the same or
+    higher scale, else a description such as "lc 3 seeds x 30 epochs, this run 3 x 3"."""
+    new = run_scale(rows)
     larger = []
     for net, (epochs, seeds) in run_scale(old_settings).items():
         got_epochs, got_seeds = new.get(net, (0, 0))
@@ -727,40 +833,45 @@ def larger_result(old_settings: list[dict], members: list[Member], merge: bool) 
     return "; ".join(larger) or None
 
 
-def plan_output(sweep: Sweep, members: list[Member], n_train: int, y_test, out: Path,
-                merge: bool, replace: bool) -> tuple[str, dict | None, str | None]:
-    """Decide, before training, where a run of `members` goes and check that it can.
+def plan_output(sweep: Sweep, rows: list[dict], n_train: int, y_test, data_hash: str,
+                out: Path, merge: bool, replace: bool) -> tuple[str, dict | None, str | None]:
+    """Decide, before training, where a run of the members `rows` (their settings) goes and
+    check that it can.
 
     Returns (the folder name under `out`, the earlier run to merge with or None, a line to say
     when the run goes beside the earlier result). The folder is NAME, or NAME + LOWER_SCALE when
     NAME holds a larger result and not `replace`. InputError if a batch exceeds the `n_train`
-    training samples, the earlier result cannot be read, or a merge would mix settings or data
-    (another training-set size, or other test labels than the data's `y_test`).
+    training samples, the folder is not a uspsjax result folder, the earlier result cannot be
+    read, or a merge would mix settings or data (another content hash, training-set size or
+    test labels than the data's `data_hash` and `y_test`).
     """
-    biggest = max(m.static.batch_size for m in members)
+    from uspsjax import results
+    biggest = max(r["batch_size"] for r in rows)
     if biggest > n_train:
         raise InputError(f"{sweep.path}: batch_size = {biggest} exceeds the {n_train} training "
                          "samples of the data")
+    results.check_replaceable(out / sweep.name)
     done = out / sweep.name / "metrics.h5"
     if not done.exists() or (replace and not merge):
         return sweep.name, None, None
-    from uspsjax import results
     try:
         old = results.read_metrics(done)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"{done}: cannot read the existing result ({' '.join(str(e).split())}); "
                          "move it away, or --replace it") from None
     if merge:
-        # Results written before `n_train` was recorded say None: their test labels decide.
-        if old["n_train"] not in (None, n_train) or not np.array_equal(old["y_test"], y_test):
+        # Results written before the data's hash or `n_train` were recorded: the rest decides.
+        if old["n_train"] not in (None, n_train) or not np.array_equal(old["y_test"], y_test) \
+                or old["data_sha256"] not in (None, data_hash):
             raise InputError(f"{done}: the earlier run trained on {old['n_train']} images and "
                              f"tested on {len(old['y_test'])}; this data has {n_train} and "
-                             f"{len(y_test)}, or other test labels: cannot merge")
-        check_mergeable(sweep, old, list(dict.fromkeys(m.network for m in members)))
-    larger = None if replace else larger_result(old["settings"], members, merge)
+                             f"{len(y_test)}, or other images or labels: cannot merge")
+        check_mergeable(sweep, old, list(dict.fromkeys(r["network"] for r in rows)))
+    larger = None if replace else larger_result(old["settings"], rows, merge)
     if larger is None:
         return sweep.name, old if merge else None, None
     beside = sweep.name + LOWER_SCALE
+    results.check_replaceable(out / beside)
     return beside, old if merge else None, (
         f"{out / sweep.name}/ holds a larger run ({larger}); writing {out / beside}/ instead; "
         "--replace to overwrite")
@@ -794,49 +905,162 @@ def _devices(args) -> list | None:
     return jax.devices()[: args.devices]
 
 
+@dataclasses.dataclass
+class Job:
+    """One sweep of a command, planned before anything is written."""
+
+    sweep: Sweep
+    out: Path                   # the folder that holds the result folder
+    folder: str                 # the result folder's name under `out`
+    guard: Path                 # what the run's lock guards (OUT/NAME, or the shard's folder)
+    old: dict | None = None     # the earlier run to merge with
+    notice: str | None = None   # said when the result goes beside a larger one
+    checkpoints: Path | None = None  # the run's own checkpoint folder (None: none kept)
+    resume: bool = False
+    gathered: dict | None = None     # --gather: the shards' combined run; nothing trains
+
+
+def _plan_gather(args, sweep: Sweep, out: Path) -> Job:
+    """The job of `--gather`: the shards of `sweep` under OUT/NAME.shards/, checked and
+    combined (`shards.gather`), and where their result goes."""
+    if _overrides(args) or args.resume or args.devices or args.distributed:
+        raise InputError("--gather takes the shards as they ran: no --networks, --epochs, "
+                         "--seeds, --dtype, --resume, --devices or --distributed")
+    run = shards.gather(out / (sweep.name + shards.SUFFIX), sweep.name, sweep.text)
+    name, old, notice = plan_output(sweep, run["settings"], run["n_train"], run["y_test"],
+                                    run["data_sha256"], out, args.merge, args.replace)
+    return Job(sweep, out, name, out / sweep.name, old, notice, gathered=run)
+
+
 def _plan(args, log) -> tuple:
-    """Every check of a run (sweep files, flags, data, devices, the output folder, what an
-    earlier result allows), nothing written. Returns (sweeps to run as (sweep, folder name,
-    earlier run to merge or None, notice or None), overrides, dataset, devices)."""
+    """Every check of a run (sweep files, flags, data, devices, the output and checkpoint
+    folders, what an earlier result or checkpoint allows), nothing written. Returns (the jobs,
+    overrides, dataset, devices, the data's content hash, the shard)."""
     if not args.sweep:
         raise InputError("no sweep given (try --list)")
+    if args.sweep == "all" and (args.shard or args.gather):
+        raise InputError("--shard and --gather take one sweep, not all")
+    if args.shard and args.gather:
+        raise InputError("--shard trains one shard, --gather combines them: one at a time")
+    shard = shards.parse(args.shard) if args.shard else None
+    if shard and (args.merge or args.replace):
+        raise InputError("--merge and --replace go with --gather: a shard's folder holds only "
+                         "its own members, merged when the shards are gathered")
     sweeps = [load_sweep(n) for n in (STUDY_ORDER if args.sweep == "all" else [args.sweep])]
-    overrides = _overrides(args)
     out, checkpoints = Path(args.out), Path(args.checkpoints)
     cli.check_out(out)
+    if args.gather:
+        job = _plan_gather(args, sweeps[0], out)
+        return [job], {}, None, None, job.gathered["data_sha256"], None
+    overrides = _overrides(args)
     for sweep in sweeps:
         expand(sweep, overrides)  # validates every member before the data is read
     if args.resume and args.no_checkpoints and args.sweep != "all":
         raise InputError("--resume and --no-checkpoints: nothing to resume from")
     devices = _devices(args)
-    if args.resume and args.sweep != "all":
-        _prepare_checkpoints(checkpoints / sweeps[0].name,
-                             _fingerprint(sweeps[0], overrides, devices, None, args.placement),
-                             resume=True)
-    from uspsjax import data as data_mod
+    from uspsjax import data as data_mod, results
     dataset = data_mod.load(args.data)
+    data_hash = data_mod.content_hash(dataset)
     import jax
     on_cpu = (devices or jax.devices())[0].platform == "cpu"
-    plans = []
+    jobs = []
     for sweep in sweeps:
-        done, ckpt = out / sweep.name / "metrics.h5", checkpoints / sweep.name / "sweep.json"
-        if args.sweep == "all" and args.resume and done.exists() and not ckpt.exists():
+        ckpt = None
+        if not args.no_checkpoints:
+            ckpt = checkpoints / sweep.name
+            if shard:
+                ckpt = checkpoints / (sweep.name + shards.SUFFIX) / shards.folder_name(*shard)
+            check_checkpoint_folder(ckpt)
+        resumable = ckpt is not None and (ckpt / STAMP).exists()
+        done = out / sweep.name / "metrics.h5"
+        if args.sweep == "all" and args.resume and done.exists() and not resumable:
             log(f"sweep {sweep.name}: already complete in {done}, skipped")
             continue
-        plans.append((sweep, *plan_output(sweep, expand(sweep, overrides, on_cpu),
-                                          len(dataset.y_train) - sweep.validation,
-                                          dataset.y_test, out, args.merge, args.replace)))
-    return plans, overrides, dataset, devices
+        if args.resume and args.sweep != "all":
+            check_resumable(ckpt, fingerprint(sweep, overrides, data_hash, devices, None,
+                                              args.placement, shard))
+        members = expand(sweep, overrides, on_cpu)
+        rows = [member_settings(members[i]) for i in shard_members(members, shard)]
+        n_train = len(dataset.y_train) - sweep.validation
+        if shard:
+            where, name = out / (sweep.name + shards.SUFFIX), shards.folder_name(*shard)
+            biggest = max(r["batch_size"] for r in rows)
+            if biggest > n_train:
+                raise InputError(f"{sweep.path}: batch_size = {biggest} exceeds the {n_train} "
+                                 "training samples of the data")
+            results.check_replaceable(where / name)
+            jobs.append(Job(sweep, where, name, where / name, checkpoints=ckpt,
+                            resume=args.resume and resumable))
+            continue
+        name, old, notice = plan_output(sweep, rows, n_train, dataset.y_test, data_hash, out,
+                                        args.merge, args.replace)
+        jobs.append(Job(sweep, out, name, out / sweep.name, old, notice, ckpt,
+                        args.resume and resumable))
+    return jobs, overrides, dataset, devices, data_hash, shard
+
+
+def _take_locks(jobs: list[Job], held: list) -> None:
+    """Lock every job's result (OUT/.NAME.lock) and checkpoint folder (its `LOCK`) for this
+    process, appending each lock to `held`; InputError naming the first that another run
+    holds."""
+    for job in jobs:
+        held.append(Lock(job.guard.parent / f".{job.guard.name}.lock", str(job.guard)))
+        if job.checkpoints:
+            held.append(Lock(job.checkpoints / LOCK, str(job.checkpoints)))
+
+
+def _launch_parts(args, jobs: list[Job], overrides: dict, data_hash: str) -> dict:
+    """What every process of a distributed run must have been given alike, by name."""
+    versions = environment()[1]
+    flags = {k: getattr(args, k) for k in ("placement", "resume", "no_checkpoints", "merge",
+                                           "replace", "shard", "gather", "devices")}
+    return {"sweep files": [job.sweep.text for job in jobs], "command-line settings":
+            {**overrides, **flags}, "data": data_hash,
+            "versions": {k: versions[k] for k in NUMERIC_VERSIONS}}
+
+
+def _written_or_said(job: Job, run: dict, writer: bool) -> int:
+    """Write a job's result (merged with the earlier one where it merges); 0, or 1 with one
+    `error:` line when the write fails (a full disk): the earlier result stays untouched and
+    the line says where the training survives."""
+    from uspsjax import results
+    if not writer:
+        return 0
+    if job.old is not None:
+        run = results.merge_runs(job.old, run, SETTING_DEFAULTS)
+    target = job.out / job.folder
+    try:
+        folder = results.write_results(job.out, dict(run, name=job.folder))
+    except (OSError, RuntimeError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        kept = (f"the training is kept in {job.checkpoints}/: free space, then run the same "
+                "command with --resume (it writes the result without training)"
+                if job.checkpoints else "the shards are kept: free space and --gather again"
+                if job.gathered else "the training is lost (--no-checkpoints)")
+        print(f"error: cannot write {target}/ ({reason}); the earlier result is untouched; "
+              f"{kept}", file=sys.stderr)
+        return 1
+    if job.checkpoints:
+        shutil.rmtree(job.checkpoints, ignore_errors=True)
+    print((folder / "summary.md").read_text())
+    print(f"sweep {job.sweep.name}: {run['wall_time_s']:.0f} s on {run['device']}; wrote "
+          f"{folder}/", file=sys.stderr, flush=True)
+    if job.notice:
+        print(f"sweep {job.sweep.name}: {job.notice}", file=sys.stderr, flush=True)
+    return 0
 
 
 @cli.command
 def main(argv=None) -> int:
-    """Entry point; returns the exit status (2 for bad input, with a one-line error).
+    """Entry point; returns the exit status (2 for bad input, with a one-line error; 1 when a
+    result cannot be written; 130 after Ctrl-C and 143 after SIGTERM, the checkpoint kept).
 
-    Every check runs before anything trains or is written (`_plan`). With `--distributed` the
-    processes first join, then refuse together if any of them refuses, and return the same
+    Every check runs before anything trains or is written (`_plan`), then the run locks its
+    result and checkpoint folders. With `--distributed` the processes first join, then refuse
+    together if any of them refuses or they were not started alike, and return the same
     status; only process 0 prints progress and results and writes them.
     """
+    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
     args = build_parser().parse_args(argv)
     if args.list:
         for name in list_sweeps():
@@ -850,43 +1074,51 @@ def main(argv=None) -> int:
     writer = distributed.is_writer()
     quiet = args.quiet or not writer
     log = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    refusal = None
+    warn = (lambda *a: None) if not writer else (
+        lambda msg: print(msg, file=sys.stderr, flush=True))
+    refusal, locks = None, []
     try:
-        plans, overrides, dataset, devices = _plan(args, log)
-    except InputError as e:
-        refusal = str(e)
-    distributed.agree(refusal)
-    from uspsjax import results
-    out, checkpoints = Path(args.out), Path(args.checkpoints)
-    for sweep, _, _, notice in plans:
-        if notice and writer:
-            print(f"sweep {sweep.name}: {notice}", file=sys.stderr, flush=True)
-    try:
-        for sweep, name, old, notice in plans:
-            ckpt = checkpoints / sweep.name
-            run = run_sweep(sweep, dataset, overrides=overrides,
-                            checkpoints=None if args.no_checkpoints else checkpoints,
-                            resume=args.resume and (ckpt / "sweep.json").exists(),
-                            devices=devices, placement=args.placement, log=log,
-                            live=not quiet)
-            distributed.barrier(f"{sweep.name} trained")
-            if not writer:
-                continue
-            if old is not None:
-                run = results.merge_runs(old, run, SETTING_DEFAULTS)
-            folder = results.write_results(out, dict(run, name=name))
-            shutil.rmtree(ckpt, ignore_errors=True)
-            print((folder / "summary.md").read_text())
-            log(f"sweep {sweep.name}: {run['wall_time_s']:.0f} s on {run['device']}; wrote {folder}/")
-            if notice:
-                print(f"sweep {sweep.name}: {notice}", file=sys.stderr, flush=True)
-        if writer and checkpoints.is_dir() and not any(checkpoints.iterdir()):
-            checkpoints.rmdir()  # leave no empty folder behind a finished run
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: the last completed epoch is checkpointed in {args.checkpoints}/; "
-              f"continue with: python -m uspsjax.sweep {args.sweep} --resume", file=sys.stderr)
-        return 130
-    return distributed.agree_status(0)
+        try:
+            jobs, overrides, dataset, devices, data_hash, shard = _plan(args, log)
+            if writer:
+                _take_locks(jobs, locks)
+        except InputError as e:
+            refusal = str(e)
+        distributed.agree(refusal)
+        distributed.agree_on(_launch_parts(args, jobs, overrides, data_hash))
+        for job in jobs:
+            if job.notice and writer:
+                print(f"sweep {job.sweep.name}: {job.notice}", file=sys.stderr, flush=True)
+        status, job = 0, None
+        with cli.sigterm_as_interrupt():
+            try:
+                for job in jobs:
+                    run = job.gathered or run_sweep(
+                        job.sweep, dataset, overrides=overrides, checkpoints=job.checkpoints,
+                        resume=job.resume, devices=devices, placement=args.placement, log=log,
+                        live=not quiet, shard=shard, data_hash=data_hash, warn=warn)
+                    distributed.barrier(f"{job.sweep.name} trained")
+                    status = _written_or_said(job, run, writer)
+                    if status:
+                        break
+            except KeyboardInterrupt as e:
+                how, code = (("terminated", 143) if isinstance(e, cli.Terminated)
+                             else ("interrupted", 130))
+                resume = shlex.join(["python", "-m", "uspsjax.sweep", *argv]
+                                    + ([] if args.resume else ["--resume"]))
+                kept = (f"the last completed epoch is checkpointed in {job.checkpoints}/; "
+                        f"continue with: {resume}" if job and job.checkpoints else
+                        "nothing was checkpointed (--no-checkpoints): run it again")
+                print(f"\n{how}: {kept}", file=sys.stderr)
+                return code
+        checkpoints = Path(args.checkpoints)
+        for folder in [*(checkpoints / (j.sweep.name + shards.SUFFIX) for j in jobs), checkpoints]:
+            if writer and folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()  # leave no empty folder behind a finished run
+        return distributed.agree_status(status)
+    finally:
+        for lock in locks:
+            lock.release()
 
 
 STUDY_ORDER = ["baseline", "init", "lr", "batch", "momentum", "bagging", "dropout", "l1",
