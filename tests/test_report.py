@@ -63,3 +63,74 @@ def test_report_errors_are_one_line(tmp_path, capsys):
 def test_committed_report_matches_committed_results():
     committed = ROOT / "results" / "REPORT.md"
     assert committed.read_text() == report.build_report(ROOT / "results")
+
+
+def test_judge_is_the_one_rule():
+    a, b = report.Stat(0.95, 0.01, 3), report.Stat(0.90, 0.01, 3)
+    assert report.judge(a, b) is True and report.judge(b, a) is False
+    assert report.judge(report.Stat(0.91, 0.01, 3), b) is None  # 0.01 apart, noise 0.014
+    assert report.judge(report.Stat(0.95, 0.0, 1), b) is None  # one seed: no spread to judge by
+    assert report.judge(report.Stat(None), b) is False and report.judge(b, report.Stat(None)) is True
+    assert report.judge(report.Stat(None), report.Stat(None)) is None
+    # A target is a fixed number: the interval mean ± std must clear it.
+    assert report.judge(report.Stat(0.9751, 0.0017, 48), report.Stat(0.975)) is None
+    assert report.judge(report.Stat(0.9756, 0.0010, 3), report.Stat(0.978)) is False
+
+
+def test_origin_follows_the_merge_chain():
+    """A CNN rerun on a CPU merged into a file that had itself merged FC and LC from a GPU run."""
+    run = {"device": "gpu; cpu; cpu", "overrides": {"networks": ["cnn"], "merged": {
+        "networks": ["fc", "lc"], "device": "gpu; cpu", "overrides": {"networks": ["cnn"], "merged": {
+            "networks": ["fc", "lc"], "device": "gpu", "overrides": {}}}}}}
+    assert report.origin(run, "fc") == ("gpu", True)
+    assert report.origin(run, "cnn") == ("cpu", False)
+    assert report.origin({"device": "cpu", "overrides": {}}, "fc") == ("cpu", False)
+
+
+PLANTED = (0.96, 0.99)  # every setting's seeds spread evenly over this range: mean 0.975
+
+
+def plant(run: dict) -> dict:
+    """`run` with every member healthy and every accuracy (curves, test softmax, robust) set by
+    its seed alone, evenly from PLANTED[0] to PLANTED[1]: every setting has the same mean and
+    spread, so every comparison and target (0.975, 0.978, the study's number set to 0.975) is
+    within the noise."""
+    settings, metrics = run["settings"], list(run["metrics"])
+    seeds = {net: sorted({s["seed"] for s in settings if s["network"] == net})
+             for net in {s["network"] for s in settings}}
+    acc = np.array([np.interp(seeds[s["network"]].index(s["seed"]),
+                              [0, max(len(seeds[s["network"]]) - 1, 1)], PLANTED)
+                    for s in settings])
+    curves = np.full(run["curves"].shape, 0.1, np.float32)
+    for j, m in enumerate(metrics):
+        if m.endswith("_acc"):
+            curves[..., j] = acc[:, None]
+    y = run["y_test"]
+    n_right = np.round(acc * len(y)).astype(int)
+    guess = np.where(np.arange(len(y))[None, :] < n_right[:, None], y, (y + 1) % 10)
+    robust = None if run["robust"] is None else np.broadcast_to(
+        acc[:, None, None], run["robust"].shape).astype(np.float32)
+    return dict(run, curves=curves, diverged=np.zeros_like(run["diverged"]), robust=robust,
+                test_probs=np.eye(10, dtype=np.float32)[guess],
+                study={net: {"test_acc": 0.975} for net in run["study"]},
+                # Files written before n_train was recorded read it back as None.
+                n_train=run["n_train"] or 7291)
+
+
+def test_every_section_calls_a_planted_within_noise_difference_undecided(tmp_path):
+    for folder in sorted((ROOT / "results").glob("*/metrics.h5")):
+        out = tmp_path / folder.parent.name / "metrics.h5"
+        out.parent.mkdir()
+        results.write_metrics(out, plant(results.read_metrics(folder)))
+    text = report.build_report(tmp_path)
+    sections = text.split("\n## ")[2:]  # past the header and the coverage table
+    assert len(sections) == len(report.SECTIONS)
+    for section in sections:
+        claims = [line for line in section.splitlines() if line.startswith("- ") and "**" in line]
+        assert any("**undecided**" in c for c in claims), section.splitlines()[0]
+        assert not [c for c in claims if "**holds**" in c or "**does not hold**" in c]
+    # Reduced scale is never judged, and the equal validation scores are one tie.
+    assert "**not judged** (batchnorm LC ran 1 of 20 epochs)" in text
+    assert "**not judged** (beyond-final LC ran 1 of 16 members)" in text
+    assert "a 12-way tie at 1,950 of 2,000 validation images" in text
+    assert "was used: **shifts, cosine label_smoothing=0.0 weight_decay=0.0**" in text

@@ -20,14 +20,18 @@ metrics.h5 (schema_version 1; M members, E epochs, N test samples, A attacks, P 
 |                |                        | float: float64, bool: bool (a column mixing int and    |
 |                |                        | float is float64 with a bool attribute `int_mask`)     |
 | `groups/KEY`   | [G], one per key       | per static group: `label` str, `members` int64,        |
-|                |                        | `wall_time_s` float64, `chunks` int64                  |
+|                |                        | `wall_time_s` float64, `chunks` int64, `device` str,   |
+|                |                        | `versions` str (JSON); the last two absent from files  |
+|                |                        | written before them, read back as the root's           |
 | attributes     | on the root            | `name`, `description`, `sweep_text`, `overrides`       |
 |                |                        | (JSON), `study` (JSON), `device`, `versions` (JSON),   |
 |                |                        | `wall_time_s`, `programs`, `ensemble`, `attack_eps`,   |
 |                |                        | `n_train` (training images; absent from files written  |
 |                |                        | before it, read back as None), `validation` and        |
 |                |                        | `validation_seed` (images held out from training and   |
-|                |                        | their seed; 0 when absent), `created` (ISO time),      |
+|                |                        | their seed; 0 when absent), `data_sha256`, `shard`     |
+|                |                        | and `shards` (JSON, where they apply; else read back   |
+|                |                        | as None: `OPTIONAL_RECORDS`), `created` (ISO time),    |
 |                |                        | `schema_version` = 1                                   |
 
 Large datasets are gzip-compressed.
@@ -224,7 +228,7 @@ def summarize(run: dict) -> list[dict]:
     Row keys: network, label, n, n_diverged, diverged_epochs (sorted list), `<metric>_mean` and
     `<metric>_std` for each metric, loss_gap_mean/std (test - train loss per member), and
     study_test_acc / study_test_loss (None when the study gives no number for the network).
-    Means and population stds are over non-diverged members; final = last finite epoch.
+    Means and sample stds (ddof=1) are over non-diverged members; final = last finite epoch.
     """
     metrics = list(run["metrics"])
     final = _final(run["curves"])
