@@ -161,7 +161,7 @@ class Study:
         """'ran 1 of 20 epochs' (and so on) where `net` ran below its sweep's full scale, else
         None."""
         ran, full = self.as_run(net), full_scale(self.run, net)
-        short = [f"ran {ran[k]} of {full[k]} {k}" for k in ("epochs", "seeds", "members")
+        short = [f"ran {ran[k]} of {count(full[k], k)}" for k in ("epochs", "seeds", "members")
                  if k in full and ran[k] < full[k]]
         return ", ".join(short) or None
 
@@ -504,7 +504,7 @@ def describe_choice(study: Study, net: str) -> str:
         return f"**{chosen}**, {score}"
     # The run's own sweep text tells whether the tie-break was declared before it ran.
     when = ("before this run" if "tie-break" in study.run["sweep_text"]
-            else "after this run, which its recorded sweep text predates")
+            else "after this run (its recorded sweep text has none)")
     return (f"a {len(tied)}-way tie at {score}: {'; '.join(tied)}. The tie-break declared in "
             f"`sweeps/beyond.toml` {when} (the first tied recipe in the sweep file's order, "
             f"which lists every axis's plainest option first) was used: **{chosen}**")
@@ -546,9 +546,8 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
         out.append(f"- The retrained recipe is the one chosen on validation: {retrained}.")
     elif retrained in tied:
         out.append(f"- The retrained recipe, {retrained}, is tied for the best on validation but "
-                   f"is not the declared tie-break's choice ({chosen}): it was retrained before "
-                   f"the tie-break was declared, picked by float32 rounding of the mean. Its test "
-                   f"numbers below stand for a recipe tied for best, not for the rule's pick.")
+                   f"is not the declared tie-break's choice ({chosen}): its test numbers below "
+                   f"stand for a recipe tied for best on validation, not for the rule's pick.")
     else:
         out.append(f"- The retrained recipe, {retrained}, is not among the best on validation "
                    f"({chosen}).")
@@ -644,6 +643,11 @@ def provenance(study: Study, net: str) -> tuple[str, dict | None, float]:
     return device, versions, sum(g["wall_time_s"] for g in groups)
 
 
+def count(n: int, things: str) -> str:
+    """'1 epoch', '20 epochs': `things` is the plural."""
+    return f"{n} {things[:-1] if n == 1 else things}"
+
+
 def minutes(seconds: float) -> str:
     """A wall time as '45 s' or '12 min'."""
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
@@ -663,8 +667,8 @@ def coverage(studies: dict) -> list[str]:
                 continue
             device, versions, wall = provenance(st, net)
             ran = st.as_run(net)
-            scale = f"{ran['epochs']} epochs × {ran['seeds']} seeds" + (
-                f" × {ran['members']} members" if ran["members"] else "")
+            scale = " × ".join(count(ran[k], k) for k in ("epochs", "seeds", "members")
+                               if ran[k])
             note = st.reduced(net)
             jax = f"jax {versions['jax']}" if versions else "versions not recorded (kept by --merge)"
             shards = st.run["shards"]
@@ -724,8 +728,8 @@ def build_report(root: Path) -> str:
 
 def _epochs_note(study: Study) -> str:
     """Epochs and seeds per network, as actually run."""
-    return ", ".join(f"{NAMES[net]} {study.epochs(net)} epochs × {study.as_run(net)['seeds']} seeds"
-                     for net in study.networks())
+    return ", ".join(f"{NAMES[net]} {count(study.epochs(net), 'epochs')} × "
+                     f"{count(study.as_run(net)['seeds'], 'seeds')}" for net in study.networks())
 
 
 @cli.command
