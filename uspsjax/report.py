@@ -3,9 +3,10 @@
     python -m uspsjax.report [--results results]
 
 For every experiment of the study: its number where it gave one, uspsjax's mean ± std over
-seeds, the figures, and one line per claim saying whether it holds, with the evidence. Every
-verdict is computed from the committed `metrics.h5` files, so the report is byte-for-byte
-reproducible from `results/`.
+seeds, the figures, and one line per claim with its verdict under the one rule (`judge`, stated
+at the top of the report) and the evidence; a coverage table says where, with what and at what
+scale each sweep's rows ran. Every verdict is computed from the committed `metrics.h5` files, so
+the report is byte-for-byte reproducible from `results/`.
 """
 
 import json
@@ -634,9 +635,10 @@ def origin(run: dict, net: str) -> tuple[str, bool]:
 def provenance(study: Study, net: str) -> tuple[str, dict | None, float]:
     """(device, versions or None where not recorded, wall time in s) of `net`'s rows.
 
-    Results written before groups recorded their own device and versions give every group the
-    file's root values, which are the newest run's: right for the rows that run trained, not for
-    rows a merge kept from an earlier run, whose versions were never recorded."""
+    Versions are shown only for the rows the file's newest run trained. A merge writes the kept
+    rows' group values back as it read them, and a file written before groups recorded their own
+    gives every group its root values (the newest run's), so a kept row's recorded versions may
+    be another run's: they count as not recorded."""
     device, kept = origin(study.run, net)
     groups = [g for g in study.run["groups"] if g["label"].split()[0] == net]
     versions = None if kept else groups[0]["versions"]
