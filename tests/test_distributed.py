@@ -14,7 +14,7 @@ import pytest
 
 from conftest import assert_curves_match
 from test_population import env as population_env, saved_epochs
-from uspsjax import distributed, results, sweep
+from uspsjax import data, distributed, results, sweep
 from uspsjax.errors import InputError
 
 # Batch 8 on the full training set: epochs long enough (~1-2 s) to kill a process between two.
@@ -276,10 +276,52 @@ def test_resume_refuses_a_checkpoint_of_another_layout(tmp_path, subset_h5, caps
     # A checkpoint whose groups were placed whole on processes: a run sharding members over the
     # devices would lay its chunks out differently, so it must not resume from it.
     loaded = sweep.load_sweep(str(path))
-    sweep._prepare_checkpoints(ck / "spread", sweep._fingerprint(loaded, {}, None, None, "groups"),
-                               resume=False)
+    data_hash = data.content_hash(data.load(str(subset_h5)))
+    sweep._prepare_checkpoints(
+        ck / "spread", sweep.fingerprint(loaded, {}, data_hash, None, None, "groups", None),
+        resume=False)
     code = sweep.main([str(path), "--data", str(subset_h5), "--out", str(tmp_path / "out"),
                        "--checkpoints", str(ck), "--resume"])
     err = capsys.readouterr().err
     assert code == 2 and "layout (processes, devices, memory budget, chunks, placement)" in err
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("differ, fragment", [
+    ("epochs", "process 1 was started with other command-line settings than process 0"),
+    ("sweep", "process 1 was started with other sweep files than process 0")])
+def test_processes_started_differently_refuse_together_before_training(tmp_path, subset_h5,
+                                                                       differ, fragment):
+    path = sweep_file(tmp_path)
+    other = tmp_path / "other" / "spread.toml"
+    other.parent.mkdir()
+    other.write_text(SWEEP.replace("lr = [0.003, 0.001]", "lr = [0.003, 0.002]"))
+    port = free_port()
+    extra = {"epochs": (path, ["--epochs", "2"]), "sweep": (other, [])}[differ]
+    procs = [start(subset_h5, path, tmp_path / "out0", tmp_path / "ck", port, 2, 0),
+             start(subset_h5, extra[0], tmp_path / "out1", tmp_path / "ck", port, 2, 1,
+                   *extra[1])]
+    for code, _, err in finish(procs, timeout=300):
+        assert code == 2, err
+        lines = [line for line in own(err) if line.strip()]
+        assert lines == [f"error: {fragment}; start every process with the same command, "
+                         "sweep files and data"], err
+    assert not (tmp_path / "out0").exists() and not (tmp_path / "ck").exists()
+
+
+def test_a_killed_process_stops_the_others_within_the_heartbeat_timeout(tmp_path, shared_h5):
+    path = sweep_file(tmp_path)
+    ck = tmp_path / "ck"
+    port = free_port()
+    procs = [start(shared_h5, path, tmp_path / f"out{i}", ck, port, 2, i,
+                   "--heartbeat-timeout", 5) for i in range(2)]
+    start_s = time.time()
+    while saved_epochs(ck / "spread" / "group0" / "chunk0") < 1:
+        assert all(p.poll() is None for p in procs), "the sweep ended before it was killed"
+        assert time.time() - start_s < 300, "no checkpoint appeared"
+        time.sleep(0.1)
+    procs[1].send_signal(signal.SIGKILL)
+    killed = time.time()
+    code, _, _ = finish(procs[:1], timeout=120)[0]
+    assert code != 0 and time.time() - killed < 60  # not JAX's default 100 s
+    assert saved_epochs(ck / "spread" / "group0" / "chunk0") >= 1  # the checkpoint survives

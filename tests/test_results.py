@@ -57,8 +57,11 @@ def make_run(*, robust=True):
         "study": {"fc": {"test_acc": 0.9357, "test_loss": 0.4535}},
         "device": "cpu: test", "versions": {"jax": "0.0", "numpy": np.__version__},
         "wall_time_s": 12.3, "programs": 2,
-        "groups": [{"label": "fc", "members": 6, "wall_time_s": 3.2, "chunks": 1},
-                   {"label": "cnn", "members": 6, "wall_time_s": 9.1, "chunks": 2}],
+        "groups": [{"label": "fc", "members": 6, "wall_time_s": 3.2, "chunks": 1,
+                    "device": "cpu: test", "versions": {"jax": "0.0"}},
+                   {"label": "cnn", "members": 6, "wall_time_s": 9.1, "chunks": 2,
+                    "device": "cpu: test", "versions": {"jax": "0.1"}}],
+        "data_sha256": "5e" * 32, "shard": None, "shards": None,
     }
 
 
@@ -250,7 +253,8 @@ def test_merge_keeps_the_networks_the_new_run_did_not_train(tmp_path):
     new = dict(new, settings=[dict(new["settings"][i], extra=1) for i in keep_cnn],
                curves=new["curves"][keep_cnn, :2], diverged=new["diverged"][keep_cnn],
                test_probs=new["test_probs"][keep_cnn], robust=new["robust"][keep_cnn],
-               groups=new["groups"][:1], programs=1, device="gpu: test", wall_time_s=1.0)
+               groups=[dict(new["groups"][0], device="gpu: test")], programs=1,
+               device="gpu: test", wall_time_s=1.0)
     merged = results.merge_runs(old, new, defaults={"extra": 0})
     nets = [s["network"] for s in merged["settings"]]
     assert nets == ["cnn"] * 6 + ["fc"] * 6

@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from uspsjax import cli, population, train
+from uspsjax import cli, machine, population, train
 from uspsjax.errors import InputError
 from uspsjax.models import (FC, LC, LC_LOWERING_NAMES, LC_LOWERINGS, NETWORKS, count_params,
                             lc_lowering_name)
@@ -359,7 +359,7 @@ def markdown(result: dict) -> str:
     pk = result["peaks"]
     quick = ", quick" if result["quick"] else ""
     lines = [f"# Benchmark: {result['device']} ({result['dtype']}{quick})",
-             "", f"Matmul peak {pk['matmul_flop_per_s'] / 1e9:,.0f} GFLOP/s ({pk['matmul_n']}^3 "
+             "", f"Device: {result['device_description']}.", "", f"Matmul peak {pk['matmul_flop_per_s'] / 1e9:,.0f} GFLOP/s ({pk['matmul_n']}^3 "
              f"{pk['matmul_dtype']}); memory bandwidth {pk['copy_bytes_per_s'] / 1e9:,.1f} GB/s "
              "(in-place x + 1, read + write). "
              f"Memory: XLA's size of each program; high-water growth = {result['memory_source']} "
@@ -485,6 +485,7 @@ def main(argv=None) -> int:
                                      data, device, peaks, baseline, args, log)
         rows, skipped = rows + done, skipped + failed
     result = {"device": device_slug(device), "device_description": description,
+              "cpu": machine.cpu() if device.platform == "cpu" else None,
               "platform": device.platform, "dtype": args.dtype, "quick": args.quick,
               "versions": versions, "peaks": peaks, "memory_source": memory_source,
               "weight_passes": WEIGHT_PASSES, "rows": rows, "skipped": skipped,

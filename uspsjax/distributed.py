@@ -25,6 +25,10 @@ from uspsjax.errors import InputError
 ENV = {"coordinator": "JAX_COORDINATOR_ADDRESS", "num_processes": "JAX_NUM_PROCESSES",
        "process_id": "JAX_PROCESS_ID"}
 INIT_TIMEOUT_S = 300  # JAX's own default wait for every process to join
+# How long the others wait for a silent process before the runtime stops them (JAX's default,
+# 100 s, leaves survivors of a crash idle for minutes; a training step never blocks heartbeats,
+# which a thread of JAX's runtime sends).
+HEARTBEAT_TIMEOUT_S = 20
 
 
 @dataclass(frozen=True)
@@ -36,6 +40,7 @@ class Launch:
     num_processes: int | None = None
     process_id: int | None = None
     timeout_s: int = INIT_TIMEOUT_S
+    heartbeat_s: int = HEARTBEAT_TIMEOUT_S
 
 
 def _int_setting(name: str, text: str) -> int:
@@ -47,7 +52,7 @@ def _int_setting(name: str, text: str) -> int:
 
 def launch_settings(coordinator: str | None = None, num_processes: int | None = None,
                     process_id: int | None = None, timeout_s: int = INIT_TIMEOUT_S,
-                    environ=os.environ) -> Launch:
+                    environ=os.environ, heartbeat_s: int = HEARTBEAT_TIMEOUT_S) -> Launch:
     """The `Launch` from flags, each missing one taken from its variable in `ENV`. InputError
     when only some are given, the address is not HOST:PORT, or the id is not below the count."""
     given = {"coordinator": coordinator, "num_processes": num_processes,
@@ -57,7 +62,7 @@ def launch_settings(coordinator: str | None = None, num_processes: int | None = 
             given[key] = environ[var] if key == "coordinator" else _int_setting(var,
                                                                                 environ[var])
     if all(v is None for v in given.values()):
-        return Launch(timeout_s=timeout_s)
+        return Launch(timeout_s=timeout_s, heartbeat_s=heartbeat_s)
     missing = [f"--{k.replace('_', '-')} (or {ENV[k]})" for k, v in given.items() if v is None]
     if missing:
         raise InputError(f"a plain launch needs the coordinator, the process count and the "
@@ -69,7 +74,7 @@ def launch_settings(coordinator: str | None = None, num_processes: int | None = 
     n, i = given["num_processes"], given["process_id"]
     if n < 1 or not 0 <= i < n:
         raise InputError(f"process id {i} of {n} processes: expected 0 <= id < count")
-    return Launch(address, n, i, timeout_s)
+    return Launch(address, n, i, timeout_s, heartbeat_s)
 
 
 def wait_for_coordinator(address: str, timeout_s: float) -> None:
@@ -98,7 +103,8 @@ def initialize(launch: Launch) -> None:
         jax.distributed.initialize(coordinator_address=launch.coordinator,
                                    num_processes=launch.num_processes,
                                    process_id=launch.process_id,
-                                   initialization_timeout=launch.timeout_s)
+                                   initialization_timeout=launch.timeout_s,
+                                   heartbeat_timeout_seconds=launch.heartbeat_s)
     except (RuntimeError, ValueError) as e:
         raise InputError(f"--distributed: {' '.join(str(e).split())}") from None
 

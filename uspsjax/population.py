@@ -221,32 +221,35 @@ def _one_line(e: BaseException) -> str:
 
 
 def _restore_latest(folder: Path, processes: list[int], state, curves, warn: Callable):
-    """(manager, state, curves, epochs done) from the newest epoch of `folder` that restores.
-    A damaged epoch (any file of it truncated, missing or overwritten) is said in one line to
-    `warn`, removed, and the one before is tried; InputError, naming the folder, when none
-    restores. A chunk that has no checkpoint yet starts at epoch 0."""
+    """(manager, state, curves) from the newest epoch of `folder` that restores. A damaged
+    epoch (any file of it truncated, missing or overwritten) is said in one line to `warn`,
+    removed, and the one before is tried, each with a fresh manager (a failed restore can leave
+    orbax's in a state that refuses the next); InputError, naming the folder, when none
+    restores. A chunk that has no checkpoint yet is returned as it is."""
+    steps = []
     try:
         manager = _checkpoints(folder, processes)
         steps = sorted(manager.all_steps(), reverse=True)
+        for step in steps:
+            try:
+                return manager, *_restore_epoch(manager, step, state, curves)
+            except Exception as e:  # orbax, tensorstore, zstd, json: whatever damage raises
+                before = [s for s in steps if s < step]
+                warn(f"{folder}/{step}: the checkpoint of epoch {step} is damaged "
+                     f"({_one_line(e)}); " + (f"resuming from epoch {before[0]}" if before
+                                              else "no earlier epoch is kept"))
+                manager.close()
+                if jax.process_index() == processes[0]:
+                    shutil.rmtree(folder / str(step), ignore_errors=True)
+                distributed.barrier(f"{folder}/{step} removed")
+                manager = _checkpoints(folder, processes)
     except Exception as e:  # orbax reading its own metadata: any damage at all
         raise InputError(f"{folder}: the checkpoint is damaged ({_one_line(e)}); remove "
                          f"{folder.parent.parent}/ to start again") from None
-    for step in steps:
-        try:
-            restored, curves_so_far = _restore_epoch(manager, step, state, curves)
-            return manager, restored, curves_so_far, step
-        except Exception as e:  # orbax, tensorstore, zstd, json: whatever the damage raises
-            before = [s for s in steps if s < step]
-            warn(f"{folder}/{step}: the checkpoint of epoch {step} is damaged "
-                 f"({_one_line(e)}); " + (f"resuming from epoch {before[0]}" if before else
-                                          "no earlier epoch is kept"))
-            if jax.process_index() == processes[0]:
-                shutil.rmtree(folder / str(step), ignore_errors=True)
-            manager.reload()
     if steps:
         raise InputError(f"{folder}: no checkpoint restores (epochs {', '.join(map(str, steps))} "
                          f"damaged); remove {folder.parent.parent}/ to start again")
-    return manager, state, curves, 0
+    return manager, state, curves
 
 
 def _load_done(path: Path, warn: Callable) -> dict | None:
@@ -259,6 +262,14 @@ def _load_done(path: Path, warn: Callable) -> dict | None:
         warn(f"{path}: damaged ({_one_line(e)}); training that chunk again")
         path.unlink(missing_ok=True)
         return None
+
+
+def _wait(tree, poll_s: float = 0.05):
+    """`tree` once computed, waited for in Python: a blocking wait inside XLA would hold off
+    Ctrl-C and SIGTERM, whose handlers run only in Python code, for a whole epoch."""
+    while not all(x.is_ready() for x in jax.tree.leaves(tree)):
+        time.sleep(poll_s)
+    return tree
 
 
 def _pad(tree, size: int):
@@ -348,8 +359,8 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         curves = np.full((padded, static.epochs, n_metrics), np.nan, np.float32)
         manager = None
         if checkpoint:
-            manager, state, curves, _ = _restore_latest(checkpoint / f"chunk{c}", processes,
-                                                        state, curves, warn)
+            manager, state, curves = _restore_latest(checkpoint / f"chunk{c}", processes,
+                                                     state, curves, warn)
         if padded not in compiled:  # ahead, so that an epoch's clock times training only
             compiled[padded] = epoch_fn.lower(state, hp_chunk, data, jnp.int32(every)).compile(
                 train.compiler_options(devices[0].platform))
@@ -357,7 +368,7 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
             t0 = time.perf_counter()
             running.update(epoch=epoch + 1, chunk=c + 1, members=hi - lo, t0=t0, step=0)
             state, metrics = compiled[padded](state, hp_chunk, data, jnp.int32(every))
-            curves[:, epoch] = distributed.to_host(metrics)
+            curves[:, epoch] = distributed.to_host(_wait(metrics))
             # Space the next epoch's calls from this one's pace (a traced count: same program).
             every = max(1, int(steps * STEP_CALL_SECONDS / (time.perf_counter() - t0)))
             if manager:

@@ -125,8 +125,8 @@ def gather(folder: Path, sweep_name: str, sweep_text: str) -> dict:
         where = folder / folder_name(index, count)
         for name in SAME:
             if _record(run, name) != _record(first, name):
-                raise InputError(f"{where}: a foreign shard: its {name} differs from "
-                                 f"{folder_name(0, count)}'s; run it again with the same sweep "
+                raise InputError(f"{where}: a foreign shard: other {name} than "
+                                 f"{folder_name(0, count)}; run it again with the same sweep "
                                  "file, flags and data")
         theirs = {k: run["versions"].get(k) for k in SAME_VERSIONS}
         ours = {k: first["versions"].get(k) for k in SAME_VERSIONS}

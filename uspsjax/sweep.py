@@ -37,6 +37,7 @@ which sets the family (static) and scale (dynamic).
 """
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
@@ -54,7 +55,7 @@ from pathlib import Path
 
 import numpy as np
 
-from uspsjax import KEEPS_FREED_MEMORY, cli, distributed, shards
+from uspsjax import KEEPS_FREED_MEMORY, cli, distributed, machine, shards
 from uspsjax.errors import InputError
 from uspsjax.lock import Lock
 from uspsjax.models import (BATCHNORM, L1_AT, LC_FANS, LC_LOWERINGS, NETWORKS, lc_lowering_name,
@@ -472,9 +473,11 @@ def fingerprint(sweep: Sweep, overrides: dict, data_hash: str, devices,
             "shard": list(shard) if shard else None}
 
 
+@functools.cache
 def source_hash() -> str:
     """A digest of uspsjax's own Python source: the code that trains, whatever its version
-    number says (a resume continues only the same code)."""
+    number says (a resume continues only the same code). Read once per process, so that it
+    names the code that process runs even if the files change while it does."""
     digest = hashlib.sha256()
     for path in sorted(Path(__file__).parent.glob("*.py")):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
@@ -488,7 +491,7 @@ def environment() -> tuple[str, dict]:
     dev = jax.devices()[0]
     device = f"{dev.platform}: {getattr(dev, 'device_kind', '')} x{len(jax.devices())}".strip()
     if dev.platform == "cpu":
-        device = f"cpu: {platform.processor() or platform.machine()} ({_cpu_count()} cores)"
+        device = f"cpu: {machine.describe(machine.cpu())}"
     if jax.process_count() > 1:
         device += f", {len(jax.devices())} devices in {jax.process_count()} processes"
     versions = {p: version(p) for p in ("uspsjax", "jax", "jaxlib", "flax", "optax", "numpy",
@@ -503,10 +506,6 @@ def environment() -> tuple[str, dict]:
     versions["microbatch"] = microbatch_rule(dev.platform)  # what `microbatch = 0` runs here
     versions["malloc"] = "glibc, keeps freed memory" if KEEPS_FREED_MEMORY else "default"
     return device, versions
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
 
 
 PLACEMENTS = ("members", "groups")
@@ -793,6 +792,11 @@ def build_parser() -> cli.Parser:
     p.add_argument("--init-timeout", type=cli.positive_int, default=distributed.INIT_TIMEOUT_S,
                    help="with --distributed: seconds to wait for the coordinator and the other "
                         f"processes (default {distributed.INIT_TIMEOUT_S})")
+    p.add_argument("--heartbeat-timeout", type=cli.positive_int,
+                   default=distributed.HEARTBEAT_TIMEOUT_S,
+                   help="with --distributed: seconds without a sign of life after which the "
+                        "other processes give up on a process and stop (default "
+                        f"{distributed.HEARTBEAT_TIMEOUT_S})")
     p.add_argument("--merge", action="store_true",
                    help="keep, from the existing results of this sweep, the networks this run "
                         "does not train (e.g. LC trained on a GPU, the rest here)")
@@ -861,11 +865,14 @@ def plan_output(sweep: Sweep, rows: list[dict], n_train: int, y_test, data_hash:
                          "move it away, or --replace it") from None
     if merge:
         # Results written before the data's hash or `n_train` were recorded: the rest decides.
-        if old["n_train"] not in (None, n_train) or not np.array_equal(old["y_test"], y_test) \
-                or old["data_sha256"] not in (None, data_hash):
+        if old["n_train"] not in (None, n_train) or not np.array_equal(old["y_test"], y_test):
             raise InputError(f"{done}: the earlier run trained on {old['n_train']} images and "
                              f"tested on {len(old['y_test'])}; this data has {n_train} and "
-                             f"{len(y_test)}, or other images or labels: cannot merge")
+                             f"{len(y_test)}, or other test labels: cannot merge")
+        if old["data_sha256"] not in (None, data_hash):
+            raise InputError(f"{done}: the earlier run trained on other data (SHA-256 "
+                             f"{old['data_sha256'][:12]}..., this data {data_hash[:12]}...): "
+                             "cannot merge")
         check_mergeable(sweep, old, list(dict.fromkeys(r["network"] for r in rows)))
     larger = None if replace else larger_result(old["settings"], rows, merge)
     if larger is None:
@@ -1019,7 +1026,7 @@ def _launch_parts(args, jobs: list[Job], overrides: dict, data_hash: str) -> dic
             "versions": {k: versions[k] for k in NUMERIC_VERSIONS}}
 
 
-def _written_or_said(job: Job, run: dict, writer: bool) -> int:
+def _written_or_said(job: Job, run: dict, writer: bool, log) -> int:
     """Write a job's result (merged with the earlier one where it merges); 0, or 1 with one
     `error:` line when the write fails (a full disk): the earlier result stays untouched and
     the line says where the training survives."""
@@ -1043,8 +1050,7 @@ def _written_or_said(job: Job, run: dict, writer: bool) -> int:
     if job.checkpoints:
         shutil.rmtree(job.checkpoints, ignore_errors=True)
     print((folder / "summary.md").read_text())
-    print(f"sweep {job.sweep.name}: {run['wall_time_s']:.0f} s on {run['device']}; wrote "
-          f"{folder}/", file=sys.stderr, flush=True)
+    log(f"sweep {job.sweep.name}: {run['wall_time_s']:.0f} s on {run['device']}; wrote {folder}/")
     if job.notice:
         print(f"sweep {job.sweep.name}: {job.notice}", file=sys.stderr, flush=True)
     return 0
@@ -1070,7 +1076,8 @@ def main(argv=None) -> int:
     if any(v is not None for v in launch) and not args.distributed:
         raise InputError("--coordinator, --num-processes and --process-id go with --distributed")
     if args.distributed:
-        distributed.initialize(distributed.launch_settings(*launch, args.init_timeout))
+        distributed.initialize(distributed.launch_settings(
+            *launch, args.init_timeout, heartbeat_s=args.heartbeat_timeout))
     writer = distributed.is_writer()
     quiet = args.quiet or not writer
     log = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
@@ -1080,12 +1087,16 @@ def main(argv=None) -> int:
     try:
         try:
             jobs, overrides, dataset, devices, data_hash, shard = _plan(args, log)
+        except InputError as e:
+            refusal = str(e)
+        distributed.agree(refusal)
+        distributed.agree_on(_launch_parts(args, jobs, overrides, data_hash))
+        try:  # the first write: only once every process has agreed to run
             if writer:
                 _take_locks(jobs, locks)
         except InputError as e:
             refusal = str(e)
         distributed.agree(refusal)
-        distributed.agree_on(_launch_parts(args, jobs, overrides, data_hash))
         for job in jobs:
             if job.notice and writer:
                 print(f"sweep {job.sweep.name}: {job.notice}", file=sys.stderr, flush=True)
@@ -1098,7 +1109,7 @@ def main(argv=None) -> int:
                         resume=job.resume, devices=devices, placement=args.placement, log=log,
                         live=not quiet, shard=shard, data_hash=data_hash, warn=warn)
                     distributed.barrier(f"{job.sweep.name} trained")
-                    status = _written_or_said(job, run, writer)
+                    status = _written_or_said(job, run, writer, log)
                     if status:
                         break
             except KeyboardInterrupt as e:
