@@ -1,5 +1,8 @@
 """uspsjax: train whole populations of USPS digit classifiers at once with jit + vmap.
 
+`uspsjax.run(sweep, ...)` trains a sweep and returns its `uspsjax.Run`; `uspsjax.load(folder)`
+reads one back (`uspsjax.api`).
+
 With `USPSJAX_KEEP_FREED_MEMORY=1`, importing the package tells glibc's malloc to keep the memory
 it frees (`keep_freed_memory`). By default glibc serves each block over 32 MiB with a new `mmap`
 that the kernel zero-fills page by page, which makes fresh large XLA:CPU buffers slow. The
@@ -32,3 +35,12 @@ def keep_freed_memory() -> bool:
 
 
 KEEPS_FREED_MEMORY = keep_freed_memory()
+
+
+def __getattr__(name):
+    # `uspsjax.run`, `uspsjax.load` and `uspsjax.Run` (uspsjax.api) on first use, so that
+    # importing a light module such as uspsjax.data does not import JAX.
+    if name in ("run", "load", "Run"):
+        from uspsjax import api
+        return getattr(api, name)
+    raise AttributeError(f"module 'uspsjax' has no attribute {name!r}")

@@ -489,6 +489,22 @@ def _plot_robust(run: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------- all together
 
+def write_figures(run: dict, folder: Path) -> list[Path]:
+    """Draw `run`'s figures into `folder`: accuracy.png, loss.png and, where they apply,
+    bagging.png and robust.png. Returns their paths."""
+    folder = Path(folder)
+    paths = [folder / "accuracy.png", folder / "loss.png"]
+    _plot_curves(run, "acc", paths[0])
+    _plot_curves(run, "loss", paths[1])
+    if run["ensemble"]:
+        paths.append(folder / "bagging.png")
+        _plot_bagging(run, paths[-1])
+    if run.get("robust") is not None and len(run["attack_eps"]):
+        paths.append(folder / "robust.png")
+        _plot_robust(run, paths[-1])
+    return paths
+
+
 def write_results(out_dir: Path, run: dict) -> Path:
     """Write out_dir/NAME/: metrics.h5, summary.md, accuracy.png, loss.png and, when they
     apply, bagging.png and robust.png.
@@ -511,12 +527,7 @@ def write_results(out_dir: Path, run: dict) -> Path:
         tmp.mkdir()
         write_metrics(tmp / "metrics.h5", run)
         (tmp / "summary.md").write_text(summary_markdown(run), encoding="utf-8")
-        _plot_curves(run, "acc", tmp / "accuracy.png")
-        _plot_curves(run, "loss", tmp / "loss.png")
-        if run["ensemble"]:
-            _plot_bagging(run, tmp / "bagging.png")
-        if run.get("robust") is not None and len(run["attack_eps"]):
-            _plot_robust(run, tmp / "robust.png")
+        write_figures(run, tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -570,7 +570,7 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
             + ", ".join(f"{k}={v}" for k, v in table.items())
             + " (the sweep's [cpu] table; --epochs/--seeds override it)")
     data = train.as_data(data_mod.split_validation(dataset, sweep.validation,
-                                                   sweep.validation_seed))
+                                                   sweep.validation_seed), on_device=False)
     ckpt_root = checkpoints
     if ckpt_root:
         _prepare_checkpoints(ckpt_root, fingerprint(sweep, overrides, data_hash, devices,
@@ -1058,8 +1058,15 @@ def _written_or_said(job: Job, run: dict, writer: bool, log) -> int:
 
 @cli.command
 def main(argv=None) -> int:
-    """Entry point; returns the exit status (2 for bad input, with a one-line error; 1 when a
-    result cannot be written; 130 after Ctrl-C and 143 after SIGTERM, the checkpoint kept).
+    """Entry point of `python -m uspsjax.sweep`; returns the exit status (`execute`), and 2
+    with a one-line error for bad input."""
+    return execute(argv)[0]
+
+
+def execute(argv=None) -> tuple[int, list[Path]]:
+    """Run the command line `argv` (default: sys.argv[1:]): (the exit status, the result
+    folders written). InputError for bad input. The status is 0, 1 when a result cannot be
+    written, 130 after Ctrl-C and 143 after SIGTERM (the checkpoint kept).
 
     Every check runs before anything trains or is written (`_plan`), then the run locks its
     result and checkpoint folders. With `--distributed` the processes first join, then refuse
@@ -1071,7 +1078,7 @@ def main(argv=None) -> int:
     if args.list:
         for name in list_sweeps():
             print(f"{name:12s} {load_sweep(name).description}")
-        return 0
+        return 0, []
     launch = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in launch) and not args.distributed:
         raise InputError("--coordinator, --num-processes and --process-id go with --distributed")
@@ -1100,7 +1107,7 @@ def main(argv=None) -> int:
         for job in jobs:
             if job.notice and writer:
                 print(f"sweep {job.sweep.name}: {job.notice}", file=sys.stderr, flush=True)
-        status, job = 0, None
+        status, job, written = 0, None, []
         with cli.sigterm_as_interrupt():
             try:
                 for job in jobs:
@@ -1112,6 +1119,7 @@ def main(argv=None) -> int:
                     status = _written_or_said(job, run, writer, log)
                     if status:
                         break
+                    written.append(job.out / job.folder)
             except KeyboardInterrupt as e:
                 how, code = (("terminated", 143) if isinstance(e, cli.Terminated)
                              else ("interrupted", 130))
@@ -1121,12 +1129,12 @@ def main(argv=None) -> int:
                         f"continue with: {resume}" if job and job.checkpoints else
                         "nothing was checkpointed (--no-checkpoints): run it again")
                 print(f"\n{how}: {kept}", file=sys.stderr)
-                return code
+                return code, written
         checkpoints = Path(args.checkpoints)
         for folder in [*(checkpoints / (j.sweep.name + shards.SUFFIX) for j in jobs), checkpoints]:
             if writer and folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()  # leave no empty folder behind a finished run
-        return distributed.agree_status(status)
+        return distributed.agree_status(status), written
     finally:
         for lock in locks:
             lock.release()

@@ -483,9 +483,12 @@ def make_train(static: Static, data: Data):
     return train
 
 
-def as_data(dataset) -> Data:
-    """Device arrays from a `uspsjax.data.Dataset` (or any object with its four fields, and
-    optionally `x_val`/`y_val`)."""
+def as_data(dataset, on_device: bool = True) -> Data:
+    """A `Data` from a `uspsjax.data.Dataset` (or any object with its four fields, and
+    optionally `x_val`/`y_val`): device arrays, or with `on_device=False` host (numpy) arrays,
+    for a caller that places them itself (`population.run_group` puts them on its mesh, so
+    they cross from the host once)."""
     fields = (dataset.x_train, dataset.y_train, dataset.x_test, dataset.y_test,
               getattr(dataset, "x_val", None), getattr(dataset, "y_val", None))
-    return Data(*(None if a is None else jnp.asarray(np.asarray(a)) for a in fields))
+    place = jnp.asarray if on_device else (lambda a: a)
+    return Data(*(None if a is None else place(np.asarray(a)) for a in fields))
