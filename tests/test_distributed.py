@@ -96,6 +96,15 @@ def sweep_file(folder, batch_size: int = 8):
     return path
 
 
+def wait_for_checkpoint(ck, procs) -> None:
+    """Wait until the first epoch of the sweep's chunk is checkpointed, the processes alive."""
+    start_s = time.time()
+    while saved_epochs(ck / "spread" / "group0" / "chunk0") < 1:
+        assert all(p.poll() is None for p in procs), "the sweep ended before it was killed"
+        assert time.time() - start_s < 300, "no checkpoint appeared"
+        time.sleep(0.1)
+
+
 def read(folder):
     return results.read_metrics(folder / "spread" / "metrics.h5")
 
@@ -172,14 +181,10 @@ def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path
     ck = tmp_path / "ck"
     outs = [tmp_path / "out0", tmp_path / "out1"]
     procs = launch(shared_h5, path, outs, ck)
-    start = time.time()
-    while saved_epochs(ck / "spread" / "group0" / "chunk0") < 1:
-        assert all(p.poll() is None for p in procs), "the sweep ended before it was killed"
-        assert time.time() - start < 300, "no checkpoint appeared"
-        time.sleep(0.1)
+    wait_for_checkpoint(ck, procs)
     procs[1].send_signal(signal.SIGKILL)
-    # The survivor stops by itself once the runtime misses process 1's heartbeats (JAX's
-    # timeout: 100 s); a scheduler ends the whole job at once, as here.
+    # The survivor stops by itself once the runtime misses process 1's heartbeats
+    # (--heartbeat-timeout); a scheduler ends the whole job at once, as here.
     procs[0].send_signal(signal.SIGKILL)
     finish(procs)
     assert not (outs[0] / "spread").exists()
@@ -315,11 +320,7 @@ def test_a_killed_process_stops_the_others_within_the_heartbeat_timeout(tmp_path
     port = free_port()
     procs = [start(shared_h5, path, tmp_path / f"out{i}", ck, port, 2, i,
                    "--heartbeat-timeout", 5) for i in range(2)]
-    start_s = time.time()
-    while saved_epochs(ck / "spread" / "group0" / "chunk0") < 1:
-        assert all(p.poll() is None for p in procs), "the sweep ended before it was killed"
-        assert time.time() - start_s < 300, "no checkpoint appeared"
-        time.sleep(0.1)
+    wait_for_checkpoint(ck, procs)
     procs[1].send_signal(signal.SIGKILL)
     killed = time.time()
     code, _, _ = finish(procs[:1], timeout=120)[0]

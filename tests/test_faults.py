@@ -8,6 +8,9 @@ import json
 import os
 import shutil
 import signal
+import subprocess
+import sys
+import time
 
 import h5py
 import numpy as np
@@ -247,3 +250,25 @@ def test_resume_with_other_versions_is_refused(terminated, tmp_path, subset_h5, 
     code, err = run(capsys, argv(tmp_path, subset_h5, "--resume"))
     assert code == 2
     one_error(err, "another versions of uspsjax, its source or its libraries")
+
+
+def test_sigterm_to_a_training_process_ends_it_at_once_with_143(tmp_path, shared_h5):
+    # A real process mid-epoch (the full training set at batch 8: seconds per epoch), stopped
+    # as a scheduler stops it: the status and the line at once, not after the epoch.
+    (tmp_path / "faulty.toml").write_text(SWEEP.replace("batch_size = 64", "batch_size = 8")
+                                          .replace("epochs = 3", "epochs = 50"))
+    proc = subprocess.Popen([sys.executable, "-m", "uspsjax.sweep",
+                             *argv(tmp_path, shared_h5)[:-1]], stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONPATH": os.getcwd()})
+    chunk = tmp_path / "ck" / os.path.join(*CHUNK)
+    start = time.time()
+    while not (chunk / "1").is_dir():
+        assert proc.poll() is None and time.time() - start < 300, "no checkpoint appeared"
+        time.sleep(0.1)
+    time.sleep(0.5)  # well inside the next epoch
+    sent = time.time()
+    proc.send_signal(signal.SIGTERM)
+    err = proc.communicate(timeout=60)[1]
+    assert proc.returncode == 143 and time.time() - sent < 10, err
+    assert "terminated: the last completed epoch is checkpointed" in err
+    assert "Traceback" not in err

@@ -1144,4 +1144,4 @@ STUDY_ORDER = ["baseline", "init", "lr", "batch", "momentum", "bagging", "dropou
                "adversarial", "batchnorm"]
 
 if __name__ == "__main__":
-    sys.exit(main())
+    cli.exit(main())
