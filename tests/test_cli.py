@@ -4,7 +4,7 @@ result. Bad input, refused in one line: tests/test_bad_input.py."""
 import h5py
 import numpy as np
 
-from uspsjax import results, sweep
+from uspsjax import grid, results, sweep
 
 TINY = """
 name = "tiny"
@@ -104,22 +104,22 @@ def test_a_lower_scale_run_goes_beside_a_larger_result(tmp_path, dataset, capsys
 
 
 def rows(members):
-    return [sweep.member_settings(m) for m in members]
+    return [grid.member_settings(m) for m in members]
 
 
 def test_scale_compares_epochs_and_seeds_per_network(tmp_path):
     path = tmp_path / "two.toml"
     path.write_text('name = "two"\nnetworks = ["fc", "lc"]\n')
-    two = sweep.load_sweep(str(path))
+    two = grid.load_sweep(str(path))
     old = [{"network": "fc", "seed": s, "epochs": 20} for s in range(3)] + [
         {"network": "lc", "seed": s, "epochs": 30} for s in range(3)]
-    same = rows(sweep.expand(two, {"networks": ["fc", "lc"], "epochs": 20, "seeds": 3}))
+    same = rows(grid.expand(two, {"networks": ["fc", "lc"], "epochs": 20, "seeds": 3}))
     assert sweep.run_scale(same) == {"fc": (20, 3), "lc": (20, 3)}
     assert sweep.larger_result(old, same, merge=False) == "lc 3 seeds x 30 epochs, this run 3 x 20"
-    fewer_seeds = rows(sweep.expand(two, {"networks": ["fc", "lc"], "epochs": 30, "seeds": 2}))
+    fewer_seeds = rows(grid.expand(two, {"networks": ["fc", "lc"], "epochs": 30, "seeds": 2}))
     assert sweep.larger_result(old, fewer_seeds, merge=False).count("this run 2 x 30") == 2
-    fc_only = rows(sweep.expand(two, {"networks": ["fc"], "epochs": 20, "seeds": 3}))
+    fc_only = rows(grid.expand(two, {"networks": ["fc"], "epochs": 20, "seeds": 3}))
     assert sweep.larger_result(old, fc_only, merge=False) == "lc 3 seeds x 30 epochs, this run none"
     assert sweep.larger_result(old, fc_only, merge=True) is None  # --merge keeps lc
-    bigger = rows(sweep.expand(two, {"networks": ["fc", "lc"], "epochs": 30, "seeds": 5}))
+    bigger = rows(grid.expand(two, {"networks": ["fc", "lc"], "epochs": 30, "seeds": 5}))
     assert sweep.larger_result(old, bigger, merge=False) is None

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import assert_curves_match
 from test_population import env as population_env, saved_epochs
-from uspsjax import data, distributed, results, sweep
+from uspsjax import data, distributed, grid, results, sweep
 from uspsjax.errors import InputError
 
 # Batch 8 on the full training set: epochs long enough (~1-2 s) to kill a process between two.
@@ -280,7 +280,7 @@ def test_resume_refuses_a_checkpoint_of_another_layout(tmp_path, subset_h5, caps
     ck = tmp_path / "ck"
     # A checkpoint whose groups were placed whole on processes: a run sharding members over the
     # devices would lay its chunks out differently, so it must not resume from it.
-    loaded = sweep.load_sweep(str(path))
+    loaded = grid.load_sweep(str(path))
     data_hash = data.content_hash(data.load(str(subset_h5)))
     sweep._prepare_checkpoints(
         ck / "spread", sweep.fingerprint(loaded, {}, data_hash, None, None, "groups", None),

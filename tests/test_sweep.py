@@ -2,7 +2,7 @@
 
 import pytest
 
-from uspsjax import sweep
+from uspsjax import grid, sweep
 from uspsjax.errors import InputError
 from uspsjax.train import Static
 
@@ -51,7 +51,7 @@ def write(tmp_path, text, name="s.toml"):
 def test_bad_sweep_files_name_file_key_and_problem(tmp_path, text, fragment):
     path = write(tmp_path, text)
     with pytest.raises(InputError) as err:
-        sweep.load_sweep(str(path))
+        grid.load_sweep(str(path))
     message = str(err.value)
     assert fragment in message and str(path) in message and "\n" not in message
 
@@ -59,7 +59,7 @@ def test_bad_sweep_files_name_file_key_and_problem(tmp_path, text, fragment):
 def test_impossible_placement_in_base_is_an_error(tmp_path):
     path = write(tmp_path, "name = 't'\nnetworks = ['fc']\n[base]\ndropout_at = 'conv'")
     with pytest.raises(InputError, match="impossible for fc"):
-        sweep.expand(sweep.load_sweep(str(path)))
+        grid.expand(grid.load_sweep(str(path)))
 
 
 @pytest.mark.parametrize("base", ["batch_size = 32\nmicrobatch = 12",
@@ -68,82 +68,82 @@ def test_impossible_placement_in_base_is_an_error(tmp_path):
 def test_a_microbatch_that_would_change_the_numbers_is_an_error(tmp_path, base):
     path = write(tmp_path, f"name = 't'\nnetworks = ['cnn']\n[base]\n{base}")
     with pytest.raises(InputError, match="microbatch = .* must divide batch_size = 32, without"):
-        sweep.expand(sweep.load_sweep(str(path)))
+        grid.expand(grid.load_sweep(str(path)))
 
 
 def test_unknown_sweep_name():
     with pytest.raises(InputError, match="no such sweep"):
-        sweep.load_sweep("nonesuch")
+        grid.load_sweep("nonesuch")
 
 
 def test_shipped_sweeps_are_valid_and_have_the_study_values():
-    for name in sweep.list_sweeps():
-        assert sweep.expand(sweep.load_sweep(name))
-    assert sweep.load_sweep("lr").axes["lr"] == [1e-6, 1e-3, 50.0]
-    assert sweep.load_sweep("init").axes["init"] == ["constant(1e5)", "glorot_uniform",
+    for name in grid.list_sweeps():
+        assert grid.expand(grid.load_sweep(name))
+    assert grid.load_sweep("lr").axes["lr"] == [1e-6, 1e-3, 50.0]
+    assert grid.load_sweep("init").axes["init"] == ["constant(1e5)", "glorot_uniform",
                                                       "constant(0.01)"]
-    assert sweep.load_sweep("batch").axes["batch_size"] == [16, 32, 1024]
-    momentum = sweep.load_sweep("momentum")
+    assert grid.load_sweep("batch").axes["batch_size"] == [16, 32, 1024]
+    momentum = grid.load_sweep("momentum")
     assert momentum.axes["momentum"] == [0.5, 0.9, 0.99]
     assert (momentum.base["init"], momentum.base["lr"], momentum.base["batch_size"]) == (
         "glorot_uniform", 1e-3, 16)
     # Every reported result has error bars over >= 3 seeds; the recipe search (`beyond`)
     # ranks 12 candidates on validation with 2 seeds each, and its pick is retrained with 3.
-    assert all(sweep.load_sweep(n).seeds >= 3 for n in sweep.list_sweeps() if n != "beyond")
-    assert sweep.load_sweep("beyond").seeds == 2 and sweep.load_sweep("beyond-final").seeds == 3
+    assert all(grid.load_sweep(n).seeds >= 3 for n in grid.list_sweeps() if n != "beyond")
+    assert grid.load_sweep("beyond").seeds == 2 and grid.load_sweep("beyond-final").seeds == 3
 
 
 def test_expansion_and_grouping(tmp_path):
-    sw = sweep.load_sweep(str(write(tmp_path, GOOD)))
-    members = sweep.expand(sw)
+    sw = grid.load_sweep(str(write(tmp_path, GOOD)))
+    members = grid.expand(sw)
     assert len(members) == 2 * 2 * 2  # networks x lr x seeds
-    groups = sweep.group_members(members)
+    groups = grid.group_members(members)
     assert len(groups) == 2  # lr is dynamic: one program per network
     assert {s.network for s in groups} == {"fc", "cnn"}
     cnn = next(m for m in members if m.network == "cnn")
     assert cnn.static.dropout_at == "both" and cnn.hparams["dropout_dense"] == 0.5
-    over = sweep.expand(sw, {"epochs": 3, "seeds": 1, "networks": ["fc"]})
+    over = grid.expand(sw, {"epochs": 3, "seeds": 1, "networks": ["fc"]})
     assert len(over) == 2 and all(m.static.epochs == 3 for m in over)
 
 
 def test_init_splits_into_static_family_and_dynamic_scale():
-    members = sweep.expand(sweep.load_sweep("init"), {"networks": ["fc"], "seeds": 1})
+    members = grid.expand(grid.load_sweep("init"), {"networks": ["fc"], "seeds": 1})
     assert [(m.static.init, m.hparams["init_scale"]) for m in members] == [
         ("constant", 1e5), ("glorot_uniform", 1.0), ("constant", 0.01)]
-    assert len(sweep.group_members(members)) == 2
+    assert len(grid.group_members(members)) == 2
 
 
 def test_static_axes_make_groups_and_cpu_limits_apply():
-    batch = sweep.load_sweep("batch")
-    assert len(sweep.group_members(sweep.expand(batch))) == 9
-    cpu = sweep.expand(batch, on_cpu=True)
+    batch = grid.load_sweep("batch")
+    assert len(grid.group_members(grid.expand(batch))) == 9
+    cpu = grid.expand(batch, on_cpu=True)
     lc = [m for m in cpu if m.network == "lc"]
     assert len(lc) == 3 and all(m.static.epochs == 1 for m in lc)
     assert all(m.static.epochs == 20 for m in cpu if m.network != "lc")
-    assert all(m.static.epochs == 20 for m in sweep.expand(batch, on_cpu=False))
-    forced = sweep.expand(batch, {"epochs": 2}, on_cpu=True)
+    assert all(m.static.epochs == 20 for m in grid.expand(batch, on_cpu=False))
+    forced = grid.expand(batch, {"epochs": 2}, on_cpu=True)
     assert all(m.static.epochs == 2 for m in forced)
 
 
 def test_cpu_table_may_shrink_one_networks_ensembles():
-    final = sweep.load_sweep("beyond-final")
+    final = grid.load_sweep("beyond-final")
     sizes = {net: [sum(m.network == net and m.seed == s for m in members) for s in range(3)]
-             for members in [sweep.expand(final, on_cpu=True)] for net in ("cnn", "fc", "lc")}
+             for members in [grid.expand(final, on_cpu=True)] for net in ("cnn", "fc", "lc")}
     assert sizes == {"cnn": [16] * 3, "fc": [16] * 3, "lc": [1] * 3}
-    full = sweep.expand(final, on_cpu=False)
+    full = grid.expand(final, on_cpu=False)
     assert sum(m.network == "lc" for m in full) == 48
     assert {m.bag for m in full} == set(range(1, 17))
 
 
 def test_placement_axis_skips_networks_without_those_layers():
-    members = sweep.expand(sweep.load_sweep("dropout"), {"seeds": 1})
+    members = grid.expand(grid.load_sweep("dropout"), {"seeds": 1})
     fc = {m.static.dropout_at for m in members if m.network == "fc"}
     cnn = {m.static.dropout_at for m in members if m.network == "cnn"}
     assert fc == {"dense"} and cnn == {"dense", "conv", "both"}
 
 
 def test_describe_group():
-    assert sweep.describe_group(Static(network="cnn", batch_size=1024)) == "cnn batch_size=1024"
+    assert grid.describe_group(Static(network="cnn", batch_size=1024)) == "cnn batch_size=1024"
 
 
 def test_merge_checks_the_kept_members_against_the_sweep(tmp_path):
@@ -151,9 +151,9 @@ def test_merge_checks_the_kept_members_against_the_sweep(tmp_path):
     from uspsjax import results
     committed = Path(__file__).resolve().parents[1] / "results" / "baseline" / "metrics.h5"
     old = results.read_metrics(committed)
-    sw = sweep.load_sweep("baseline")
+    sw = grid.load_sweep("baseline")
     sweep.check_mergeable(sw, old, ["cnn"])  # FC and LC were trained as baseline.toml says
     changed = tmp_path / "baseline.toml"
     changed.write_text(sw.text.replace("lr = 0.01", "lr = 0.02"))
     with pytest.raises(InputError, match="not trained with this sweep's settings"):
-        sweep.check_mergeable(sweep.load_sweep(str(changed)), old, ["cnn"])
+        sweep.check_mergeable(grid.load_sweep(str(changed)), old, ["cnn"])

@@ -7,7 +7,7 @@ import pytest
 from conftest import assert_curves_match
 from test_paths import run_cli
 from test_results import make_bagging_run, make_run
-from uspsjax import data, population, report, results, sweep, train
+from uspsjax import data, grid, population, report, results, sweep, train
 from uspsjax.errors import InputError
 
 SWEEP = """
@@ -61,7 +61,7 @@ def test_a_sweep_reports_validation_beside_train_and_test(tmp_path, subset_h5, c
     # seeds, drawn from the training images, not the test set.
     small = data.Dataset(dataset.x_train[:1024], dataset.y_train[:1024], dataset.x_test[:256],
                          dataset.y_test[:256])
-    first = sweep.expand(sweep.load_sweep(str(path)))[0]
+    first = grid.expand(grid.load_sweep(str(path)))[0]
     member = train.make_train(first.static, train.as_data(data.split_validation(small, 200, 3)))
     _, curves = member(population.member_key(first.seed), train.make_hparams(**first.hparams))
     assert_curves_match(run["curves"][0], np.asarray(curves), n_test=200)
@@ -76,7 +76,7 @@ def test_validation_settings_are_checked(tmp_path):
         path = tmp_path / "v.toml"
         path.write_text(f'name = "v"\nnetworks = ["fc"]\n[evaluation]\n{table}\n')
         with pytest.raises(InputError, match=fragment):
-            sweep.load_sweep(str(path))
+            grid.load_sweep(str(path))
 
 
 def with_validation(run: dict) -> dict:
@@ -109,7 +109,7 @@ def test_merging_results_with_other_curves_is_refused(tmp_path):
     path.write_text(SWEEP)
     old = make_run()  # curves without validation
     with pytest.raises(InputError, match="cannot merge"):
-        sweep.check_mergeable(sweep.load_sweep(str(path)), old, ["fc"])
+        sweep.check_mergeable(grid.load_sweep(str(path)), old, ["fc"])
 
 
 def test_the_beyond_section_chooses_on_validation_and_tests_the_choice_once(tmp_path):

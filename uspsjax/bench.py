@@ -34,7 +34,8 @@ from uspsjax import cli, machine, population, train
 from uspsjax.errors import InputError
 from uspsjax.models import (FC, LC, LC_LOWERING_NAMES, LC_LOWERINGS, NETWORKS, count_params,
                             lc_lowering_name)
-from uspsjax.sweep import environment, expand, load_sweep, split_settings
+from uspsjax.grid import expand, load_sweep, split_settings
+from uspsjax.machine import environment
 
 # (batch sizes, populations) per network; the LC net has 100x the weights, so fewer members.
 FULL_GRID = {"fc": ((16, 128, 1024), (1, 8, 64)), "cnn": ((16, 128, 1024), (1, 8, 64)),

@@ -1,9 +1,13 @@
-"""Which CPU a figure came from: machines of one kind differ (AVX-512 or AVX2 only, cache sizes),
-and so do their speeds and their float32 rounding, so every result and benchmark names its CPU.
+"""What produced a figure: the device, for a CPU its model, vector ISA, cores and caches
+(machines of one kind differ, and so do their speeds and their float32 rounding), and the
+versions of uspsjax, its source and its libraries.
 
-Read from Linux's /proc/cpuinfo and /sys (elsewhere: what `platform` knows), never measured.
+The CPU is read from Linux's /proc/cpuinfo and /sys (elsewhere: what `platform` knows), never
+measured.
 """
 
+import functools
+import hashlib
 import os
 import platform
 from pathlib import Path
@@ -62,3 +66,41 @@ def describe(record: dict) -> str:
     caches = ", ".join(f"{level} {size}" for level, size in record["caches"].items())
     return (f"{record['model_name']} (family/model {record['family_model']}, {record['isa']}, "
             f"{record['cores']} cores" + (f", {caches}" if caches else "") + ")")
+
+
+@functools.cache
+def source_hash() -> str:
+    """A digest of uspsjax's own Python source: the code that trains, whatever its version
+    number says (a resume continues only the same code). Read once per process, so that it
+    names the code that process runs even if the files change while it does."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def environment() -> tuple[str, dict]:
+    """The device description and the versions of the packages that produced a result."""
+    import jax
+    from importlib.metadata import version
+    from uspsjax import KEEPS_FREED_MEMORY
+    from uspsjax.models import lc_lowering_name
+    from uspsjax.train import microbatch_rule
+    dev = jax.devices()[0]
+    device = f"{dev.platform}: {getattr(dev, 'device_kind', '')} x{len(jax.devices())}".strip()
+    if dev.platform == "cpu":
+        device = f"cpu: {describe(cpu())}"
+    if jax.process_count() > 1:
+        device += f", {len(jax.devices())} devices in {jax.process_count()} processes"
+    versions = {p: version(p) for p in ("uspsjax", "jax", "jaxlib", "flax", "optax", "numpy",
+                                        "h5py")}
+    versions["source"] = source_hash()
+    versions["python"] = platform.python_version()
+    # TF32 on recent GPUs unless set to "float32"/"highest": part of what produced the numbers.
+    versions["matmul_precision"] = str(jax.config.jax_default_matmul_precision or "default")
+    # What LC layers with the default `lc_lowering = "auto"` run here (a member's own setting is
+    # recorded with its settings), and the allocator (`uspsjax.__init__`).
+    versions["lc_lowering"] = lc_lowering_name("auto", dev.platform)
+    versions["microbatch"] = microbatch_rule(dev.platform)  # what `microbatch = 0` runs here
+    versions["malloc"] = "glibc, keeps freed memory" if KEEPS_FREED_MEMORY else "default"
+    return device, versions

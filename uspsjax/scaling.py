@@ -19,7 +19,7 @@ from pathlib import Path
 
 from uspsjax import cli, population
 from uspsjax.errors import InputError
-from uspsjax.sweep import STUDY_ORDER, expand, group_members, load_sweep
+from uspsjax.grid import STUDY_ORDER, expand, group_members, load_sweep
 
 N_TRAIN = 7291
 DEVICE_COUNTS = (1, 8, 64)

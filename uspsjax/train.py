@@ -23,7 +23,8 @@ import optax
 from flax import struct
 
 from uspsjax import attacks
-from uspsjax.models import NETWORKS, draw_kernel
+from uspsjax.models import (BATCHNORM, L1_AT, LC_FANS, LC_LOWERINGS, NETWORKS,
+                            draw_kernel)
 
 METRICS = ("train_loss", "train_acc", "test_loss", "test_acc")
 VAL_METRICS = ("val_loss", "val_acc")  # between train and test when a validation split exists
@@ -33,52 +34,119 @@ ONECYCLE_WARMUP = 0.3  # the share of the run over which "onecycle" warms up
 DTYPES = ("float32", "bfloat16")
 
 
+INF = float("inf")
+DROPOUT_AT = ("none", "conv", "dense", "both")
+
+
+def setting(default, doc: str, *, choices: tuple | None = None,
+            bounds: tuple | None = None):
+    """A setting's one declaration, as a field of `Static` or `Hparams`: its default, one line
+    of doc, and its choices or its bounds (lowest, highest, lowest allowed, highest allowed).
+    Validation (`uspsjax.sweep`), defaults, `--help` and the README's settings table all read
+    it (`settings_schema`); a field's type says int, float, bool or str."""
+    return dataclasses.field(default=default,
+                             metadata={"doc": doc, "choices": choices, "bounds": bounds})
+
+
 @dataclasses.dataclass(frozen=True)
 class Static:
     """Settings that change shapes or the program: one compiled program per distinct value."""
 
-    network: str = "fc"
-    batch_size: int = 16
-    epochs: int = 20
-    init: str = "glorot_uniform"  # kernel family; its scale is the dynamic `init_scale`
-    lc_fans: str = "position"     # "position" or "keras": how LC kernels' fans are counted
-    lc_lowering: str = "auto"     # how LC layers run: models.LC_LOWERINGS (the same numbers)
-    batchnorm: str = "none"       # "none", "before" or "after" the activation
-    bn_momentum: float = 0.99
-    dropout_at: str = "none"      # "none", "conv", "dense" or "both"
-    l1_at: str = "none"           # "none", "hidden" or "last" (hidden layer)
-    lr_schedule: str = "constant"  # "constant", "cosine" decay to 0 over the run, or "onecycle"
-                                   # (linear warm-up over the first 30 %, then cosine to 0)
-    adversarial: str = "none"     # "none", "fgsm" (with random start) or "pgd"
-    adv_steps: int = 7            # PGD steps in adversarial training
-    bootstrap: bool = False       # train each member on its own bootstrap resample
-    augment: int = 0              # random shifts of up to this many pixels per training image
-    affine: bool = False          # random rotations and scalings (strengths: rotate, scale)
-    dtype: str = "float32"        # compute dtype; parameters stay float32
-    microbatch: int = 0           # samples a step works through at a time (`microbatch_size`);
-                                  # 0: as the platform prefers. The same numbers to rounding.
+    network: str = "fc"  # not a setting of a sweep file: its `networks` list
+    batch_size: int = setting(16, "samples per step (at most the training images)",
+                              bounds=(1, INF, True, False))
+    epochs: int = setting(20, "epochs of training", bounds=(1, INF, True, False))
+    init: str = setting("glorot_uniform", "kernel initializer family, a name such as "
+                        "`he_normal` or `constant(v)`; its scale is the dynamic `init_scale`")
+    lc_fans: str = setting("position", "how LC kernels' fans are counted (see *LC fans*)",
+                           choices=LC_FANS)
+    lc_lowering: str = setting("auto", "how LC layers run, the same numbers (see *LC on CPU*)",
+                               choices=LC_LOWERINGS)
+    batchnorm: str = setting("none", "batch normalization before or after each hidden "
+                             "activation", choices=BATCHNORM)
+    bn_momentum: float = setting(0.99, "batch norm's running-average momentum",
+                                 bounds=(0, 1, True, False))
+    dropout_at: str = setting("none", "where dropout sits", choices=DROPOUT_AT)
+    l1_at: str = setting("none", "where the L1 activity penalty sits", choices=L1_AT)
+    lr_schedule: str = setting("constant", "constant, cosine decay to 0, or onecycle (a linear "
+                               "warm-up over the first 30 %, then a cosine to 0)",
+                               choices=LR_SCHEDULES)
+    adversarial: str = setting("none", "adversarial training: FGSM with a random start, or "
+                               "PGD", choices=ADVERSARIAL)
+    adv_steps: int = setting(7, "PGD steps in adversarial training",
+                             bounds=(1, INF, True, False))
+    bootstrap: bool = setting(False, "train each member on its own bootstrap resample")
+    augment: int = setting(0, "random shifts of each training image by up to this many whole "
+                           "pixels (0: off)", bounds=(0, 15, True, True))
+    affine: bool = setting(False, "random rotations and scalings of each training image, "
+                           "inside the jitted step (strengths: `rotate`, `scale`)")
+    dtype: str = setting("float32", "compute dtype; parameters stay float32", choices=DTYPES)
+    microbatch: int = setting(0, "samples a step works through at a time, 0: as the platform "
+                              "prefers (see *CNN on CPU in blocks*)",
+                              bounds=(0, INF, True, False))
 
 
 @struct.dataclass
 class Hparams:
-    """Per-member numbers, traced (each a scalar; a population stacks them on a leading axis)."""
+    """Per-member numbers, traced (each a scalar; a population stacks them on a leading axis).
+    The defaults are those of a member whose sweep does not set them (`make_hparams`)."""
 
-    lr: jax.Array
-    momentum: jax.Array
-    init_scale: jax.Array
-    dropout_conv: jax.Array
-    dropout_dense: jax.Array
-    l1: jax.Array
-    adv_eps: jax.Array
-    weight_decay: jax.Array       # L2 weight decay added to the gradient (optax)
-    label_smoothing: jax.Array    # of the training targets (optax); 0: plain cross-entropy
-    rotate: jax.Array             # with `affine`: the largest rotation, in degrees
-    scale: jax.Array              # with `affine`: the largest relative change of size
+    lr: jax.Array = setting(1e-3, "learning rate", bounds=(0, INF, False, False))
+    momentum: jax.Array = setting(0.0, "SGD momentum", bounds=(0, 1, True, False))
+    init_scale: jax.Array = setting(1.0, "the initializer's scale (from `init`)",
+                                    bounds=(-INF, INF, False, False))
+    dropout_conv: jax.Array = setting(0.0, "dropout rate after the convolutions",
+                                      bounds=(0, 1, True, False))
+    dropout_dense: jax.Array = setting(0.0, "dropout rate after the dense layers",
+                                       bounds=(0, 1, True, False))
+    l1: jax.Array = setting(0.0, "L1 activity penalty λ", bounds=(0, INF, True, False))
+    adv_eps: jax.Array = setting(0.0, "adversarial training's ε (pixels in [0, 1])",
+                                 bounds=(0, 1, True, True))
+    weight_decay: jax.Array = setting(0.0, "L2 weight decay added to the gradient (optax)",
+                                      bounds=(0, INF, True, False))
+    label_smoothing: jax.Array = setting(0.0, "label smoothing of the training targets (optax)",
+                                         bounds=(0, 1, True, False))
+    rotate: jax.Array = setting(0.0, "with `affine`: the largest rotation in degrees",
+                                bounds=(0, 180, True, True))
+    scale: jax.Array = setting(0.0, "with `affine`: the largest relative change of size",
+                               bounds=(0, 1, True, False))
 
 
-HPARAM_DEFAULTS = {"lr": 1e-3, "momentum": 0.0, "init_scale": 1.0, "dropout_conv": 0.0,
-                   "dropout_dense": 0.0, "l1": 0.0, "adv_eps": 0.0, "weight_decay": 0.0,
-                   "label_smoothing": 0.0, "rotate": 0.0, "scale": 0.0}
+HPARAM_DEFAULTS = {f.name: f.default for f in dataclasses.fields(Hparams)}
+
+
+def settings_schema() -> dict[str, dict]:
+    """Every setting a sweep file may set, by name: `kind` ("static" or "dynamic"), `type`
+    (int, float, bool or str), `default`, `choices`, `bounds` and `doc`, from the fields of
+    `Static` and `Hparams`."""
+    schema = {}
+    for kind, cls in (("static", Static), ("dynamic", Hparams)):
+        for f in dataclasses.fields(cls):
+            if "doc" in f.metadata:
+                kinds = {"int": int, "float": float, "bool": bool, "str": str}
+                schema[f.name] = {"kind": kind, "type": float if kind == "dynamic"
+                                  else kinds.get(f.type, f.type), "default": f.default,
+                                  **{k: f.metadata[k] for k in ("choices", "bounds", "doc")}}
+    return schema
+
+
+def settings_table() -> str:
+    """The settings as a Markdown table (name, static or dynamic, default, choices or range,
+    doc): the README's table and `python -m uspsjax.sweep --help` both show it."""
+    def allowed(spec):
+        if spec["choices"]:
+            return " / ".join(f"`{c}`" for c in spec["choices"])
+        if spec["bounds"]:
+            lo, hi, lo_ok, hi_ok = spec["bounds"]
+            return f"{'[' if lo_ok else '('}{lo:g}, {hi:g}{']' if hi_ok else ')'}"
+        return "true / false" if spec["type"] is bool else ""
+
+    lines = ["| setting | kind | default | allowed | what it does |", "|---|---|---|---|---|"]
+    for name, spec in settings_schema().items():
+        default = str(spec["default"]).lower() if spec["type"] is bool else f"{spec['default']}"
+        lines.append(f"| `{name}` | {spec['kind']} | `{default}` | {allowed(spec)} | "
+                     f"{spec['doc']} |")
+    return "\n".join(lines)
 
 
 def make_hparams(**values) -> Hparams:
