@@ -270,3 +270,23 @@ def test_merge_keeps_the_networks_the_new_run_did_not_train(tmp_path):
     assert back["overrides"]["merged"]["sweep_text"] == old["sweep_text"]
     assert ("Overrides: epochs=4, merged with the earlier cnn members from cpu: test "
             "(overrides epochs=4).") in (folder / "summary.md").read_text()
+
+
+def test_groups_of_an_older_merged_file_stay_not_recorded(tmp_path):
+    # A file from before per-group devices and versions: its groups ran on its device, unless
+    # it was merged from runs on several; a later merge must not record a guess as a fact.
+    run = make_run()
+    merged = {"networks": ["fc"], "device": "gpu: test", "overrides": {}, "sweep_text": ""}
+    folder = results.write_results(tmp_path, dict(run, overrides={"merged": merged}))
+    with h5py.File(folder / "metrics.h5", "r+") as f:
+        del f["groups/device"], f["groups/versions"]
+    back = results.read_metrics(folder / "metrics.h5")
+    assert [(g["device"], g["versions"]) for g in back["groups"]] == [(None, None)] * 2
+    again = results.read_metrics(results.write_results(tmp_path, back) / "metrics.h5")
+    assert [(g["device"], g["versions"]) for g in again["groups"]] == [(None, None)] * 2
+    plain = results.write_results(tmp_path / "plain", run)
+    with h5py.File(plain / "metrics.h5", "r+") as f:
+        del f["groups/device"], f["groups/versions"]
+    back = results.read_metrics(plain / "metrics.h5")
+    assert {g["device"] for g in back["groups"]} == {run["device"]}
+    assert all(g["versions"] == run["versions"] for g in back["groups"])

@@ -115,11 +115,12 @@ def write_metrics(path: Path, run: dict) -> None:
 
 
 def _group_value(run: dict, group: dict, key: str):
-    # A group's device and versions default to the run's (groups of files written before they
-    # were recorded per group); versions are stored as JSON text.
+    # A group's device and versions default to the run's; None (not recorded: a group kept
+    # from an older merged file) is stored as "" and JSON null. Versions are JSON text.
     value = group.get(key, run.get(key))
-    return json.dumps(value, sort_keys=True) if key == "versions" and isinstance(value, dict) \
-        else value
+    if key == "versions":
+        return json.dumps(value, sort_keys=True)
+    return "" if value is None and key == "device" else value
 
 
 def _write_column(group, key, values):
@@ -180,9 +181,15 @@ def read_metrics(path: Path) -> dict:
         run["settings"] = [{k: c[i] for k, c in columns.items()} for i in range(n)]
         groups = {k: _read_column(ds) for k, ds in f["groups"].items()}
         run["groups"] = [dict(zip(groups, row)) for row in zip(*groups.values())]
+        # Files from before per-group records: a group ran on the file's device with its
+        # versions, unless the file was merged from runs on several (then: not recorded, None).
+        merged = "merged" in run["overrides"]
         for g in run["groups"]:
-            g.setdefault("device", run["device"])
-            g["versions"] = json.loads(g["versions"]) if "versions" in g else run["versions"]
+            if "device" not in g:
+                g["device"] = None if merged else run["device"]
+            g["device"] = g["device"] or None
+            g["versions"] = (json.loads(g["versions"]) if "versions" in g
+                             else None if merged else run["versions"])
     return run
 
 
