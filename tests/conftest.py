@@ -33,6 +33,22 @@ def assert_params_match(a, b) -> None:
         np.testing.assert_allclose(x, y, rtol=PARAM_RTOL, atol=PARAM_ATOL)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def compilation_cache(tmp_path_factory):
+    """One persistent XLA compilation cache for the whole suite (this process, and the
+    processes it starts, through the environment): many tests compile the same small programs,
+    and a cached executable is the same program, so nothing asserted changes."""
+    import jax
+    folder = str(tmp_path_factory.mktemp("xla-cache"))
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"
+    yield
+    for var in ("JAX_COMPILATION_CACHE_DIR", "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"):
+        os.environ.pop(var, None)
+
+
 @pytest.fixture(scope="session")
 def shared_h5() -> Path:
     """The shared USPS copy: $USPSJAX_DATA if set, else ../shared/data/usps.h5 next to the repo."""

@@ -3,7 +3,9 @@ SIGTERM, a damaged checkpoint, other data on resume, two runs at once, a run bes
 checkpoints, a result folder that is not the engine's, and a full disk. A continued run is
 bit-identical to an uninterrupted one: the same program on the same inputs."""
 
+import contextlib
 import errno
+import io
 import json
 import os
 import shutil
@@ -73,11 +75,12 @@ def whole(tmp_path_factory, subset_h5):
     return arrays(tmp / "out")
 
 
-@pytest.fixture
-def terminated(tmp_path, subset_h5, capsys, monkeypatch):
+@pytest.fixture(scope="module")
+def stopped(tmp_path_factory, subset_h5):
     """A run stopped by a real SIGTERM right after its checkpoint of epoch 2 was saved, as a
-    scheduler stops a job: returns its stderr."""
-    (tmp_path / "faulty.toml").write_text(SWEEP)
+    scheduler stops a job, once for the module: (its folder, its stderr)."""
+    tmp = tmp_path_factory.mktemp("stopped")
+    (tmp / "faulty.toml").write_text(SWEEP)
     save = population._save_epoch
 
     def save_then_signal(manager, epoch, state, curves):
@@ -85,10 +88,20 @@ def terminated(tmp_path, subset_h5, capsys, monkeypatch):
         if epoch == 2:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(population, "_save_epoch", save_then_signal)
-    code, err = run(capsys, argv(tmp_path, subset_h5))
-    monkeypatch.setattr(population, "_save_epoch", save)
-    assert code == 143, err
+    with pytest.MonkeyPatch.context() as patch, contextlib.redirect_stderr(io.StringIO()) as err:
+        patch.setattr(population, "_save_epoch", save_then_signal)
+        code = sweep.main(argv(tmp, subset_h5))
+    assert code == 143, err.getvalue()
+    return tmp, err.getvalue()
+
+
+@pytest.fixture
+def terminated(stopped, tmp_path):
+    """A copy of the stopped run's sweep file and checkpoints in `tmp_path` (each test may
+    damage its own): returns the stopped run's stderr."""
+    folder, err = stopped
+    shutil.copy(folder / "faulty.toml", tmp_path / "faulty.toml")
+    shutil.copytree(folder / "ck", tmp_path / "ck")
     return err
 
 

@@ -640,7 +640,9 @@ def provenance(study: Study, net: str) -> tuple[str, dict | None, float]:
     gives every group its root values (the newest run's), so a kept row's recorded versions may
     be another run's: they count as not recorded."""
     device, kept = origin(study.run, net)
-    groups = [g for g in study.run["groups"] if g["label"].split()[0] == net]
+    run = study.run
+    groups = [run["groups"][g] for g in dict.fromkeys(
+        s["group"] for s in run["settings"] if s["network"] == net)]
     versions = None if kept else groups[0]["versions"]
     return device, versions, sum(g["wall_time_s"] for g in groups)
 

@@ -181,15 +181,16 @@ def read_metrics(path: Path) -> dict:
         run["settings"] = [{k: c[i] for k, c in columns.items()} for i in range(n)]
         groups = {k: _read_column(ds) for k, ds in f["groups"].items()}
         run["groups"] = [dict(zip(groups, row)) for row in zip(*groups.values())]
-        # Files from before per-group records: a group ran on the file's device with its
-        # versions, unless the file was merged from runs on several (then: not recorded, None).
-        merged = "merged" in run["overrides"]
+        # Files from before per-group records: a group ran on the file's (newest) device with
+        # its versions, unless a merge kept it from an earlier run (then: not recorded, None).
+        kept = run["overrides"].get("merged", {}).get("networks", [])
         for g in run["groups"]:
+            earlier = g["label"].split()[0] in kept
             if "device" not in g:
-                g["device"] = None if merged else run["device"]
+                g["device"] = None if earlier else run["device"].split("; ")[-1]
             g["device"] = g["device"] or None
             g["versions"] = (json.loads(g["versions"]) if "versions" in g
-                             else None if merged else run["versions"])
+                             else None if earlier else run["versions"])
     return run
 
 
