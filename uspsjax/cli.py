@@ -67,6 +67,15 @@ def command(main):
     return run
 
 
+def say(message: str) -> None:
+    """One line of progress or warning on stderr, flushed (stdout carries results)."""
+    print(message, file=sys.stderr, flush=True)
+
+
+def silent(message: str) -> None:
+    """`say` for a quiet run: nothing."""
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM (a scheduler's or `timeout`'s stop), raised where Ctrl-C would raise
     KeyboardInterrupt, so that both stop a run the same way: checkpoint kept, resume said."""

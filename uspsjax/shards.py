@@ -20,11 +20,16 @@ from uspsjax.errors import InputError
 
 SUFFIX = ".shards"
 # What every shard of one gathered result must share: the record keys, by what they are called.
-SAME = {"sweep text": ("sweep_text",), "command-line settings": ("overrides",),
-        "data": ("data_sha256",), "training split": ("n_train", "validation", "validation_seed"),
-        "member list": ("shard", "members_sha256")}
-# The versions that decide the numbers; shards of other versions are not one computation.
+# What every shard of one gathered result must share, by what it is called. The versions are
+# those that decide the numbers: shards of other versions are not one computation.
 SAME_VERSIONS = ("uspsjax", "jax", "jaxlib", "flax", "optax")
+SAME = {"sweep text": lambda run: run["sweep_text"],
+        "command-line settings": lambda run: run["overrides"],
+        "data": lambda run: run["data_sha256"],
+        "training split": lambda run: (run["n_train"], run["validation"], run["validation_seed"]),
+        "member list": lambda run: (run["shard"]["count"], run["shard"]["total"],
+                                    run["shard"]["members_sha256"]),
+        "versions": lambda run: {k: run["versions"].get(k) for k in SAME_VERSIONS}}
 
 
 def parse(text: str) -> tuple[int, int]:
@@ -57,14 +62,6 @@ def members_hash(rows: list[dict]) -> str:
     """A digest of a sweep's complete member list (each member's row of settings): two shards
     belong to one split only if they split the same list."""
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
-
-
-def _record(run: dict, name: str):
-    """The value of what `SAME[name]` names in a shard's run, for comparison."""
-    if name == "member list":
-        shard = run["shard"]
-        return shard["count"], shard["total"], shard["members_sha256"]
-    return [run.get(k) for k in SAME[name]]
 
 
 def _read_shards(folder: Path, sweep_name: str) -> tuple[int, dict[int, dict]]:
@@ -123,18 +120,11 @@ def gather(folder: Path, sweep_name: str, sweep_text: str) -> dict:
     first = runs[0]
     for index, run in runs.items():
         where = folder / folder_name(index, count)
-        for name in SAME:
-            if _record(run, name) != _record(first, name):
+        for name, record in SAME.items():
+            if record(run) != record(first):
                 raise InputError(f"{where}: a foreign shard: other {name} than "
                                  f"{folder_name(0, count)}; run it again with the same sweep "
-                                 "file, flags and data")
-        theirs = {k: run["versions"].get(k) for k in SAME_VERSIONS}
-        ours = {k: first["versions"].get(k) for k in SAME_VERSIONS}
-        if theirs != ours:
-            which = next(k for k in SAME_VERSIONS if theirs[k] != ours[k])
-            raise InputError(f"{where}: a foreign shard: {which} {theirs[which]}, "
-                             f"{folder_name(0, count)} {ours[which]}; run it again with the "
-                             "same versions")
+                                 "file, flags, data and versions")
     if first["sweep_text"] != sweep_text:
         raise InputError(f"{folder}: the shards ran another text of the sweep file; gather "
                          "with the file they ran, or run the shards again")

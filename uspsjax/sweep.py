@@ -133,7 +133,7 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
     from uspsjax import data as data_mod, population, train
 
     overrides = overrides or {}
-    warn = warn or (lambda msg: print(msg, file=sys.stderr, flush=True))
+    warn = warn or cli.say
     data_hash = data_hash or data_mod.content_hash(dataset)
     on_cpu = (devices or jax.devices())[0].platform == "cpu"
     every_member = expand(sweep, overrides, on_cpu)
@@ -415,6 +415,14 @@ def larger_result(old_settings: list[dict], rows: list[dict], merge: bool) -> st
     return "; ".join(larger) or None
 
 
+def check_batches(sweep: Sweep, rows: list[dict], n_train: int) -> None:
+    """InputError if a batch of the members `rows` exceeds the `n_train` training samples."""
+    biggest = max(r["batch_size"] for r in rows)
+    if biggest > n_train:
+        raise InputError(f"{sweep.path}: batch_size = {biggest} exceeds the {n_train} training "
+                         "samples of the data")
+
+
 def plan_output(sweep: Sweep, rows: list[dict], n_train: int, y_test, data_hash: str,
                 out: Path, merge: bool, replace: bool) -> tuple[str, dict | None, str | None]:
     """Decide, before training, where a run of the members `rows` (their settings) goes and
@@ -428,10 +436,7 @@ def plan_output(sweep: Sweep, rows: list[dict], n_train: int, y_test, data_hash:
     test labels than the data's `data_hash` and `y_test`).
     """
     from uspsjax import results
-    biggest = max(r["batch_size"] for r in rows)
-    if biggest > n_train:
-        raise InputError(f"{sweep.path}: batch_size = {biggest} exceeds the {n_train} training "
-                         "samples of the data")
+    check_batches(sweep, rows, n_train)
     results.check_replaceable(out / sweep.name)
     done = out / sweep.name / "metrics.h5"
     if not done.exists() or (replace and not merge):
@@ -569,10 +574,7 @@ def _plan(args, log) -> tuple:
         n_train = len(dataset.y_train) - sweep.validation
         if shard:
             where, name = out / (sweep.name + shards.SUFFIX), shards.folder_name(*shard)
-            biggest = max(r["batch_size"] for r in rows)
-            if biggest > n_train:
-                raise InputError(f"{sweep.path}: batch_size = {biggest} exceeds the {n_train} "
-                                 "training samples of the data")
+            check_batches(sweep, rows, n_train)
             results.check_replaceable(where / name)
             jobs.append(Job(sweep, where, name, where / name, checkpoints=ckpt,
                             resume=args.resume and resumable))
@@ -630,7 +632,7 @@ def _written_or_said(job: Job, run: dict, writer: bool, log) -> int:
     print((folder / "summary.md").read_text())
     log(f"sweep {job.sweep.name}: {run['wall_time_s']:.0f} s on {run['device']}; wrote {folder}/")
     if job.notice:
-        print(f"sweep {job.sweep.name}: {job.notice}", file=sys.stderr, flush=True)
+        cli.say(f"sweep {job.sweep.name}: {job.notice}")
     return 0
 
 
@@ -665,9 +667,8 @@ def execute(argv=None) -> tuple[int, list[Path]]:
             *launch, args.init_timeout, heartbeat_s=args.heartbeat_timeout))
     writer = distributed.is_writer()
     quiet = args.quiet or not writer
-    log = (lambda *a: None) if quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
-    warn = (lambda *a: None) if not writer else (
-        lambda msg: print(msg, file=sys.stderr, flush=True))
+    log = cli.silent if quiet else cli.say
+    warn = cli.say if writer else cli.silent
     refusal, locks = None, []
     try:
         try:
@@ -684,7 +685,7 @@ def execute(argv=None) -> tuple[int, list[Path]]:
         distributed.agree(refusal)
         for job in jobs:
             if job.notice and writer:
-                print(f"sweep {job.sweep.name}: {job.notice}", file=sys.stderr, flush=True)
+                cli.say(f"sweep {job.sweep.name}: {job.notice}")
         status, job, written = 0, None, []
         with cli.sigterm_as_interrupt():
             try:
@@ -709,11 +710,11 @@ def execute(argv=None) -> tuple[int, list[Path]]:
                         else "nothing had started")
                 print(f"\n{how}: {kept}", file=sys.stderr)
                 return code, written
-        checkpoints = Path(args.checkpoints)
-        made = [checkpoints / (j.sweep.name + shards.SUFFIX) for j in jobs if j.checkpoints]
-        for folder in [*made, checkpoints] if any(j.checkpoints for j in jobs) else []:
-            if writer and folder.is_dir() and not any(folder.iterdir()):
-                folder.rmdir()  # leave no empty folder behind a finished run
+        # Leave no empty folder behind a finished run: the ones its checkpoints were in.
+        parents = dict.fromkeys(j.checkpoints.parent for j in jobs if j.checkpoints)
+        for folder in [*parents, Path(args.checkpoints)] if writer and parents else []:
+            if folder.is_dir() and not any(folder.iterdir()):
+                folder.rmdir()
         return distributed.agree_status(status), written
     finally:
         for lock in locks:
