@@ -134,3 +134,17 @@ def test_every_section_calls_a_planted_within_noise_difference_undecided(tmp_pat
     assert "**not judged** (beyond-final LC ran 1 of 16 members)" in text
     assert "a 12-way tie at 1,950 of 2,000 validation images" in text
     assert "was used: **shifts, cosine label_smoothing=0.0 weight_decay=0.0**" in text
+
+
+def test_a_network_the_report_does_not_know_shows_up(tmp_path):
+    """A result holding a network that `models.NETWORKS` lacks (written by a newer version): its
+    rows, claims and coverage column are shown, after the known networks."""
+    run = make_run()
+    run["settings"] = [dict(s, network={"cnn": "mlp"}.get(s["network"], s["network"]))
+                       for s in run["settings"]]
+    (tmp_path / "lr").mkdir()
+    results.write_metrics(tmp_path / "lr" / "metrics.h5", run)
+    text = report.build_report(tmp_path)
+    assert "| sweep | FC | LC | CNN | MLP |\n|---|---|---|---|---|" in text
+    assert "| MLP | lr=0.001 | 3 |" in text and "- MLP: lr=0.001 gives the best accuracy" in text
+

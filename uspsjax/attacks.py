@@ -8,6 +8,11 @@ attack can be vmapped over a grid of eps values or over a population of models. 
 import jax
 import jax.numpy as jnp
 
+# The attacks a sweep's evaluation measures accuracy under, in the order of the `robust` array's
+# attack axis (`population.robust_accuracy`; metrics.h5's `robust` attribute `attacks`): FGSM,
+# and PGD with 20 steps.
+ATTACKS = ("fgsm", "pgd20")
+
 
 def project(x_adv, x, eps):
     """Clip x_adv into the L-infinity eps-ball around x, then into the valid pixel range [0, 1]."""

@@ -28,6 +28,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from uspsjax import attacks, distributed, train
+from uspsjax.attacks import ATTACKS  # noqa: F401 (population.ATTACKS, read by sweep)
 from uspsjax.errors import InputError
 from uspsjax.train import Data, Hparams, Static
 
@@ -38,7 +39,6 @@ STEP_CALL_SECONDS = 2.0  # the spacing of `on_step` calls inside an epoch
 # slower than it would alone (NOTES §14: 8 CNN members at batch 16 at 0.64-0.87x). Chunks keep a
 # step's working set of members under this many bytes.
 CPU_CACHE_BYTES = 16 * 2**20
-ATTACKS = ("fgsm", "pgd20")
 CHECKPOINTS_KEPT = 2  # epochs kept per chunk: the latest, and the one before in case it is damaged
 
 

@@ -20,10 +20,9 @@ from pathlib import Path
 import numpy as np
 
 from uspsjax import cli, results
+from uspsjax.attacks import ATTACKS
 from uspsjax.errors import InputError
-
-NETS = ("fc", "lc", "cnn")
-NAMES = {"fc": "FC", "lc": "LC", "cnn": "CNN"}
+from uspsjax.models import NETWORKS
 
 RULE = ("**The verdict rule** (one for every claim below, `report.judge`): a claim holds or fails "
         "only when the difference of the two means is larger than the noise, "
@@ -91,6 +90,11 @@ def full_scale(run: dict, net: str) -> dict:
     return {k: v for k, v in scale.items() if v is not None}
 
 
+def net_name(net: str) -> str:
+    """A network as the report names it: its key in capitals ('FC', 'LC', 'CNN')."""
+    return net.upper()
+
+
 class Study:
     """One sweep's results with lookups by network and setting label. Comparisons use the
     validation split when the sweep held one out (`on` = "val"), else the test set, as the study
@@ -102,8 +106,9 @@ class Study:
         self.on = "val" if "val_acc" in run["metrics"] else "test"
 
     def networks(self) -> list[str]:
-        """The networks this sweep ran, in the study's order."""
-        return [n for n in NETS if any(net == n for net, _ in self.rows)]
+        """The networks this sweep ran, in the order of `models.NETWORKS` (then any network it
+        does not know, as `results.summarize` orders them)."""
+        return list(dict.fromkeys(net for net, _ in self.rows))
 
     def labels(self, net: str) -> list[str]:
         """The settings run for `net`, in sweep order."""
@@ -181,7 +186,7 @@ def verdict(holds: bool | None, claim: str, evidence: str, *scoped: tuple) -> st
     """One line: the claim, its verdict under the rule, and the numbers that show it. `scoped`
     are the (Study, network) pairs the claim rests on: if any ran below its sweep's full scale
     the claim is not judged."""
-    short = [f"{s.run['name']} {NAMES[net]} {note}" for s, net in scoped
+    short = [f"{s.run['name']} {net_name(net)} {note}" for s, net in scoped
              if (note := s.reduced(net))]
     if short:
         word = f"**not judged** ({'; '.join(short)})"
@@ -203,7 +208,7 @@ def table(study: Study, study_numbers: dict | None = None) -> list[str]:
         for label in study.labels(net):
             row = study.rows[(net, label)]
             theirs = (study_numbers or {}).get(net, {}).get("test_acc")
-            lines.append(f"| {NAMES[net]} | {label} | {row['n']} | {study.cell(net, label)} | "
+            lines.append(f"| {net_name(net)} | {label} | {row['n']} | {study.cell(net, label)} | "
                          f"{pct(theirs) if theirs is not None else '—'} |")
     return lines
 
@@ -220,7 +225,7 @@ def section_baseline(s: Study) -> list[str]:
         ours, theirs = s.stat(net, "default"), s.run["study"].get(net, {}).get("test_acc")
         if theirs is not None:
             out.append(verdict(judge(ours, Stat(theirs)),
-                               f"uspsjax's {NAMES[net]} reaches more than the study's accuracy",
+                               f"uspsjax's {net_name(net)} reaches more than the study's accuracy",
                                f"{spread(ours)} (ours, {s.epochs(net)} epochs) vs {pct(theirs)}",
                                (s, net)))
     return out
@@ -233,12 +238,12 @@ def section_best_worst(s: Study, best: str, worst: str | None, what: str) -> lis
     for net in s.networks():
         others = [label for label in s.labels(net) if label != best]
         out.append(verdict(all_of(s.beats(net, best, o) for o in others),
-                           f"{NAMES[net]}: {best} gives the best {what}",
+                           f"{net_name(net)}: {best} gives the best {what}",
                            evidence_of(s, net, s.labels(net)), (s, net)))
         if worst:
             others = [label for label in s.labels(net) if label != worst]
             out.append(verdict(all_of(s.beats(net, o, worst) for o in others),
-                               f"{NAMES[net]}: {worst} gives the lowest accuracy",
+                               f"{net_name(net)}: {worst} gives the lowest accuracy",
                                evidence_of(s, net, s.labels(net)), (s, net)))
     return out
 
@@ -258,7 +263,7 @@ def section_init(s: Study) -> list[str]:
                f"of a layer the same weights, and gradient descent keeps them identical (the "
                f"symmetry is never broken), so each layer acts as a single unit (for LC: a "
                f"single filter per position, which still learns): Constant(0.01) reaches "
-               f"{', '.join(small)} ({', '.join(NAMES[n] for n in s.networks())}) — not because "
+               f"{', '.join(small)} ({', '.join(map(net_name, s.networks()))}) — not because "
                f"it 'learns too fast'. Constant(1e5) is not 'slow': its activations overflow "
                f"and {d} of {n} members diverged (NaN loss).")
     return out
@@ -273,7 +278,7 @@ def section_lr(s: Study) -> list[str]:
                            "LC: lr 1e-6 gives the lowest LC accuracy",
                            evidence_of(s, "lc", s.labels("lc")), (s, "lc")))
     d, n = diverged_members(s, "lr=50.0")
-    alive = [f"{NAMES[net]} {pct(s.acc(net, 'lr=50.0'))}" for net in s.networks()
+    alive = [f"{net_name(net)} {pct(s.acc(net, 'lr=50.0'))}" for net in s.networks()
              if s.acc(net, "lr=50.0") is not None]
     out.append(f"- lr 50 does not 'converge quickly to a local optimum': {d} of {n} members "
                f"diverged (NaN loss)" + (f"; the others ended at {', '.join(alive)} (chance, "
@@ -289,7 +294,7 @@ def section_batch(s: Study) -> list[str]:
         other = "batch_size=32" if net == "lc" else "batch_size=1024"
         a, b = s.stat(net, "batch_size=16"), s.stat(net, other)
         out.append(verdict(judge(a, b),
-                           f"{NAMES[net]}: batch 16 beats {other.split('=')[1]} at equal epochs",
+                           f"{net_name(net)}: batch 16 beats {other.split('=')[1]} at equal epochs",
                            f"16: {spread(a)}, {other.split('=')[1]}: {spread(b)}", (s, net)))
     out.append("- At equal epochs a batch of 1024 takes 64 times fewer steps than 16; at a "
                "fixed learning rate that, not 'gradient quality', is why it lags.")
@@ -305,12 +310,13 @@ def section_momentum(s: Study, lr: Study | None) -> list[str]:
         at = {m: s.curve(net, f"momentum={m}", e) for m in (0.9, 0.99)}
         if without is not None and without.mean is not None:
             out.append(verdict(all_of(judge(v, without) for v in at.values()),
-                               f"{NAMES[net]}: momentum 0.9 and 0.99 beat no momentum by epoch {e}",
+                               f"{net_name(net)}: momentum 0.9 and 0.99 beat no momentum by "
+                               f"epoch {e}",
                                f"test accuracy at epoch {e}: 0.9 {spread(at[0.9])}, "
                                f"0.99 {spread(at[0.99])}, none (the lr sweep's lr 1e-3) "
                                f"{spread(without)}", (s, net), (lr, net)))
         out.append(verdict(s.beats(net, "momentum=0.99", "momentum=0.9"),
-                           f"{NAMES[net]}: momentum 0.99 beats 0.9 (final)",
+                           f"{net_name(net)}: momentum 0.99 beats 0.9 (final)",
                            evidence_of(s, net, ("momentum=0.99", "momentum=0.9")), (s, net)))
     return out
 
@@ -335,7 +341,7 @@ def section_bagging(s: Study) -> list[str]:
     for r in rows:
         theirs = STUDY_BAGGING.get(r["network"], [])
         single, ens = theirs[r["k"] - 1] if r["k"] <= len(theirs) else ("—", "—")
-        out.append(f"| {NAMES[r['network']]} | {r['k']} | "
+        out.append(f"| {net_name(r['network'])} | {r['k']} | "
                    f"{100 * r['single_mean']:.2f} ± {100 * r['single_std']:.2f} | "
                    f"{100 * r['ensemble_mean']:.2f} ± {100 * r['ensemble_std']:.2f} | "
                    f"{r['left_out']}/{r['n_members']} | "
@@ -350,7 +356,8 @@ def section_bagging(s: Study) -> list[str]:
         whole, [label] = ensemble_stat(s, mine[-1]), s.labels(net)
         single = s.stat(net, label, "test")
         out.append(verdict(judge(whole, single),
-                           f"{NAMES[net]}: a {mine[-1]['k']}-member ensemble beats a single member",
+                           f"{net_name(net)}: a {mine[-1]['k']}-member ensemble beats a single "
+                           "member",
                            f"{spread(whole)} (over {whole.n} ensembles) vs {spread(single)} "
                            f"(over {single.n} single members)", (s, net)))
         if net == "cnn":
@@ -378,7 +385,7 @@ def section_dropout(s: Study) -> list[str]:
     for net in s.networks():
         gaps = [(label, s.rows[(net, label)]["loss_gap_mean"]) for label in s.labels(net)]
         text = ", ".join(f"{label} {g:+.3f}" for label, g in gaps if not math.isnan(g))
-        out.append(f"- {NAMES[net]}: test − train loss per setting: {text}.")
+        out.append(f"- {net_name(net)}: test − train loss per setting: {text}.")
     return out
 
 
@@ -389,7 +396,7 @@ def section_l1(s: Study) -> list[str]:
         penalties = [label for label in s.labels(net) if label != "l1=0.0"]
         # "Does not improve" holds only when every penalty is worse beyond the noise.
         out.append(verdict(all_of(negate(s.beats(net, p, "l1=0.0")) for p in penalties),
-                           f"{NAMES[net]}: an L1 activity penalty does not improve accuracy",
+                           f"{net_name(net)}: an L1 activity penalty does not improve accuracy",
                            evidence_of(s, net, s.labels(net)), (s, net)))
     return out
 
@@ -401,26 +408,28 @@ def section_adversarial(s: Study) -> list[str]:
     out = table(s)
     run, eps = s.run, list(s.run["attack_eps"])
     if run["robust"] is not None and eps:
-        head = " | ".join(f"FGSM {e}" for e in eps) + " | " + " | ".join(f"PGD-20 {e}" for e in eps)
-        out += ["", f"| network | training | clean | {head} |", "|---|---|---|" + "---|" * 2 * len(eps)]
+        head = " | ".join(f"{results.ATTACK_TITLES[a]} {e}" for a in ATTACKS for e in eps)
+        out += ["", f"| network | training | clean | {head} |",
+                "|---|---|---|" + "---|" * len(ATTACKS) * len(eps)]
         for net in s.networks():
             for label in s.labels(net):
                 idx = s.members(net, label)
-                rob = run["robust"][idx].mean(axis=0) if idx else np.full((2, len(eps)), np.nan)
+                rob = (run["robust"][idx].mean(axis=0) if idx
+                       else np.full(run["robust"].shape[1:], np.nan))
                 cells = " | ".join(pct(float(v)) for v in rob.reshape(-1))
-                out.append(f"| {NAMES[net]} | {label} | {s.cell(net, label)} | {cells} |")
-        at = eps.index(0.1) if 0.1 in eps else 0
+                out.append(f"| {net_name(net)} | {label} | {s.cell(net, label)} | {cells} |")
+        at, pgd = eps.index(0.1) if 0.1 in eps else 0, ATTACKS.index("pgd20")
         for net in s.networks():
-            standard = Stat.of(run["robust"][s.members(net, "standard"), 1, at])
+            standard = Stat.of(run["robust"][s.members(net, "standard"), pgd, at])
             for label in (lab for lab in s.labels(net) if lab != "standard"):
-                robust = Stat.of(run["robust"][s.members(net, label), 1, at])
+                robust = Stat.of(run["robust"][s.members(net, label), pgd, at])
                 out.append(verdict(judge(robust, standard),
-                                   f"{NAMES[net]}: {label} training raises PGD-20 accuracy at "
-                                   f"eps {eps[at]}",
+                                   f"{net_name(net)}: {label} training raises "
+                                   f"{results.ATTACK_TITLES['pgd20']} accuracy at eps {eps[at]}",
                                    f"{spread(robust)} vs standard {spread(standard)}", (s, net)))
             for label in (lab for lab in s.labels(net) if lab != "standard"):
                 out.append(verdict(s.beats(net, label, "standard"),
-                                   f"{NAMES[net]}: {label} training improves clean test "
+                                   f"{net_name(net)}: {label} training improves clean test "
                                    "accuracy (the study's claim)",
                                    evidence_of(s, net, (label, "standard")), (s, net)))
     return out
@@ -434,14 +443,14 @@ def section_batchnorm(s: Study) -> list[str]:
         def label(bn, bs, lr):
             return f"batchnorm={bn} batch_size={bs} lr={lr}"
         out.append(verdict(s.beats(net, label("before", 1024, 0.001), label("before", 16, 0.001)),
-                           f"{NAMES[net]}: with batch norm, batch 1024 (better batch statistics) "
+                           f"{net_name(net)}: with batch norm, batch 1024 (better batch statistics) "
                            "beats batch 16 at equal epochs (lr 1e-3)",
                            evidence_of(s, net, (label("before", 1024, 0.001),
                                                 label("before", 16, 0.001))), (s, net)))
         for bs in (16, 1024):
             for bn in ("before", "after"):
                 out.append(verdict(s.beats(net, label(bn, bs, 0.1), label("none", bs, 0.1)),
-                                   f"{NAMES[net]}: batch norm {bn} the activation lets the large "
+                                   f"{net_name(net)}: batch norm {bn} the activation lets the large "
                                    f"learning rate 0.1 train better (batch {bs})",
                                    evidence_of(s, net, (label(bn, bs, 0.1),
                                                         label("none", bs, 0.1))), (s, net)))
@@ -464,7 +473,7 @@ def stale_running_averages(s: Study, net: str) -> list[str]:
             left = member["bn_momentum"] ** updates
             cause = ("the test number measures stale statistics, not what training reached"
                      if left >= 0.01 else "staleness does not explain the gap")
-            out.append(f"- Caution, {NAMES[net]} {label}: train accuracy "
+            out.append(f"- Caution, {net_name(net)} {label}: train accuracy "
                        f"{pct(row['train_acc_mean'])} (batch statistics) but test "
                        f"{pct(row['test_acc_mean'])} (running averages). With momentum "
                        f"{member['bn_momentum']} the running averages had {updates} updates, "
@@ -518,7 +527,7 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
     the network's default training (`baseline`)."""
     out = []
     for net in s.networks():
-        out += [f"{NAMES[net]}:", "",
+        out += [f"{net_name(net)}:", "",
                 "| recipe | members | validation accuracy | test accuracy (not used to choose) |",
                 "|---|---|---|---|"]
         for label in s.labels(net):
@@ -535,7 +544,7 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
             f"candidates this close are a draw, not a ranking. The search took "
             f"{s.run['wall_time_s'] / 60:.0f} min."]
     for net in (n for n in s.networks() if n != "cnn"):
-        out.append(f"For the {NAMES[net]} the best on validation is {describe_choice(s, net)}; "
+        out.append(f"For the {net_name(net)} the best on validation is {describe_choice(s, net)}; "
                    f"the CNN's choice scores {pct(s.acc(net, chosen))}.")
     out.append("")
     if final is None:
@@ -560,11 +569,11 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
             f"table).", "", "| model | test error | test accuracy |", "|---|---|---|"]
     for net in final.networks():
         one = final.stat(net, retrained, "test")
-        out.append(f"| uspsjax {NAMES[net]}, one member (mean ± std over {one.n}) | "
+        out.append(f"| uspsjax {net_name(net)}, one member (mean ± std over {one.n}) | "
                    f"{100 * (1 - one.mean):.2f} % | {final.cell(net, retrained)} |")
         if sizes[net] > 1:
             ens = ensemble_stat(final, ensembles[(net, sizes[net])])
-            out.append(f"| uspsjax {NAMES[net]}, {sizes[net]}-member ensemble (mean ± std over "
+            out.append(f"| uspsjax {net_name(net)}, {sizes[net]}-member ensemble (mean ± std over "
                        f"{ens.n}) | {100 * (1 - ens.mean):.2f} % | "
                        f"{100 * ens.mean:.2f} ± {100 * ens.std:.2f} |")
     out += [f"| {name} | {text} | — |" for name, text in PUBLISHED]
@@ -573,7 +582,7 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
         one, base = final.stat(net, retrained, "test"), baseline.stat(net, "default")
         if one.mean is not None and base.mean is not None:
             out.append(verdict(judge(one, base),
-                               f"{NAMES[net]}: one member trained with the recipe beats the "
+                               f"{net_name(net)}: one member trained with the recipe beats the "
                                "default training of Task 1",
                                f"{spread(one)} vs {spread(base)} (train accuracy on the recipe's "
                                f"augmented images {pct(final.rows[(net, retrained)]['train_acc_mean'])})",
@@ -582,7 +591,7 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
         if sizes[net] > 1:
             ens = ensemble_stat(final, ensembles[(net, sizes[net])])
             out.append(verdict(judge(ens, final.stat(net, retrained, "test")),
-                               f"{NAMES[net]}: a {sizes[net]}-member ensemble beats one member "
+                               f"{net_name(net)}: a {sizes[net]}-member ensemble beats one member "
                                "(a real gain, not one within the noise)",
                                f"{spread(ens)} vs {spread(final.stat(net, retrained, 'test'))}",
                                (final, net)))
@@ -660,12 +669,15 @@ def minutes(seconds: float) -> str:
 def coverage(studies: dict) -> list[str]:
     """The sweep x network table: where and at what scale each network's rows ran, against the
     sweep file's full scale, or 'missing'; then the package versions per cell."""
-    lines = ["| sweep | " + " | ".join(NAMES[n] for n in NETS) + " |", "|---|---|---|---|"]
+    # Every network uspsjax knows, then any other that a result holds (from a newer version).
+    nets = list(dict.fromkeys([*NETWORKS, *(n for st in studies.values() for n in st.networks())]))
+    lines = ["| sweep | " + " | ".join(net_name(n) for n in nets) + " |",
+             "|---|" + "---|" * len(nets)]
     version_sets = {}
     for name, st in studies.items():
-        planned = tomllib.loads(st.run["sweep_text"]).get("networks", list(NETS))
+        planned = tomllib.loads(st.run["sweep_text"]).get("networks", list(NETWORKS))
         cells = []
-        for net in NETS:
+        for net in nets:
             if net not in st.networks():
                 cells.append("missing" if net in planned else "—")
                 continue
@@ -681,7 +693,7 @@ def coverage(studies: dict) -> list[str]:
                          + (f"**reduced** ({note})" if note else "full scale"))
             if versions:
                 version_sets.setdefault(json.dumps(versions, sort_keys=True), []).append(
-                    f"{name} {NAMES[net]}")
+                    f"{name} {net_name(net)}")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
     lines.append("")
     for text, where in version_sets.items():
@@ -732,7 +744,7 @@ def build_report(root: Path) -> str:
 
 def _epochs_note(study: Study) -> str:
     """Epochs and seeds per network, as actually run."""
-    return ", ".join(f"{NAMES[net]} {count(study.epochs(net), 'epochs')} × "
+    return ", ".join(f"{net_name(net)} {count(study.epochs(net), 'epochs')} × "
                      f"{count(study.as_run(net)['seeds'], 'seeds')}" for net in study.networks())
 
 

@@ -1,8 +1,10 @@
 """Write and read one sweep's results: `OUT/NAME/metrics.h5`, `summary.md` and PNG figures.
 
-Pure numpy/h5py/matplotlib. The input is the `run` dict built by the sweep module (see
-`write_results`); `read_metrics` turns metrics.h5 back into that dict, so summaries and figures
-can be regenerated from the file alone. Model parameters are never written.
+numpy, h5py and matplotlib; the names of the networks and attacks come from `models` and
+`attacks` (importing them loads JAX, which nothing here runs). The input is the `run` dict built
+by the sweep module (see `write_results`); `read_metrics` turns metrics.h5 back into that dict,
+so summaries and figures can be regenerated from the file alone. Model parameters are never
+written.
 
 metrics.h5 (schema_version 1; M members, E epochs, N test samples, A attacks, P eps values):
 
@@ -51,12 +53,12 @@ import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from uspsjax.attacks import ATTACKS
 from uspsjax.errors import InputError
+from uspsjax.models import NETWORKS
 
 SCHEMA_VERSION = 1
-ATTACKS = ("fgsm", "pgd20")
 ATTACK_TITLES = {"fgsm": "FGSM", "pgd20": "PGD-20"}
-NETWORK_ORDER = ("fc", "lc", "cnn")
 # Root attributes (JSON) that only some results have: the data's SHA-256 (`data.content_hash`),
 # a shard's record (`--shard`) and a gathered result's split (`--gather`); None when absent.
 OPTIONAL_RECORDS = ("data_sha256", "shard", "shards")
@@ -197,8 +199,10 @@ def read_metrics(path: Path) -> dict:
 # ---------------------------------------------------------------- statistics
 
 def _networks(settings) -> list[str]:
+    # The networks of `models.NETWORKS` in its order, then any other (a file from a newer
+    # version) in order of appearance.
     seen = list(dict.fromkeys(s["network"] for s in settings))
-    return [n for n in NETWORK_ORDER if n in seen] + [n for n in seen if n not in NETWORK_ORDER]
+    return [n for n in NETWORKS if n in seen] + [n for n in seen if n not in NETWORKS]
 
 
 def _settings_groups(run) -> list[tuple[str, str, np.ndarray]]:
