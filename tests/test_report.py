@@ -3,8 +3,9 @@
 from pathlib import Path
 
 import numpy as np
+import pytest
 
-from uspsjax import report, results
+from uspsjax import grid, report, results
 from test_results import make_bagging_run, make_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -136,6 +137,94 @@ def test_every_section_calls_a_planted_within_noise_difference_undecided(tmp_pat
     assert "was used: **shifts, cosine label_smoothing=0.0 weight_decay=0.0**" in text
 
 
+
+SHIPPED_LR = "lr = [1e-6, 1e-3, 50.0]"  # the axis of sweeps/lr.toml
+
+
+def lr_sweep_text(values: str) -> str:
+    """sweeps/lr.toml with its axis written `lr = VALUES`."""
+    text = (ROOT / "sweeps" / "lr.toml").read_text()
+    assert SHIPPED_LR in text
+    return text.replace(SHIPPED_LR, f"lr = {values}")
+
+
+def expand(tmp_path, text: str) -> list:
+    """The members `grid` expands from a sweep file holding `text`."""
+    path = tmp_path / f"sweep{len(list(tmp_path.glob('*.toml')))}.toml"
+    path.write_text(text)
+    return grid.expand(grid.load_sweep(str(path)))
+
+
+def test_a_respelled_axis_changes_the_labels_not_the_values(tmp_path):
+    """The premise of reading settings by value: the same learning rates written another way
+    get other labels, with every setting equal."""
+    plain = expand(tmp_path, lr_sweep_text("[1e-6, 0.001, 50.0]"))
+    short = expand(tmp_path, lr_sweep_text("[1e-6, 1e-3, 50]"))
+    assert [m.label for m in plain] != [m.label for m in short]
+    assert list(dict.fromkeys(m.label for m in short)) == ["lr=1e-06", "lr=0.001", "lr=50"]
+
+    def values(m):
+        return {k: v for k, v in grid.member_settings(m).items() if k != "label"}
+    assert [values(m) for m in plain] == [values(m) for m in short]
+
+
+def relabel(run: dict, label) -> dict:
+    """`run` with every member's label replaced by `label(its settings)`."""
+    return dict(run, settings=[dict(s, label=label(s)) for s in run["settings"]])
+
+
+def sections(runs: dict) -> dict[str, list[str]]:
+    """The lines of every section of `report.SECTIONS` whose sweep is in `runs`."""
+    studies = {name: report.Study(run) for name, run in runs.items()}
+    return {name: section(studies[name], *(studies.get(p) for p in report.PARTNERS.get(name, ())))
+            for name, _, section, _ in report.SECTIONS if name in studies}
+
+
+def verdicts(lines: list[str]) -> list[str]:
+    """The verdict of each claim among `lines`, in order: holds, does not hold, undecided, not
+    judged or not run."""
+    return [line.split("**")[1] for line in lines if line.startswith("- ") and "**" in line]
+
+
+def test_respelled_labels_change_no_verdict(tmp_path):
+    """Every committed run with its labels as another sweep file would have spelled them. With
+    the lr axis written [1e-6, 1e-3, 50] (`grid` labels lr 50 "lr=50") the report reads the same,
+    in that spelling. With an explicit label for every setting of every sweep (`{label = "...",
+    ...}`; beyond and beyond-final's same recipe labelled differently) every section reads the
+    same verdicts in the same order, and no claim reads a setting as not run."""
+    runs = {folder.parent.name: results.read_metrics(folder)
+            for folder in sorted((ROOT / "results").glob("*/metrics.h5"))}
+    original = sections(runs)
+    assert sum(map(len, map(verdicts, original.values()))) > 50
+
+    short = lr_sweep_text("[1e-6, 1e-3, 50]")
+    spelled = {m.hparams["lr"]: m.label for m in expand(tmp_path, short)}
+    assert "lr=50" in spelled.values()
+    by_grid = sections(dict(runs, lr=dict(relabel(runs["lr"], lambda s: spelled[s["lr"]]),
+                                          sweep_text=short)))
+    assert {name: [line.replace("lr=50", "lr=50.0") for line in lines]
+            for name, lines in by_grid.items()} == original
+
+    def explicit(run):
+        names = {label: f"{run['name']} recipe {k}" for k, label in
+                 enumerate(dict.fromkeys(s["label"] for s in run["settings"]))}
+        return relabel(run, lambda s: names[s["label"]])
+    by_label = sections({name: explicit(run) for name, run in runs.items()})
+    assert by_label.keys() == original.keys()
+    for name, lines in by_label.items():
+        assert verdicts(lines) == verdicts(original[name]), name
+        assert not [line for line in lines if "not run" in line or "None" in line], name
+    # The recipe beyond-final retrained is still found among beyond's (tied for the best).
+    assert choice(by_label["beyond"]) == choice(original["beyond"]) == "is tied for the best"
+
+
+def choice(lines: list[str]) -> str:
+    """What the beyond section says of the recipe that beyond-final retrained."""
+    [line] = [line for line in lines if line.startswith("- The retrained recipe")]
+    return next(kind for kind in ("is the one chosen", "is tied for the best",
+                                  "is not among the best") if kind in line)
+
+
 def test_a_network_the_report_does_not_know_shows_up(tmp_path):
     """A result holding a network that `models.NETWORKS` lacks (written by a newer version): its
     rows, claims and coverage column are shown, after the known networks."""
@@ -148,3 +237,27 @@ def test_a_network_the_report_does_not_know_shows_up(tmp_path):
     assert "| sweep | FC | LC | CNN | MLP |\n|---|---|---|---|---|" in text
     assert "| MLP | lr=0.001 | 3 |" in text and "- MLP: lr=0.001 gives the best accuracy" in text
 
+
+def test_a_setting_is_found_by_its_values():
+    """`Study.label`: floats within a relative 1e-9 (an int 50 is the float 50.0), None for no
+    match, an error for values that several settings share or for a setting never recorded."""
+    s = report.Study(make_run())  # lr 0.001 labelled "lr=0.001", the int 50 labelled "lr=50"
+    assert s.label("fc", lr=1e-3) == s.label("fc", lr=0.001 * (1 + 1e-12)) == "lr=0.001"
+    assert s.label("fc", lr=50.0) == "lr=50" and s.label("cnn", lr=50, batch_size=16) == "lr=50"
+    assert s.label("fc", lr=0.0011) is None and s.label("lc", lr=1e-3) is None
+    with pytest.raises(ValueError, match=r"batch_size=16 is ambiguous: 2 settings match "
+                                         r"\(lr=0.001; lr=50\)"):
+        s.label("fc", batch_size=16)
+    with pytest.raises(ValueError, match="no setting 'learning_rate'"):
+        s.label("fc", learning_rate=1e-3)
+
+
+def test_a_claim_on_a_setting_the_run_lacks_is_not_run():
+    """No setting with lr 1e-3 (here its members trained at 2e-3): the claim about it says so,
+    naming the setting by value, instead of reading it as diverged."""
+    run = relabel(make_run(), lambda s: s["label"].replace("0.001", "0.002"))
+    for s in run["settings"]:
+        s["lr"] = 0.002 if s["lr"] == 0.001 else s["lr"]
+    [claim] = [line for line in report.section_lr(report.Study(run)) if line.startswith("- FC:")]
+    assert claim.startswith("- FC: lr=0.001 gives the best accuracy: **not run** (a setting it "
+                            "compares is not in lr FC) — lr=0.002 92.00 % ± 2.00, lr=50 diverged")

@@ -291,3 +291,12 @@ def test_groups_of_an_older_merged_file_stay_not_recorded(tmp_path):
     back = results.read_metrics(plain / "metrics.h5")
     assert {g["device"] for g in back["groups"]} == {run["device"]}
     assert all(g["versions"] == run["versions"] for g in back["groups"])
+
+
+def test_setting_values_compare_by_value():
+    """`same_value`: how a sweep file wrote a number does not matter; its kind of value does."""
+    assert results.same_value(1e-3, 0.001) and results.same_value(50, 50.0)
+    assert results.same_value(0.1 + 0.2, 0.3) and not results.same_value(0.3, 0.3001)
+    assert results.same_value(32, 32) and not results.same_value(32, 33)
+    assert not results.same_value(True, 1) and not results.same_value(0.0, False)
+    assert not results.same_value("0.001", 0.001) and results.same_value("none", "none")

@@ -24,6 +24,9 @@ from uspsjax.attacks import ATTACKS
 from uspsjax.errors import InputError
 from uspsjax.models import NETWORKS
 
+# The keys of a member's settings that tell members apart rather than settings.
+MEMBER_KEYS = ("network", "seed", "bag", "label", "group")
+
 RULE = ("**The verdict rule** (one for every claim below, `report.judge`): a claim holds or fails "
         "only when the difference of the two means is larger than the noise, "
         "sqrt(std_a² + std_b²), with std the sample std (ddof = 1) over seeds (or over members, "
@@ -96,9 +99,10 @@ def net_name(net: str) -> str:
 
 
 class Study:
-    """One sweep's results with lookups by network and setting label. Comparisons use the
-    validation split when the sweep held one out (`on` = "val"), else the test set, as the study
-    itself compared."""
+    """One sweep's results with lookups by network and setting. A setting is found by its
+    values (`label`), never by the spelling of its label, which the sweep file chose; the label
+    found is what the reader is shown. Comparisons use the validation split when the sweep held
+    one out (`on` = "val"), else the test set, as the study itself compared."""
 
     def __init__(self, run: dict):
         self.run = run
@@ -113,6 +117,31 @@ class Study:
     def labels(self, net: str) -> list[str]:
         """The settings run for `net`, in sweep order."""
         return [label for n, label in self.rows if n == net]
+
+    def label(self, net: str, **values) -> str | None:
+        """The label of the setting of `net` whose members' settings equal `values` by value
+        (`results.same_value`: `lr=1e-3` finds the setting however the sweep file spelled 0.001,
+        or whatever label it gave it); with no values, `net`'s one setting. None when no setting
+        matches; ValueError when several do (the values do not tell them apart) or a key is not
+        a recorded setting."""
+        mine = [s for s in self.run["settings"] if s["network"] == net]
+        unknown = [k for k in values if mine and k not in mine[0]]
+        if unknown:
+            raise ValueError(f"{self.run['name']}: no setting {unknown[0]!r} recorded")
+        found = [label for label in dict.fromkeys(s["label"] for s in mine)
+                 if all(results.same_value(s[k], v) for s in mine if s["label"] == label
+                        for k, v in values.items())]
+        if len(found) > 1:
+            asked = spell(values) or "the one setting"
+            raise ValueError(f"{self.run['name']} {net_name(net)}: {asked} is ambiguous: "
+                             f"{len(found)} settings match ({'; '.join(found)})")
+        return found[0] if found else None
+
+    def axes(self, net: str) -> list[str]:
+        """The settings whose values differ between `net`'s settings: the sweep's axes as run."""
+        mine = [s for s in self.run["settings"] if s["network"] == net]
+        return [k for k in mine[0] if k not in MEMBER_KEYS
+                and any(not results.same_value(s[k], mine[0][k]) for s in mine)]
 
     def acc(self, net: str, label: str) -> float | None:
         """Mean final accuracy of a setting on the `on` split; None when every seed diverged or
@@ -132,10 +161,10 @@ class Study:
         """`judge` on the final accuracies of settings `a` and `b`."""
         return judge(self.stat(net, a), self.stat(net, b))
 
-    def members(self, net: str, label: str | None = None) -> list[int]:
-        """Indices of the healthy members of a network (of one setting when `label` is given)."""
+    def members(self, net: str, label: str | None) -> list[int]:
+        """Indices of the healthy members of a setting (none for None, a setting not run)."""
         return [i for i, s in enumerate(self.run["settings"]) if s["network"] == net
-                and label in (None, s["label"]) and self.run["diverged"][i] == 0]
+                and s["label"] == label and self.run["diverged"][i] == 0]
 
     def cell(self, net: str, label: str) -> str:
         """Test accuracy as 'mean ± std %', or how it diverged."""
@@ -172,6 +201,11 @@ class Study:
         return ", ".join(short) or None
 
 
+def spell(values: dict) -> str:
+    """Settings by value as 'lr=0.001 momentum=0.0', for a setting that has no label to show."""
+    return " ".join(f"{k}={v}" for k, v in values.items())
+
+
 def pct(x: float | None) -> str:
     """A fraction as a percentage, or 'diverged' when None."""
     return "diverged" if x is None or math.isnan(x) else f"{100 * x:.2f} %"
@@ -184,11 +218,15 @@ def spread(x: Stat) -> str:
 
 def verdict(holds: bool | None, claim: str, evidence: str, *scoped: tuple) -> str:
     """One line: the claim, its verdict under the rule, and the numbers that show it. `scoped`
-    are the (Study, network) pairs the claim rests on: if any ran below its sweep's full scale
-    the claim is not judged."""
-    short = [f"{s.run['name']} {net_name(net)} {note}" for s, net in scoped
+    are the (Study, network, label, ...) the claim rests on, with the labels of the settings it
+    compares (None for one the run lacks): if a setting was not run the claim is not run; if a
+    network ran below its sweep's full scale the claim is not judged."""
+    absent = [f"{s.run['name']} {net_name(net)}" for s, net, *labels in scoped if None in labels]
+    short = [f"{s.run['name']} {net_name(net)} {note}" for s, net, *_ in scoped
              if (note := s.reduced(net))]
-    if short:
+    if absent:
+        word = f"**not run** (a setting it compares is not in {', '.join(absent)})"
+    elif short:
         word = f"**not judged** ({'; '.join(short)})"
     else:
         word = {True: "**holds**", False: "**does not hold**",
@@ -198,7 +236,8 @@ def verdict(holds: bool | None, claim: str, evidence: str, *scoped: tuple) -> st
 
 def evidence_of(study: Study, net: str, labels) -> str:
     """'a 97.10 % ± 0.20, b 93.00 % ± 0.40' for settings of a network, in sweep order."""
-    return ", ".join(f"{label} {spread(study.stat(net, label))}" for label in labels)
+    return ", ".join(f"{label} {spread(study.stat(net, label))}" for label in labels
+                     if label is not None)
 
 
 def table(study: Study, study_numbers: dict | None = None) -> list[str]:
@@ -222,43 +261,49 @@ def section_baseline(s: Study) -> list[str]:
     """Task 1: the three networks against the study's test accuracy."""
     out = table(s, s.run["study"])
     for net in s.networks():
-        ours, theirs = s.stat(net, "default"), s.run["study"].get(net, {}).get("test_acc")
+        default = s.label(net)  # the sweep's one setting
+        ours, theirs = s.stat(net, default), s.run["study"].get(net, {}).get("test_acc")
         if theirs is not None:
             out.append(verdict(judge(ours, Stat(theirs)),
                                f"uspsjax's {net_name(net)} reaches more than the study's accuracy",
                                f"{spread(ours)} (ours, {s.epochs(net)} epochs) vs {pct(theirs)}",
-                               (s, net)))
+                               (s, net, default)))
     return out
 
 
-def section_best_worst(s: Study, best: str, worst: str | None, what: str) -> list[str]:
-    """Claims of the form 'BEST gives the highest accuracy (and WORST the lowest)' per net: BEST
-    must beat every other setting under the rule (WORST lose to every other)."""
+def section_best_worst(s: Study, best: dict, worst: dict | None, what: str) -> list[str]:
+    """Claims of the form 'BEST gives the highest accuracy (and WORST the lowest)' per net, the
+    settings given by value: BEST must beat every other setting under the rule (WORST lose to
+    every other)."""
     out = table(s)
     for net in s.networks():
-        others = [label for label in s.labels(net) if label != best]
-        out.append(verdict(all_of(s.beats(net, best, o) for o in others),
-                           f"{net_name(net)}: {best} gives the best {what}",
-                           evidence_of(s, net, s.labels(net)), (s, net)))
+        top = s.label(net, **best)
+        others = [label for label in s.labels(net) if label != top]
+        out.append(verdict(all_of(s.beats(net, top, o) for o in others),
+                           f"{net_name(net)}: {top or spell(best)} gives the best {what}",
+                           evidence_of(s, net, s.labels(net)), (s, net, top)))
         if worst:
-            others = [label for label in s.labels(net) if label != worst]
-            out.append(verdict(all_of(s.beats(net, o, worst) for o in others),
-                               f"{net_name(net)}: {worst} gives the lowest accuracy",
-                               evidence_of(s, net, s.labels(net)), (s, net)))
+            low = s.label(net, **worst)
+            others = [label for label in s.labels(net) if label != low]
+            out.append(verdict(all_of(s.beats(net, o, low) for o in others),
+                               f"{net_name(net)}: {low or spell(worst)} gives the lowest accuracy",
+                               evidence_of(s, net, s.labels(net)), (s, net, low)))
     return out
 
 
-def diverged_members(s: Study, label: str) -> tuple[int, int]:
-    """(diverged, total) members of a setting, over all networks."""
-    rows = [r for (net, lab), r in s.rows.items() if lab == label]
+def diverged_members(s: Study, **values) -> tuple[int, int]:
+    """(diverged, total) members of a setting given by value, over all networks."""
+    rows = [s.rows[(net, label)] for net in s.networks() if (label := s.label(net, **values))]
     return sum(r["n_diverged"] for r in rows), sum(r["n"] for r in rows)
 
 
 def section_init(s: Study) -> list[str]:
     """Task 2.1: initializers."""
-    out = section_best_worst(s, "init=glorot_uniform", "init=constant(1e5)", "accuracy")
-    d, n = diverged_members(s, "init=constant(1e5)")
-    small = [pct(s.acc(net, "init=constant(0.01)")) for net in s.networks()]
+    huge = {"init": "constant", "init_scale": 1e5}
+    out = section_best_worst(s, {"init": "glorot_uniform"}, huge, "accuracy")
+    d, n = diverged_members(s, **huge)
+    small = [pct(s.acc(net, s.label(net, init="constant", init_scale=0.01)))
+             for net in s.networks()]
     out.append(f"- The study's explanations are wrong. A constant initializer gives every unit "
                f"of a layer the same weights, and gradient descent keeps them identical (the "
                f"symmetry is never broken), so each layer acts as a single unit (for LC: a "
@@ -271,15 +316,16 @@ def section_init(s: Study) -> list[str]:
 
 def section_lr(s: Study) -> list[str]:
     """Task 2.2: learning rates."""
-    out = section_best_worst(s, "lr=0.001", None, "accuracy")
+    out = section_best_worst(s, {"lr": 1e-3}, None, "accuracy")
     if "lc" in s.networks():
-        others = [label for label in s.labels("lc") if label != "lr=1e-06"]
-        out.append(verdict(all_of(s.beats("lc", o, "lr=1e-06") for o in others),
+        low = s.label("lc", lr=1e-6)
+        others = [label for label in s.labels("lc") if label != low]
+        out.append(verdict(all_of(s.beats("lc", o, low) for o in others),
                            "LC: lr 1e-6 gives the lowest LC accuracy",
-                           evidence_of(s, "lc", s.labels("lc")), (s, "lc")))
-    d, n = diverged_members(s, "lr=50.0")
-    alive = [f"{net_name(net)} {pct(s.acc(net, 'lr=50.0'))}" for net in s.networks()
-             if s.acc(net, "lr=50.0") is not None]
+                           evidence_of(s, "lc", s.labels("lc")), (s, "lc", low)))
+    d, n = diverged_members(s, lr=50)
+    fifty = {net: s.acc(net, s.label(net, lr=50)) for net in s.networks()}
+    alive = [f"{net_name(net)} {pct(acc)}" for net, acc in fifty.items() if acc is not None]
     out.append(f"- lr 50 does not 'converge quickly to a local optimum': {d} of {n} members "
                f"diverged (NaN loss)" + (f"; the others ended at {', '.join(alive)} (chance, "
                                          f"the largest class, is 17.9 %)" if alive else "")
@@ -291,11 +337,11 @@ def section_batch(s: Study) -> list[str]:
     """Task 2.3: batch sizes at equal epochs."""
     out = table(s)
     for net in s.networks():
-        other = "batch_size=32" if net == "lc" else "batch_size=1024"
-        a, b = s.stat(net, "batch_size=16"), s.stat(net, other)
-        out.append(verdict(judge(a, b),
-                           f"{net_name(net)}: batch 16 beats {other.split('=')[1]} at equal epochs",
-                           f"16: {spread(a)}, {other.split('=')[1]}: {spread(b)}", (s, net)))
+        size = 32 if net == "lc" else 1024
+        small, large = s.label(net, batch_size=16), s.label(net, batch_size=size)
+        a, b = s.stat(net, small), s.stat(net, large)
+        out.append(verdict(judge(a, b), f"{net_name(net)}: batch 16 beats {size} at equal epochs",
+                           f"16: {spread(a)}, {size}: {spread(b)}", (s, net, small, large)))
     out.append("- At equal epochs a batch of 1024 takes 64 times fewer steps than 16; at a "
                "fixed learning rate that, not 'gradient quality', is why it lags.")
     return out
@@ -306,18 +352,21 @@ def section_momentum(s: Study, lr: Study | None) -> list[str]:
     out = table(s)
     for net in s.networks():
         e = min(10, s.epochs(net), lr.epochs(net) if lr and net in lr.networks() else 10)
-        without = lr.curve(net, "lr=0.001", e) if lr and "lr=0.001" in lr.labels(net) else None
-        at = {m: s.curve(net, f"momentum={m}", e) for m in (0.9, 0.99)}
+        plain = lr.label(net, lr=1e-3, momentum=0) if lr and net in lr.networks() else None
+        without = lr.curve(net, plain, e) if plain else None
+        labels = {m: s.label(net, momentum=m) for m in (0.9, 0.99)}
+        at = {m: s.curve(net, label, e) for m, label in labels.items()}
         if without is not None and without.mean is not None:
             out.append(verdict(all_of(judge(v, without) for v in at.values()),
                                f"{net_name(net)}: momentum 0.9 and 0.99 beat no momentum by "
                                f"epoch {e}",
                                f"test accuracy at epoch {e}: 0.9 {spread(at[0.9])}, "
                                f"0.99 {spread(at[0.99])}, none (the lr sweep's lr 1e-3) "
-                               f"{spread(without)}", (s, net), (lr, net)))
-        out.append(verdict(s.beats(net, "momentum=0.99", "momentum=0.9"),
+                               f"{spread(without)}", (s, net, *labels.values()), (lr, net, plain)))
+        out.append(verdict(s.beats(net, labels[0.99], labels[0.9]),
                            f"{net_name(net)}: momentum 0.99 beats 0.9 (final)",
-                           evidence_of(s, net, ("momentum=0.99", "momentum=0.9")), (s, net)))
+                           evidence_of(s, net, (labels[0.99], labels[0.9])),
+                           (s, net, *labels.values())))
     return out
 
 
@@ -377,11 +426,12 @@ def section_dropout(s: Study) -> list[str]:
     """Task 3.2: dropout placement and rate."""
     out = table(s)
     if "cnn" in s.networks():
-        out.append(verdict(s.beats("cnn", "dropout_at=dense rate 0.5", "dropout_at=conv rate 0.5"),
+        dense, conv = (s.label("cnn", dropout_at=at, dropout_conv=0.5, dropout_dense=0.5)
+                       for at in ("dense", "conv"))
+        out.append(verdict(s.beats("cnn", dense, conv),
                            "CNN: dropout after the dense layer works better than after the "
                            "convolutions (rate 0.5)",
-                           evidence_of(s, "cnn", ("dropout_at=dense rate 0.5",
-                                                  "dropout_at=conv rate 0.5")), (s, "cnn")))
+                           evidence_of(s, "cnn", (dense, conv)), (s, "cnn", dense, conv)))
     for net in s.networks():
         gaps = [(label, s.rows[(net, label)]["loss_gap_mean"]) for label in s.labels(net)]
         text = ", ".join(f"{label} {g:+.3f}" for label, g in gaps if not math.isnan(g))
@@ -393,11 +443,12 @@ def section_l1(s: Study) -> list[str]:
     """Task 3.3: L1 activity penalties, every penalty against none (no best-of selection)."""
     out = table(s)
     for net in s.networks():
-        penalties = [label for label in s.labels(net) if label != "l1=0.0"]
+        none = s.label(net, l1=0)
+        penalties = [label for label in s.labels(net) if label != none]
         # "Does not improve" holds only when every penalty is worse beyond the noise.
-        out.append(verdict(all_of(negate(s.beats(net, p, "l1=0.0")) for p in penalties),
+        out.append(verdict(all_of(negate(s.beats(net, p, none)) for p in penalties),
                            f"{net_name(net)}: an L1 activity penalty does not improve accuracy",
-                           evidence_of(s, net, s.labels(net)), (s, net)))
+                           evidence_of(s, net, s.labels(net)), (s, net, none)))
     return out
 
 
@@ -420,18 +471,20 @@ def section_adversarial(s: Study) -> list[str]:
                 out.append(f"| {net_name(net)} | {label} | {s.cell(net, label)} | {cells} |")
         at, pgd = eps.index(0.1) if 0.1 in eps else 0, ATTACKS.index("pgd20")
         for net in s.networks():
-            standard = Stat.of(run["robust"][s.members(net, "standard"), pgd, at])
-            for label in (lab for lab in s.labels(net) if lab != "standard"):
+            plain = s.label(net, adversarial="none")
+            standard = Stat.of(run["robust"][s.members(net, plain), pgd, at])
+            for label in (lab for lab in s.labels(net) if lab != plain):
                 robust = Stat.of(run["robust"][s.members(net, label), pgd, at])
                 out.append(verdict(judge(robust, standard),
                                    f"{net_name(net)}: {label} training raises "
                                    f"{results.ATTACK_TITLES['pgd20']} accuracy at eps {eps[at]}",
-                                   f"{spread(robust)} vs standard {spread(standard)}", (s, net)))
-            for label in (lab for lab in s.labels(net) if lab != "standard"):
-                out.append(verdict(s.beats(net, label, "standard"),
+                                   f"{spread(robust)} vs standard {spread(standard)}",
+                                   (s, net, plain)))
+            for label in (lab for lab in s.labels(net) if lab != plain):
+                out.append(verdict(s.beats(net, label, plain),
                                    f"{net_name(net)}: {label} training improves clean test "
                                    "accuracy (the study's claim)",
-                                   evidence_of(s, net, (label, "standard")), (s, net)))
+                                   evidence_of(s, net, (label, plain)), (s, net, plain)))
     return out
 
 
@@ -441,19 +494,19 @@ def section_batchnorm(s: Study) -> list[str]:
     out = table(s)
     for net in s.networks():
         def label(bn, bs, lr):
-            return f"batchnorm={bn} batch_size={bs} lr={lr}"
-        out.append(verdict(s.beats(net, label("before", 1024, 0.001), label("before", 16, 0.001)),
-                           f"{net_name(net)}: with batch norm, batch 1024 (better batch statistics) "
-                           "beats batch 16 at equal epochs (lr 1e-3)",
-                           evidence_of(s, net, (label("before", 1024, 0.001),
-                                                label("before", 16, 0.001))), (s, net)))
+            return s.label(net, batchnorm=bn, batch_size=bs, lr=lr)
+        pair = label("before", 1024, 1e-3), label("before", 16, 1e-3)
+        out.append(verdict(s.beats(net, *pair),
+                           f"{net_name(net)}: with batch norm, batch 1024 (better batch "
+                           "statistics) beats batch 16 at equal epochs (lr 1e-3)",
+                           evidence_of(s, net, pair), (s, net, *pair)))
         for bs in (16, 1024):
             for bn in ("before", "after"):
-                out.append(verdict(s.beats(net, label(bn, bs, 0.1), label("none", bs, 0.1)),
-                                   f"{net_name(net)}: batch norm {bn} the activation lets the large "
-                                   f"learning rate 0.1 train better (batch {bs})",
-                                   evidence_of(s, net, (label(bn, bs, 0.1),
-                                                        label("none", bs, 0.1))), (s, net)))
+                pair = label(bn, bs, 0.1), label("none", bs, 0.1)
+                out.append(verdict(s.beats(net, *pair),
+                                   f"{net_name(net)}: batch norm {bn} the activation lets the "
+                                   f"large learning rate 0.1 train better (batch {bs})",
+                                   evidence_of(s, net, pair), (s, net, *pair)))
         out += stale_running_averages(s, net)
     return out
 
@@ -552,9 +605,13 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
     frun = final.run
     [retrained] = {lab for n in final.networks() for lab in final.labels(n)}
     tied = best_on_validation(s, "cnn")[0]
-    if retrained == chosen:
+    # The retrained recipe as the search labelled it: its setting with the same values on the
+    # search's axes (the two sweep files may spell it differently).
+    recipe = next(m for m in frun["settings"] if m["label"] == retrained)
+    searched = s.label("cnn", **{k: recipe[k] for k in s.axes("cnn")})
+    if searched == chosen:
         out.append(f"- The retrained recipe is the one chosen on validation: {retrained}.")
-    elif retrained in tied:
+    elif searched in tied:
         out.append(f"- The retrained recipe, {retrained}, is tied for the best on validation but "
                    f"is not the declared tie-break's choice ({chosen}): its test numbers below "
                    f"stand for a recipe tied for best on validation, not for the rule's pick.")
@@ -579,7 +636,8 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
     out += [f"| {name} | {text} | — |" for name, text in PUBLISHED]
     out.append("")
     for net in final.networks() if baseline else ():
-        one, base = final.stat(net, retrained, "test"), baseline.stat(net, "default")
+        default = baseline.label(net) if net in baseline.networks() else None
+        one, base = final.stat(net, retrained, "test"), baseline.stat(net, default)
         if one.mean is not None and base.mean is not None:
             out.append(verdict(judge(one, base),
                                f"{net_name(net)}: one member trained with the recipe beats the "

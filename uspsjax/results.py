@@ -43,6 +43,7 @@ that did not diverge.
 """
 
 import json
+import math
 import os
 import shutil
 from datetime import datetime, timezone
@@ -203,6 +204,17 @@ def _networks(settings) -> list[str]:
     # version) in order of appearance.
     seen = list(dict.fromkeys(s["network"] for s in settings))
     return [n for n in NETWORKS if n in seen] + [n for n in seen if n not in NETWORKS]
+
+
+def same_value(a, b) -> bool:
+    """Whether two setting values are equal by value: numbers within a relative 1e-9 where either
+    is a float (0.001, 1e-3 and 1.0e-3 alike; 50 and 50.0 alike), anything else (ints, strings,
+    bools) exactly and only to a value of its own type (True is not 1)."""
+    a, b = (x.item() if isinstance(x, np.generic) else x for x in (a, b))
+    kinds = {type(a), type(b)}
+    if kinds <= {int, float} and float in kinds:
+        return math.isclose(a, b, rel_tol=1e-9)
+    return len(kinds) == 1 and a == b
 
 
 def _settings_groups(run) -> list[tuple[str, str, np.ndarray]]:
