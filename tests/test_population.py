@@ -224,8 +224,8 @@ def test_sweep_prints_progress_inside_long_epochs(small, monkeypatch):
     monkeypatch.setattr(sweep_mod, "LIVE_SECONDS", 0.0)  # every callback counts as a long wait
     sweep = sweep_mod.load_sweep("baseline")
     lines = []
-    sweep_mod.run_sweep(sweep, small, overrides={"networks": ["fc"], "epochs": 1, "seeds": 1},
-                        log=lines.append)
+    plan = sweep_mod.plan_members(sweep, {"networks": ["fc"], "epochs": 1, "seeds": 1})
+    sweep_mod.run_sweep(plan, small, log=lines.append)
     inside = [line for line in lines if " step " in line]
     assert inside and all("samples/s" in line and "s left" in line for line in inside)
     assert any("step 8/16" in line for line in inside)  # batch 32: 16 steps

@@ -110,46 +110,87 @@ def shard_members(members: list[Member], shard: tuple[int, int] | None) -> list[
     return [i for i in range(len(members)) if owner[i] == index]
 
 
-def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
-              checkpoints: Path | None = None, resume: bool = False, devices=None,
-              memory_budget: int | None = None, placement: str = "members", log=print,
-              live: bool = True, shard: tuple[int, int] | None = None,
+@dataclasses.dataclass
+class Plan:
+    """One sweep of a command, planned once before anything is written (`plan_members`, then
+    `_plan` for the command line): what trains, where its result goes and what its checkpoints
+    must match. `run_sweep` trains it."""
+
+    sweep: Sweep
+    overrides: dict                  # what the command line imposes on every member
+    every_member: list[Member]       # the whole grid at this run's scale
+    chosen: list[int]                # the indices of the members that train (a shard's share)
+    on_cpu: bool = False             # expanded for a CPU (the sweep's `[cpu]` tables)
+    shard: tuple[int, int] | None = None
+    placement: str = "members"       # one of PLACEMENTS
+    memory_budget: int | None = None  # bytes a chunk of members may take (None: the device's)
+    checkpoints: Path | None = None  # the run's own checkpoint folder (None: none kept)
+    fingerprint: dict | None = None  # what `checkpoints` records (`fingerprint`); set with it
+    resume: bool = False
+    out: Path | None = None          # the folder that holds the result folder
+    folder: str | None = None        # the result folder's name under `out`
+    guard: Path | None = None        # what the run's lock guards (OUT/NAME, or the shard's folder)
+    old: dict | None = None          # the earlier run to merge with
+    notice: str | None = None        # said when the result goes beside a larger one
+    gathered: dict | None = None     # --gather: the shards' combined run; nothing trains
+
+    @property
+    def members(self) -> list[Member]:
+        """The members that train, in grid order."""
+        return [self.every_member[i] for i in self.chosen]
+
+    @property
+    def groups(self) -> dict:
+        """The static groups of `members`: each Static to the indices of its members."""
+        return group_members(self.members)
+
+    def rows(self) -> list[dict]:
+        """The settings of the members that train, as metrics.h5 stores them."""
+        return [member_settings(m) for m in self.members]
+
+
+def plan_members(sweep: Sweep, overrides: dict | None = None, on_cpu: bool = False,
+                 shard: tuple[int, int] | None = None, **fields) -> Plan:
+    """The Plan of `sweep`'s members under `overrides` (on a CPU with `on_cpu`: its `[cpu]`
+    tables), of shard (I, N) only when `shard` is given; `fields` set the Plan's other fields.
+    InputError for a member the grammar refuses or an empty shard."""
+    every = expand(sweep, overrides or {}, on_cpu)
+    return Plan(sweep, overrides or {}, every, shard_members(every, shard), on_cpu, shard,
+                **fields)
+
+
+def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True,
               data_hash: str | None = None, warn=None) -> dict:
-    """Train every static group of `sweep` and return the `run` dict that `results` writes.
+    """Train every static group of `plan` and return the `run` dict that `results` writes.
 
     One program is compiled per static group; each trains all its members at once. With
     placement "members" each group's members are sharded over all `devices` (of every
     process); with "groups" each process trains whole groups on its own devices, balanced by
-    `place_groups`, and the results are gathered. With `checkpoints`, every group checkpoints
-    after each epoch under `checkpoints` (the run's own folder, such as checkpoints/NAME/), and
-    `resume` continues from there (skipping finished groups). Progress goes to `log`: a line
-    per epoch and, with `live`, one at least every `LIVE_SECONDS` inside long epochs (in a run
-    over several processes, of the groups that process 0 trains); a damaged checkpoint is said
-    to `warn` (default: stderr). With `shard = (I, N)` only shard I's members train
-    (`shard_members`) and the run records which they are. `data_hash` is the dataset's
-    `data.content_hash`, computed here when not given.
+    `place_groups`, and the results are gathered. With `plan.checkpoints`, every group
+    checkpoints after each epoch under that folder (the run's own, such as checkpoints/NAME/),
+    stamped with `plan.fingerprint`, and `plan.resume` continues from there (skipping finished
+    groups). Progress goes to `log`: a line per epoch and, with `live`, one at least every
+    `LIVE_SECONDS` inside long epochs (in a run over several processes, of the groups that
+    process 0 trains); a damaged checkpoint is said to `warn` (default: stderr). A shard's run
+    records which members it trained. `data_hash` is the dataset's `data.content_hash`,
+    computed here when not given.
     """
     import jax
     from uspsjax import data as data_mod, population, train
 
-    overrides = overrides or {}
+    sweep, overrides, shard, placement = plan.sweep, plan.overrides, plan.shard, plan.placement
+    every_member, members, groups = plan.every_member, plan.members, plan.groups
     warn = warn or cli.say
     data_hash = data_hash or data_mod.content_hash(dataset)
-    on_cpu = (devices or jax.devices())[0].platform == "cpu"
-    every_member = expand(sweep, overrides, on_cpu)
-    chosen = shard_members(every_member, shard)
-    members = [every_member[i] for i in chosen]
-    groups = group_members(members)
-    for net, table in cpu_limits(sweep, overrides, on_cpu).items():
+    for net, table in cpu_limits(sweep, overrides, plan.on_cpu).items():
         log(f"sweep {sweep.name}: on this CPU {net} runs with "
             + ", ".join(f"{k}={v}" for k, v in table.items())
             + " (the sweep's [cpu] table; --epochs/--seeds override it)")
     data = train.as_data(data_mod.split_validation(dataset, sweep.validation,
                                                    sweep.validation_seed), on_device=False)
-    ckpt_root = checkpoints
+    ckpt_root = plan.checkpoints
     if ckpt_root:
-        _prepare_checkpoints(ckpt_root, fingerprint(sweep, overrides, data_hash, devices,
-                                                    memory_budget, placement, shard), resume)
+        _prepare_checkpoints(ckpt_root, plan.fingerprint, plan.resume)
     n_train = data.x_train.shape[0]
     owners = None
     if placement == "groups":
@@ -207,7 +248,7 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
         if ckpt:
             ckpt.mkdir(parents=True, exist_ok=True)
         res = population.run_group(static, keys, hps, data, devices=devices,
-                                   memory_budget=memory_budget, evaluation=evaluation,
+                                   memory_budget=plan.memory_budget, evaluation=evaluation,
                                    checkpoint=ckpt, on_epoch=progress,
                                    on_step=progress if live else None, warn=warn)
         wall = time.perf_counter() - t0
@@ -255,7 +296,8 @@ def run_sweep(sweep: Sweep, dataset, *, overrides: dict | None = None,
         "wall_time_s": time.perf_counter() - t_start, "programs": len(groups), "groups": group_info,
         "data_sha256": data_hash,
         "shard": None if shard is None else {
-            "index": shard[0], "count": shard[1], "members": chosen, "total": len(every_member),
+            "index": shard[0], "count": shard[1], "members": plan.chosen,
+            "total": len(every_member),
             "members_sha256": shards.members_hash([member_settings(m) for m in every_member])},
     }
 
@@ -495,37 +537,23 @@ def _devices(args) -> list | None:
     return jax.devices()[: args.devices]
 
 
-@dataclasses.dataclass
-class Job:
-    """One sweep of a command, planned before anything is written."""
-
-    sweep: Sweep
-    out: Path                   # the folder that holds the result folder
-    folder: str                 # the result folder's name under `out`
-    guard: Path                 # what the run's lock guards (OUT/NAME, or the shard's folder)
-    old: dict | None = None     # the earlier run to merge with
-    notice: str | None = None   # said when the result goes beside a larger one
-    checkpoints: Path | None = None  # the run's own checkpoint folder (None: none kept)
-    resume: bool = False
-    gathered: dict | None = None     # --gather: the shards' combined run; nothing trains
-
-
-def _plan_gather(args, sweep: Sweep, out: Path) -> Job:
-    """The job of `--gather`: the shards of `sweep` under OUT/NAME.shards/, checked and
-    combined (`shards.gather`), and where their result goes."""
+def _plan_gather(args, sweep: Sweep, out: Path) -> Plan:
+    """The plan of `--gather`: the shards of `sweep` under OUT/NAME.shards/, checked and
+    combined (`shards.gather`), and where their result goes; nothing trains."""
     if _overrides(args) or args.resume or args.devices or args.distributed:
         raise InputError("--gather takes the shards as they ran: no --networks, --epochs, "
                          "--seeds, --dtype, --resume, --devices or --distributed")
     run = shards.gather(out / (sweep.name + shards.SUFFIX), sweep.name, sweep.text)
     name, old, notice = plan_output(sweep, run["settings"], run["n_train"], run["y_test"],
                                     run["data_sha256"], out, args.merge, args.replace)
-    return Job(sweep, out, name, out / sweep.name, old, notice, gathered=run)
+    return Plan(sweep, {}, [], [], out=out, folder=name, guard=out / sweep.name, old=old,
+                notice=notice, gathered=run)
 
 
 def _plan(args, log) -> tuple:
     """Every check of a run (sweep files, flags, data, devices, the output and checkpoint
-    folders, what an earlier result or checkpoint allows), nothing written. Returns (the jobs,
-    overrides, dataset, devices, the data's content hash, the shard)."""
+    folders, what an earlier result or checkpoint allows), nothing written. Returns (the
+    plans, overrides, dataset, devices, the data's content hash)."""
     if not args.sweep:
         raise InputError("no sweep given (try --list)")
     if args.sweep == "all" and (args.shard or args.gather):
@@ -540,99 +568,101 @@ def _plan(args, log) -> tuple:
     out, checkpoints = Path(args.out), Path(args.checkpoints)
     cli.check_out(out)
     if args.gather:
-        job = _plan_gather(args, sweeps[0], out)
-        return [job], {}, None, None, job.gathered["data_sha256"], None
+        plan = _plan_gather(args, sweeps[0], out)
+        return [plan], {}, None, None, plan.gathered["data_sha256"]
     overrides = _overrides(args)
-    for sweep in sweeps:
-        expand(sweep, overrides)  # validates every member before the data is read
     if args.resume and args.no_checkpoints and args.sweep != "all":
         raise InputError("--resume and --no-checkpoints: nothing to resume from")
     devices = _devices(args)
+    import jax
+    on_cpu = (devices or jax.devices())[0].platform == "cpu"
+    # Every member of every sweep is checked before the data is read.
+    plans = [plan_members(sweep, overrides, on_cpu, shard, placement=args.placement)
+             for sweep in sweeps]
     from uspsjax import data as data_mod, results
     dataset = data_mod.load(args.data)
     data_hash = data_mod.content_hash(dataset)
-    import jax
-    on_cpu = (devices or jax.devices())[0].platform == "cpu"
-    jobs = []
-    for sweep in sweeps:
-        ckpt = None
+    kept = []
+    for plan in plans:
+        sweep = plan.sweep
         if not args.no_checkpoints:
-            ckpt = checkpoints / sweep.name
+            plan.checkpoints = checkpoints / sweep.name
             if shard:
-                ckpt = checkpoints / (sweep.name + shards.SUFFIX) / shards.folder_name(*shard)
-            check_checkpoint_folder(ckpt)
-        resumable = ckpt is not None and (ckpt / STAMP).exists()
+                plan.checkpoints = (checkpoints / (sweep.name + shards.SUFFIX)
+                                    / shards.folder_name(*shard))
+            check_checkpoint_folder(plan.checkpoints)
+            plan.fingerprint = fingerprint(sweep, overrides, data_hash, devices, None,
+                                           args.placement, shard)
+        resumable = plan.checkpoints is not None and (plan.checkpoints / STAMP).exists()
         done = out / sweep.name / "metrics.h5"
         if args.sweep == "all" and args.resume and done.exists() and not resumable:
             log(f"sweep {sweep.name}: already complete in {done}, skipped")
             continue
         if args.resume and args.sweep != "all":
-            check_resumable(ckpt, fingerprint(sweep, overrides, data_hash, devices, None,
-                                              args.placement, shard))
-        members = expand(sweep, overrides, on_cpu)
-        rows = [member_settings(members[i]) for i in shard_members(members, shard)]
+            check_resumable(plan.checkpoints, plan.fingerprint)
+        plan.resume = args.resume and resumable
         n_train = len(dataset.y_train) - sweep.validation
         if shard:
-            where, name = out / (sweep.name + shards.SUFFIX), shards.folder_name(*shard)
-            check_batches(sweep, rows, n_train)
-            results.check_replaceable(where / name)
-            jobs.append(Job(sweep, where, name, where / name, checkpoints=ckpt,
-                            resume=args.resume and resumable))
-            continue
-        name, old, notice = plan_output(sweep, rows, n_train, dataset.y_test, data_hash, out,
-                                        args.merge, args.replace)
-        jobs.append(Job(sweep, out, name, out / sweep.name, old, notice, ckpt,
-                        args.resume and resumable))
-    return jobs, overrides, dataset, devices, data_hash, shard
+            plan.out, plan.folder = out / (sweep.name + shards.SUFFIX), shards.folder_name(*shard)
+            plan.guard = plan.out / plan.folder
+            check_batches(sweep, plan.rows(), n_train)
+            results.check_replaceable(plan.guard)
+        else:
+            plan.out, plan.guard = out, out / sweep.name
+            plan.folder, plan.old, plan.notice = plan_output(
+                sweep, plan.rows(), n_train, dataset.y_test, data_hash, out, args.merge,
+                args.replace)
+        kept.append(plan)
+    return kept, overrides, dataset, devices, data_hash
 
 
-def _take_locks(jobs: list[Job], held: list) -> None:
-    """Lock every job's result (OUT/.NAME.lock) and checkpoint folder (its `LOCK`) for this
+def _take_locks(plans: list[Plan], held: list) -> None:
+    """Lock every plan's result (OUT/.NAME.lock) and checkpoint folder (its `LOCK`) for this
     process, appending each lock to `held`; InputError naming the first that another run
     holds."""
-    for job in jobs:
-        held.append(Lock(job.guard.parent / f".{job.guard.name}.lock", str(job.guard)))
-        if job.checkpoints:
-            held.append(Lock(job.checkpoints / LOCK, str(job.checkpoints)))
+    for plan in plans:
+        held.append(Lock(plan.guard.parent / f".{plan.guard.name}.lock", str(plan.guard)))
+        if plan.checkpoints:
+            held.append(Lock(plan.checkpoints / LOCK, str(plan.checkpoints)))
 
 
-def _launch_parts(args, jobs: list[Job], overrides: dict, data_hash: str) -> dict:
+def _launch_parts(args, plans: list[Plan], overrides: dict, data_hash: str) -> dict:
     """What every process of a distributed run must have been given alike, by name."""
     versions = environment()[1]
     flags = {k: getattr(args, k) for k in ("placement", "resume", "no_checkpoints", "merge",
                                            "replace", "shard", "gather", "devices")}
-    return {"sweep files": [job.sweep.text for job in jobs], "command-line settings":
+    return {"sweep files": [plan.sweep.text for plan in plans], "command-line settings":
             {**overrides, **flags}, "data": data_hash,
             "versions": {k: versions[k] for k in NUMERIC_VERSIONS}}
 
 
-def _written_or_said(job: Job, run: dict, writer: bool, log) -> int:
-    """Write a job's result (merged with the earlier one where it merges); 0, or 1 with one
+def _written_or_said(plan: Plan, run: dict, writer: bool, log) -> int:
+    """Write a plan's result (merged with the earlier one where it merges); 0, or 1 with one
     `error:` line when the write fails (a full disk): the earlier result stays untouched and
     the line says where the training survives."""
     from uspsjax import results
     if not writer:
         return 0
-    if job.old is not None:
-        run = results.merge_runs(job.old, run, SETTING_DEFAULTS)
-    target = job.out / job.folder
+    if plan.old is not None:
+        run = results.merge_runs(plan.old, run, SETTING_DEFAULTS)
+    target = plan.out / plan.folder
     try:
-        folder = results.write_results(job.out, dict(run, name=job.folder))
+        folder = results.write_results(plan.out, dict(run, name=plan.folder))
     except (OSError, RuntimeError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
-        kept = (f"the training is kept in {job.checkpoints}/: free space, then run the same "
+        kept = (f"the training is kept in {plan.checkpoints}/: free space, then run the same "
                 "command with --resume (it writes the result without training)"
-                if job.checkpoints else "the shards are kept: free space and --gather again"
-                if job.gathered else "the training is lost (--no-checkpoints)")
+                if plan.checkpoints else "the shards are kept: free space and --gather again"
+                if plan.gathered else "the training is lost (--no-checkpoints)")
         print(f"error: cannot write {target}/ ({reason}); the earlier result is untouched; "
               f"{kept}", file=sys.stderr)
         return 1
-    if job.checkpoints:
-        shutil.rmtree(job.checkpoints, ignore_errors=True)
+    if plan.checkpoints:
+        shutil.rmtree(plan.checkpoints, ignore_errors=True)
     print((folder / "summary.md").read_text())
-    log(f"sweep {job.sweep.name}: {run['wall_time_s']:.0f} s on {run['device']}; wrote {folder}/")
-    if job.notice:
-        cli.say(f"sweep {job.sweep.name}: {job.notice}")
+    log(f"sweep {plan.sweep.name}: {run['wall_time_s']:.0f} s on {run['device']}; wrote {folder}/")
+    if plan.notice:
+        cli.say(f"sweep {plan.sweep.name}: {plan.notice}")
     return 0
 
 
@@ -672,46 +702,45 @@ def execute(argv=None) -> tuple[int, list[Path]]:
     refusal, locks = None, []
     try:
         try:
-            jobs, overrides, dataset, devices, data_hash, shard = _plan(args, log)
+            plans, overrides, dataset, devices, data_hash = _plan(args, log)
         except InputError as e:
             refusal = str(e)
         distributed.agree(refusal)
-        distributed.agree_on(_launch_parts(args, jobs, overrides, data_hash))
+        distributed.agree_on(_launch_parts(args, plans, overrides, data_hash))
         try:  # the first write: only once every process has agreed to run
             if writer:
-                _take_locks(jobs, locks)
+                _take_locks(plans, locks)
         except InputError as e:
             refusal = str(e)
         distributed.agree(refusal)
-        for job in jobs:
-            if job.notice and writer:
-                cli.say(f"sweep {job.sweep.name}: {job.notice}")
-        status, job, written = 0, None, []
+        for plan in plans:
+            if plan.notice and writer:
+                cli.say(f"sweep {plan.sweep.name}: {plan.notice}")
+        status, plan, written = 0, None, []
         with cli.sigterm_as_interrupt():
             try:
-                for job in jobs:
-                    run = job.gathered or run_sweep(
-                        job.sweep, dataset, overrides=overrides, checkpoints=job.checkpoints,
-                        resume=job.resume, devices=devices, placement=args.placement, log=log,
-                        live=not quiet, shard=shard, data_hash=data_hash, warn=warn)
-                    distributed.barrier(f"{job.sweep.name} trained")
-                    status = _written_or_said(job, run, writer, log)
+                for plan in plans:
+                    run = plan.gathered or run_sweep(plan, dataset, devices=devices, log=log,
+                                                    live=not quiet, data_hash=data_hash,
+                                                    warn=warn)
+                    distributed.barrier(f"{plan.sweep.name} trained")
+                    status = _written_or_said(plan, run, writer, log)
                     if status:
                         break
-                    written.append(job.out / job.folder)
+                    written.append(plan.out / plan.folder)
             except KeyboardInterrupt as e:
                 how, code = (("terminated", 143) if isinstance(e, cli.Terminated)
                              else ("interrupted", 130))
                 resume = shlex.join(["python", "-m", "uspsjax.sweep", *argv]
                                     + ([] if args.resume else ["--resume"]))
-                kept = (f"the last completed epoch is checkpointed in {job.checkpoints}/; "
-                        f"continue with: {resume}" if job and job.checkpoints else
-                        "nothing was checkpointed (--no-checkpoints): run it again" if job
+                kept = (f"the last completed epoch is checkpointed in {plan.checkpoints}/; "
+                        f"continue with: {resume}" if plan and plan.checkpoints else
+                        "nothing was checkpointed (--no-checkpoints): run it again" if plan
                         else "nothing had started")
                 print(f"\n{how}: {kept}", file=sys.stderr)
                 return code, written
         # Leave no empty folder behind a finished run: the ones its checkpoints were in.
-        parents = dict.fromkeys(j.checkpoints.parent for j in jobs if j.checkpoints)
+        parents = dict.fromkeys(j.checkpoints.parent for j in plans if j.checkpoints)
         for folder in [*parents, Path(args.checkpoints)] if writer and parents else []:
             if folder.is_dir() and not any(folder.iterdir()):
                 folder.rmdir()
