@@ -261,3 +261,11 @@ def test_a_claim_on_a_setting_the_run_lacks_is_not_run():
     [claim] = [line for line in report.section_lr(report.Study(run)) if line.startswith("- FC:")]
     assert claim.startswith("- FC: lr=0.001 gives the best accuracy: **not run** (a setting it "
                             "compares is not in lr FC) — lr=0.002 92.00 % ± 2.00, lr=50 diverged")
+
+
+def test_every_section_is_written_in_the_study_order():
+    """The report's sections follow `grid.STUDY_ORDER` (what `sweep all` runs), its own section
+    last, and none is left out of the order."""
+    from uspsjax.grid import STUDY_ORDER
+    assert set(report.SECTION_OF) == {*STUDY_ORDER, "beyond"}
+    assert [name for name, *_ in report.SECTIONS] == [*STUDY_ORDER, "beyond"]

@@ -118,7 +118,8 @@ def test_the_beyond_section_chooses_on_validation_and_tests_the_choice_once(tmp_
     search.update(name="beyond", validation=1000)
     final = make_bagging_run()
     final.update(name="beyond-final",
-                 settings=[dict(s, network="cnn", label="lr=50") for s in final["settings"]])
+                 settings=[dict(s, network="cnn", label="lr=50", lr=50.0)
+                           for s in final["settings"]])
     out = tmp_path / "results"
     results.write_results(out, search)
     results.write_results(out, final)

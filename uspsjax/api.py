@@ -43,6 +43,7 @@ class Run:
     def members(self, network: str | None = None, **settings) -> np.ndarray:
         """Indices of the members of `network` (any, if None) whose settings equal `settings`
         by value (`lr=1e-3` matches however the sweep file spelled it)."""
+        from uspsjax import results
         rows = self.record["settings"]
         for key in settings:
             if rows and key not in rows[0]:
@@ -50,7 +51,8 @@ class Run:
                                  f"{', '.join(rows[0])})")
         return np.array([i for i, s in enumerate(rows)
                          if (network is None or s["network"] == network)
-                         and all(s[k] == v for k, v in settings.items())], dtype=int)
+                         and all(results.same_value(s[k], v) for k, v in settings.items())],
+                        dtype=int)
 
     def curves(self, metric: str, network: str | None = None, **settings) -> np.ndarray:
         """One metric's curves `[member, epoch]` of the members `members(network, **settings)`

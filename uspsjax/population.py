@@ -28,7 +28,6 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from uspsjax import attacks, distributed, train
-from uspsjax.attacks import ATTACKS  # noqa: F401 (population.ATTACKS, read by sweep)
 from uspsjax.errors import InputError
 from uspsjax.train import Data, Hparams, Static
 

@@ -22,6 +22,7 @@ import numpy as np
 from uspsjax import cli, results
 from uspsjax.attacks import ATTACKS
 from uspsjax.errors import InputError
+from uspsjax.grid import STUDY_ORDER
 from uspsjax.models import NETWORKS
 
 # The keys of a member's settings that tell members apart rather than settings.
@@ -670,19 +671,22 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
     return out + ["", *figures("beyond-final", ("bagging",))]
 
 
-SECTIONS = [
-    ("baseline", "Task 1 — the three networks", section_baseline, ()),
-    ("init", "Task 2.1 — parameter initialization", section_init, ()),
-    ("lr", "Task 2.2 — learning rate", section_lr, ()),
-    ("batch", "Task 2.3 — batch size", section_batch, ()),
-    ("momentum", "Task 2.4 — momentum", section_momentum, ()),
-    ("bagging", "Task 3.1 — bagging ensembles", section_bagging, ("bagging",)),
-    ("dropout", "Task 3.2 — dropout", section_dropout, ()),
-    ("l1", "Task 3.3 — L1 activity penalty", section_l1, ()),
-    ("adversarial", "Task 4 — adversarial training", section_adversarial, ("robust",)),
-    ("batchnorm", "Beyond the study — batch normalization", section_batchnorm, ()),
-    ("beyond", "Beyond the study — the CNN at the best published USPS error", section_beyond, ()),
-]
+# Each sweep's section: its title, how it is written, its extra figures. The study's sweeps come
+# in the order `sweep all` runs them (`grid.STUDY_ORDER`), the report's own after them.
+SECTION_OF = {
+    "baseline": ("Task 1 — the three networks", section_baseline, ()),
+    "init": ("Task 2.1 — parameter initialization", section_init, ()),
+    "lr": ("Task 2.2 — learning rate", section_lr, ()),
+    "batch": ("Task 2.3 — batch size", section_batch, ()),
+    "momentum": ("Task 2.4 — momentum", section_momentum, ()),
+    "bagging": ("Task 3.1 — bagging ensembles", section_bagging, ("bagging",)),
+    "dropout": ("Task 3.2 — dropout", section_dropout, ()),
+    "l1": ("Task 3.3 — L1 activity penalty", section_l1, ()),
+    "adversarial": ("Task 4 — adversarial training", section_adversarial, ("robust",)),
+    "batchnorm": ("Beyond the study — batch normalization", section_batchnorm, ()),
+    "beyond": ("Beyond the study — the CNN at the best published USPS error", section_beyond, ()),
+}
+SECTIONS = [(name, *SECTION_OF[name]) for name in [*STUDY_ORDER, "beyond"]]
 # Sections that read other sweeps besides their own (each passed as a Study, or None).
 PARTNERS = {"momentum": ("lr",), "beyond": ("beyond-final", "baseline")}
 

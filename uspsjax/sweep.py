@@ -176,7 +176,7 @@ def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True
     computed here when not given.
     """
     import jax
-    from uspsjax import data as data_mod, population, train
+    from uspsjax import attacks, data as data_mod, population, train
 
     sweep, overrides, shard, placement = plan.sweep, plan.overrides, plan.shard, plan.placement
     every_member, members, groups = plan.every_member, plan.members, plan.groups
@@ -213,7 +213,7 @@ def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True
     curves = np.full((n_members, max_epochs, len(metrics)), np.nan, np.float32)
     diverged = np.zeros(n_members, np.int32)
     probs = np.zeros((n_members, data.x_test.shape[0], 10), np.float32)
-    robust = np.zeros((n_members, len(population.ATTACKS), len(sweep.attack_eps)), np.float32)
+    robust = np.zeros((n_members, len(attacks.ATTACKS), len(sweep.attack_eps)), np.float32)
     walls, chunks = np.zeros(len(groups)), np.zeros(len(groups), np.int32)
     device, versions = environment()
     t_start = time.perf_counter()
