@@ -17,6 +17,7 @@ works through at a time (`--microbatch`, `train.microbatch_size`).
 Writes `OUT/<device>.json` and `OUT/<device>.md` and prints the table.
 """
 
+import functools
 import json
 import math
 import re
@@ -32,12 +33,13 @@ import numpy as np
 
 from uspsjax import cli, machine, population, train
 from uspsjax.errors import InputError
-from uspsjax.models import (FC, LC, LC_LOWERING_NAMES, LC_LOWERINGS, NETWORKS, count_params,
+from uspsjax.models import (LC, LC_LOWERING_NAMES, LC_LOWERINGS, NETWORKS, count_params,
                             lc_lowering_name)
 from uspsjax.grid import expand, load_sweep, split_settings
 from uspsjax.machine import environment
 
 # (batch sizes, populations) per network; the LC net has 100x the weights, so fewer members.
+# A network without its own row here (a new one) gets the FC's and the CNN's grid.
 FULL_GRID = {"fc": ((16, 128, 1024), (1, 8, 64)), "cnn": ((16, 128, 1024), (1, 8, 64)),
              "lc": ((16, 128, 1024), (1, 2, 8))}
 QUICK_GRID = {"fc": ((16, 128), (1, 8)), "cnn": ((16, 128), (1, 8)), "lc": ((16,), (1,))}
@@ -57,28 +59,11 @@ def lc_layers() -> list[tuple[int, int, int]]:
     return layers
 
 
-def forward_macs(network: str) -> int:
-    """Multiply-accumulates of one forward pass of one sample, from the layer shapes."""
-    if network == "fc":
-        widths = (256, *FC.widths, 10)
-        return sum(a * b for a, b in zip(widths, widths[1:]))
-    if network == "lc":  # MACs L_out * k * C_in * F per layer, then the flattened Dense 10
-        length, _, f = lc_layers()[-1]
-        return sum(l_out * 3 * c_in * f for l_out, c_in, f in lc_layers()) + length * f * 10
-    if network == "cnn":  # two valid 3x3 convs, 2x2 pool, Dense 128, Dense 10
-        side, channels, macs = 16, 1, 0
-        for f in (32, 64):
-            side -= 2
-            macs += side * side * 9 * channels * f
-            channels = f
-        side //= 2
-        return macs + side * side * channels * 128 + 128 * 10
-    raise InputError(f"unknown network {network!r}")
-
-
-def train_flops_per_sample(network: str) -> int:
-    """Training FLOPs per sample: 2 FLOPs per MAC, times 3 for forward, input and weight grads."""
-    return 3 * 2 * forward_macs(network)
+@functools.cache  # lowering a network to count it takes a while, and the count never changes
+def train_flops_per_sample(network: str) -> float:
+    """Training FLOPs per sample: 3 forward passes' worth (forward, input and weight gradients)
+    of XLA's count of the forward (`population.forward_flops`)."""
+    return 3 * population.forward_flops(train.Static(network=network))
 
 
 def grouped_patch_flops_per_sample(network: str) -> int:
@@ -467,8 +452,9 @@ def main(argv=None) -> int:
     if args.microbatch < 0:
         raise InputError(f"--microbatch: expected 0 or a positive integer, got {args.microbatch}")
     grid = QUICK_GRID if args.quick else FULL_GRID
+    shapes = {net: grid.get(net, grid["fc"]) for net in nets}
     for net in nets:  # settings that cannot run fail here, before anything is measured
-        for b in batch_sizes or grid[net][0]:
+        for b in batch_sizes or shapes[net][0]:
             bench_setup(net, b, args.dtype, args.lc_lowering, args.microbatch)
     cli.check_out(Path(args.out))
     data = load_data(args.data, batch_sizes or (), "--batch-sizes")
@@ -482,8 +468,9 @@ def main(argv=None) -> int:
     baseline, memory_source = memory_high_water(device)
     rows, skipped = [], []
     for net in nets:
-        done, failed = bench_network(net, batch_sizes or grid[net][0], populations or grid[net][1],
-                                     data, device, peaks, baseline, args, log)
+        done, failed = bench_network(net, batch_sizes or shapes[net][0],
+                                     populations or shapes[net][1], data, device, peaks,
+                                     baseline, args, log)
         rows, skipped = rows + done, skipped + failed
     result = {"device": device_slug(device), "device_description": description,
               "cpu": machine.cpu() if device.platform == "cpu" else None,
