@@ -103,4 +103,17 @@ def environment() -> tuple[str, dict]:
     versions["lc_lowering"] = lc_lowering_name("auto", dev.platform)
     versions["microbatch"] = microbatch_rule(dev.platform)  # what `microbatch = 0` runs here
     versions["malloc"] = "glibc, keeps freed memory" if KEEPS_FREED_MEMORY else "default"
+    if dev.platform == "cpu":
+        versions["cpu_tactics"] = cpu_tactics()
     return device, versions
+
+
+def cpu_tactics() -> str:
+    """The constants of the CPU tactics a CPU run used (measured on one machine type,
+    results/bench/NOTES.md §14, §16): the cache a chunk of members keeps within, and up to
+    which batch size the LC's gradients take their few-rows forms."""
+    from uspsjax.models import FEW_ROWS, OUTER_SUM_ROWS
+    from uspsjax.population import CPU_CACHE_BYTES
+    return (f"member chunks within {CPU_CACHE_BYTES // 2**20} MiB of cache; LC kernel gradient "
+            f"as row products up to batch {OUTER_SUM_ROWS}, patch gradient batch-innermost up "
+            f"to batch {FEW_ROWS}")
