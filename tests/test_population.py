@@ -15,12 +15,14 @@ from conftest import assert_curves_match
 from uspsjax import population, results
 from uspsjax.train import Static, make_hparams
 
+# On the 1,024-image subset: 128 steps an epoch (~0.5 s for the 6 members), so after the 2
+# epochs a test waits for, 28 are left (~15 s), as many seconds as 4 epochs of the full set.
 SLOW = """
 name = "slow"
 networks = ["fc"]
 seeds = 3
 [base]
-epochs = 6
+epochs = 30
 batch_size = 8
 lr = 0.01
 momentum = 0.9
@@ -56,10 +58,10 @@ def wait_for_epoch(ck_dir, proc, epochs=1, timeout=240):
     raise AssertionError("no checkpoint appeared")
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, shared_h5):
+def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, subset_h5):
     path = tmp_path / "slow.toml"
     path.write_text(SLOW)
-    e = env(shared_h5)
+    e = env(subset_h5)
     whole = subprocess.run(sweep_cmd(path, tmp_path / "whole", tmp_path / "ck1"), env=e,
                            capture_output=True, text=True, timeout=600)
     assert whole.returncode == 0, whole.stderr
@@ -82,7 +84,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, shared_h5):
     assert again.returncode == 2 and "nothing to resume" in again.stderr
 
 
-def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, shared_h5):
+def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, subset_h5):
     path = tmp_path / "slow.toml"
     path.write_text(SLOW)
     # A shell that runs the suite in the background ignores SIGINT, and children inherit that:
@@ -91,7 +93,7 @@ def test_ctrl_c_keeps_the_checkpoint_and_says_how_to_resume(tmp_path, shared_h5)
                      " runpy.run_module('uspsjax.sweep', run_name='__main__', alter_sys=True)")
     cmd = [sys.executable, "-c", interruptible,
            *sweep_cmd(path, tmp_path / "out", tmp_path / "ck")[3:]]
-    proc = subprocess.Popen(cmd, env=env(shared_h5), stdout=subprocess.DEVNULL,
+    proc = subprocess.Popen(cmd, env=env(subset_h5), stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     wait_for_epoch(tmp_path / "ck" / "slow", proc)
     proc.send_signal(signal.SIGINT)
