@@ -35,11 +35,17 @@ def assert_params_match(a, b) -> None:
 
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
-    """One persistent XLA compilation cache for the whole suite (this process, and the
-    processes it starts, through the environment): many tests compile the same small programs,
-    and a cached executable is the same program, so nothing asserted changes."""
+    """One persistent XLA compilation cache for the whole suite (every pytest-xdist worker,
+    and the processes they start, through the environment): many tests compile the same small
+    programs, and a cached executable is the same program, so nothing asserted changes. An
+    entry another process is still writing reads as damaged, which JAX answers by compiling
+    again."""
     import jax
-    folder = str(tmp_path_factory.mktemp("xla-cache"))
+    base = tmp_path_factory.getbasetemp()
+    # Each xdist worker has a base folder of its own inside the run's: share the run's.
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "xla-cache"
+    folder.mkdir(exist_ok=True)
+    folder = str(folder)
     jax.config.update("jax_compilation_cache_dir", folder)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
     os.environ["JAX_COMPILATION_CACHE_DIR"] = folder
