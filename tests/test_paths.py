@@ -59,8 +59,8 @@ def test_adversarial_training_gains_robust_accuracy(dataset):
     for adversarial in ("none", "fgsm", "pgd"):
         static = Static(network="fc", epochs=2, batch_size=32, adversarial=adversarial)
         res = population.run_group(static, keys, hps, data, evaluation=evaluation)
-        assert np.all(np.isfinite(res["curves"])) and not res["diverged"].any()
-        robust[adversarial] = res["robust"][:, :, 0]  # (member, attack): FGSM, PGD-20
+        assert np.all(np.isfinite(res.curves)) and not res.diverged.any()
+        robust[adversarial] = res.robust[:, :, 0]  # (member, attack): FGSM, PGD-20
     for i in range(2):  # per seed: PGD-20 is at least as strong as FGSM here ...
         assert all(robust[a][i, 1] <= robust[a][i, 0] + 0.02 for a in robust), robust
         for adversarial in ("fgsm", "pgd"):  # ... and adversarial training resists both

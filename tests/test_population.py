@@ -120,7 +120,7 @@ SHARDED = textwrap.dedent("""
     res = population.run_group(static, keys, hps, data, devices=devices,
                                on_epoch=lambda info: layouts.append(info["members_per_device"]))
     print("DEVICES", len(jax.devices()), "LAYOUT", layouts[-1])
-    np.save(sys.argv[2], res["curves"])
+    np.save(sys.argv[2], res.curves)
 """)
 
 
@@ -147,10 +147,10 @@ def test_population_runs_in_chunks_when_memory_is_short(small):
     whole = population.run_group(static, keys, hps, small)
     member = population.bytes_per_member(static, small.x_train.shape[0])
     chunked = population.run_group(static, keys, hps, small, memory_budget=2 * member)
-    assert whole["chunks"] == 1 and chunked["chunks"] == 3
-    assert_curves_match(whole["curves"], chunked["curves"], small.x_test.shape[0])
-    np.testing.assert_array_equal(whole["diverged"], chunked["diverged"])
-    np.testing.assert_allclose(whole["test_probs"], chunked["test_probs"], rtol=0, atol=1e-4)
+    assert whole.chunks == 1 and chunked.chunks == 3
+    assert_curves_match(whole.curves, chunked.curves, small.x_test.shape[0])
+    np.testing.assert_array_equal(whole.diverged, chunked.diverged)
+    np.testing.assert_allclose(whole.test_probs, chunked.test_probs, rtol=0, atol=1e-4)
 
 
 def test_memory_estimate_chunks_a_large_lc_population():
@@ -196,12 +196,12 @@ def test_cpu_population_in_cache_sized_chunks_equals_one_chunk(small, monkeypatc
     # Small steps: a chaotic run would grow the chunks' rounding differences past the tolerance.
     hps = population.stack([make_hparams(lr=0.002 * (1 + i)) for i in range(5)])
     chunked = population.run_group(static, keys, hps, small)
-    assert (chunked["chunks"], chunked["chunk_members"]) == (2, 3)
+    assert (chunked.chunks, chunked.chunk_members) == (2, 3)
     monkeypatch.setattr(population, "CPU_CACHE_BYTES", 2**40)
     whole = population.run_group(static, keys, hps, small)
-    assert (whole["chunks"], whole["chunk_members"]) == (1, 5)
-    assert_curves_match(whole["curves"], chunked["curves"], small.x_test.shape[0])
-    np.testing.assert_allclose(whole["test_probs"], chunked["test_probs"], rtol=0, atol=1e-4)
+    assert (whole.chunks, whole.chunk_members) == (1, 5)
+    assert_curves_match(whole.curves, chunked.curves, small.x_test.shape[0])
+    np.testing.assert_allclose(whole.test_probs, chunked.test_probs, rtol=0, atol=1e-4)
 
 
 def test_progress_is_reported_from_inside_epochs(small):
@@ -218,7 +218,7 @@ def test_progress_is_reported_from_inside_epochs(small):
     assert [e["epoch"] for e in epochs] == [1, 2]
     # Callbacks only report: training with and without them agrees (another program, so to
     # float32 rounding).
-    assert_curves_match(quiet["curves"], res["curves"], small.x_test.shape[0])
+    assert_curves_match(quiet.curves, res.curves, small.x_test.shape[0])
 
 
 def test_sweep_prints_progress_inside_long_epochs(small, monkeypatch):

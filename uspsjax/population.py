@@ -286,17 +286,26 @@ def _pad(tree, size: int):
     return jax.tree.map(pad, tree)
 
 
+@dataclass(frozen=True)
+class GroupResult:
+    """What `run_group` returns for the M members of one static group, numpy only."""
+
+    curves: np.ndarray      # float32 (M, epochs, metrics), metrics as `train.metric_names`
+    diverged: np.ndarray    # int32 (M,): the 1-based epoch a member diverged in, 0 if never
+    test_probs: np.ndarray  # float32 (M, N_test, 10): the final softmax on the test set
+    # float32 (M, len(attacks.ATTACKS), len(eps)): accuracy under attack; (M, 0, 0) without
+    robust: np.ndarray
+    chunks: int             # the chunks of members trained one after another
+    chunk_members: int      # members per chunk (padding to a multiple of the devices included)
+
+
 def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
               devices: list | None = None, memory_budget: int | None = None,
               evaluation: Evaluation = Evaluation(), checkpoint: Path | None = None,
               on_epoch: Callable | None = None, on_step: Callable | None = None,
-              warn: Callable = print) -> dict:
-    """Train the members `(keys, hps)` (leading axis `MEMBER_AXIS`) of one static group.
-
-    Returns numpy arrays: `curves (M, epochs, metrics)` (`train.metric_names`), `diverged
-    (M,)` (epoch, 0 if never), `test_probs (M, N_test, 10)`, `robust (M, len(ATTACKS),
-    len(eps))` when `evaluation.attack_eps` is set, `chunks`, the number of chunks run one after
-    another, and `chunk_members`, the members per chunk (padding included). `on_epoch(info)` is
+              warn: Callable = print) -> "GroupResult":
+    """Train the members `(keys, hps)` (leading axis `MEMBER_AXIS`) of one static group and
+    return their `GroupResult`. `on_epoch(info)` is
     called after each epoch with a dict (epoch, epochs, members, chunk, chunks, seconds,
     members_per_device: how the member axis of the parameters is laid out over the devices).
     `on_step(info)`, if given, is called from inside each epoch (`train.train_steps`) about
@@ -402,6 +411,5 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
                 distributed.barrier(f"{checkpoint}/chunk{c} done")
         results.append(out)
         del state
-    merged = {k: np.concatenate([r[k] for r in results]) for k in results[0]}
-    merged["chunks"], merged["chunk_members"] = n_chunks, size
-    return merged
+    return GroupResult(**{k: np.concatenate([r[k] for r in results]) for k in results[0]},
+                       chunks=n_chunks, chunk_members=size)

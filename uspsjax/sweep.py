@@ -252,15 +252,15 @@ def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True
                                    checkpoint=ckpt, on_epoch=progress,
                                    on_step=progress if live else None, warn=warn)
         wall = time.perf_counter() - t0
-        if res["chunks"] > 1:
-            log(f"  [{g + 1}/{len(groups)}] {label}: ran as {res['chunks']} chunks of "
-                f"{res['chunk_members']} members (to fit the memory or, on a CPU, the cache)")
-        curves[idx, : static.epochs] = res["curves"]
-        diverged[idx] = res["diverged"]
-        probs[idx] = res["test_probs"]
+        if res.chunks > 1:
+            log(f"  [{g + 1}/{len(groups)}] {label}: ran as {res.chunks} chunks of "
+                f"{res.chunk_members} members (to fit the memory or, on a CPU, the cache)")
+        curves[idx, : static.epochs] = res.curves
+        diverged[idx] = res.diverged
+        probs[idx] = res.test_probs
         if sweep.attack_eps:
-            robust[idx] = res["robust"]
-        walls[g], chunks[g] = wall, res["chunks"]
+            robust[idx] = res.robust
+        walls[g], chunks[g] = wall, res.chunks
         log(f"  [{g + 1}/{len(groups)}] {label}: {len(idx)} members done in {wall:.1f} s")
     if owners and jax.process_count() > 1:
         # Each process holds its own groups' rows: take every group's from its owner.
