@@ -115,6 +115,10 @@ class Study:
         does not know, as `results.summarize` orders them)."""
         return list(dict.fromkeys(net for net, _ in self.rows))
 
+    def settings(self, net: str) -> list[dict]:
+        """The settings of `net`'s members, in member order."""
+        return [s for s in self.run["settings"] if s["network"] == net]
+
     def labels(self, net: str) -> list[str]:
         """The settings run for `net`, in sweep order."""
         return [label for n, label in self.rows if n == net]
@@ -125,7 +129,7 @@ class Study:
         or whatever label it gave it); with no values, `net`'s one setting. None when no setting
         matches; ValueError when several do (the values do not tell them apart) or a key is not
         a recorded setting."""
-        mine = [s for s in self.run["settings"] if s["network"] == net]
+        mine = self.settings(net)
         unknown = [k for k in values if mine and k not in mine[0]]
         if unknown:
             raise ValueError(f"{self.run['name']}: no setting {unknown[0]!r} recorded")
@@ -140,7 +144,7 @@ class Study:
 
     def axes(self, net: str) -> list[str]:
         """The settings whose values differ between `net`'s settings: the sweep's axes as run."""
-        mine = [s for s in self.run["settings"] if s["network"] == net]
+        mine = self.settings(net)
         return [k for k in mine[0] if k not in MEMBER_KEYS
                 and any(not results.same_value(s[k], mine[0][k]) for s in mine)]
 
@@ -185,11 +189,11 @@ class Study:
 
     def epochs(self, net: str) -> int:
         """The epochs a network's members trained in this sweep."""
-        return max(s["epochs"] for s in self.run["settings"] if s["network"] == net)
+        return max(s["epochs"] for s in self.settings(net))
 
     def as_run(self, net: str) -> dict:
         """Epochs, seeds and ensemble members (the largest bag; 0 when not bagging) of `net`."""
-        mine = [s for s in self.run["settings"] if s["network"] == net]
+        mine = self.settings(net)
         return {"epochs": self.epochs(net), "seeds": len({s["seed"] for s in mine}),
                 "members": max(s["bag"] for s in mine)}
 
@@ -519,7 +523,7 @@ def stale_running_averages(s: Study, net: str) -> list[str]:
     out = []
     for label in s.labels(net):
         row = s.rows[(net, label)]
-        member = next(m for m in s.run["settings"] if m["network"] == net and m["label"] == label)
+        member = next(m for m in s.settings(net) if m["label"] == label)
         if member["batchnorm"] == "none" or row["n_diverged"] == row["n"]:
             continue
         if row["train_acc_mean"] - row["test_acc_mean"] > 0.2:
