@@ -22,11 +22,8 @@ import numpy as np
 from uspsjax import cli, results
 from uspsjax.attacks import ATTACKS
 from uspsjax.errors import InputError
-from uspsjax.grid import STUDY_ORDER
+from uspsjax.grid import SETTING_DEFAULTS, STUDY_ORDER
 from uspsjax.models import NETWORKS
-
-# The keys of a member's settings that tell members apart rather than settings.
-MEMBER_KEYS = ("network", "seed", "bag", "label", "group")
 
 RULE = ("**The verdict rule** (one for every claim below, `report.judge`): a claim holds or fails "
         "only when the difference of the two means is larger than the noise, "
@@ -145,7 +142,7 @@ class Study:
     def axes(self, net: str) -> list[str]:
         """The settings whose values differ between `net`'s settings: the sweep's axes as run."""
         mine = self.settings(net)
-        return [k for k in mine[0] if k not in MEMBER_KEYS
+        return [k for k in mine[0] if k in SETTING_DEFAULTS  # settings, not seed, bag, label
                 and any(not results.same_value(s[k], mine[0][k]) for s in mine)]
 
     def acc(self, net: str, label: str) -> float | None:
