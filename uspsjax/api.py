@@ -76,8 +76,8 @@ class Run:
                         dtype=int)
 
     def curve(self, metric: str, network: str | None = None, **settings) -> np.ndarray:
-        """One metric's curves `[member, epoch]` (a column of `curves`) of the members `members(network, **settings)`
-        selects (NaN past a member's epochs or its divergence)."""
+        """One metric's curves `[member, epoch]` (a column of `curves`) of the members
+        `members(network, **settings)` selects (NaN past a member's epochs or its divergence)."""
         if metric not in self.metrics:
             raise InputError(f"{self.path}: no metric {metric!r} (known: "
                              f"{', '.join(self.metrics)})")
