@@ -29,21 +29,23 @@ def test_bad_input_raises_input_error(tmp_path):
 
 
 def test_a_run_has_a_typed_field_for_every_record_of_metrics_h5(tmp_path):
-    """`Run`'s fields are what `results.read_metrics` reads, no more and no fewer, each the
-    value it read (so a record added to metrics.h5 without a field fails here)."""
+    """`uspsjax.load` gives the `Run` that `results` wrote, and every record of metrics.h5 is
+    one of its fields (so a record added to the file without a field, or a field the file
+    drops, fails here; the values' round trip: test_results.test_h5_round_trip)."""
     from dataclasses import fields
 
-    import numpy as np
+    import h5py
 
     from test_results import make_run
     from uspsjax import results
-    folder = results.write_results(tmp_path, make_run())
-    run, record = uspsjax.load(folder), results.read_metrics(folder / "metrics.h5")
-    assert {f.name for f in fields(run)} - {"path", "record"} == set(record)
-    for key, value in record.items():
-        if isinstance(value, np.ndarray):
-            np.testing.assert_array_equal(getattr(run, key), value)
-        else:
-            assert getattr(run, key) == value, key
-    assert run.path == folder and run.curves.dtype == np.float32
+    written = make_run()
+    folder = results.write_results(tmp_path, written)
+    run = uspsjax.load(folder)
+    assert isinstance(run, results.Run) and run.path == folder
+    with h5py.File(folder / "metrics.h5") as h5:
+        records = set(h5.attrs) | set(h5)
+        assert list(h5["curves"].attrs["metrics"]) == list(written.metrics)
+    absent = {k for k in results.OPTIONAL_RECORDS if getattr(written, k) is None}
+    # `metrics` is an attribute of `curves`; `path` is where the file was found.
+    assert records == {f.name for f in fields(results.Run)} - {"path", "metrics"} - absent
     assert run.curve("test_acc", network="fc").shape == run.curves[run.members("fc"), :, 0].shape

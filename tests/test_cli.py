@@ -36,12 +36,12 @@ def test_sweep_end_to_end(tmp_path, shared_h5, capsys):
     assert "4 members in 1 static groups -> 1 compiled training programs" in stderr
     assert "samples/s" in stderr and "s left" in stderr
     run = results.read_metrics(out / "tiny" / "metrics.h5")
-    assert run["curves"].shape == (4, 2, 4) and run["programs"] == 1
-    lr = [s["lr"] for s in run["settings"]]
+    assert run.curves.shape == (4, 2, 4) and run.programs == 1
+    lr = [s["lr"] for s in run.settings]
     assert lr == [0.01, 0.01, 50.0, 50.0]
-    healthy = run["curves"][:2, -1, 3]
+    healthy = run.curves[:2, -1, 3]
     assert np.all(healthy > 0.85)  # FC at lr 0.01, momentum 0.9 learns within 2 epochs
-    assert np.all(run["diverged"][2:] >= 1) and np.all(run["diverged"][:2] == 0)
+    assert np.all(run.diverged[2:] >= 1) and np.all(run.diverged[:2] == 0)
     assert "| fc | lr=50.0 | 2 | diverged (2/2) |" in stdout
     assert sorted(p.name for p in (out / "tiny").iterdir()) == [
         "accuracy.png", "loss.png", "metrics.h5", "summary.md"]
@@ -52,9 +52,9 @@ def test_sweep_end_to_end(tmp_path, shared_h5, capsys):
                                "--dtype", "bfloat16", "--replace")
     assert code == 0 and stderr == ""
     run = results.read_metrics(out / "tiny" / "metrics.h5")
-    assert run["overrides"] == {"epochs": 1, "dtype": "bfloat16"}
-    assert [s["dtype"] for s in run["settings"]] == ["bfloat16"] * 4
-    assert np.all(run["curves"][:2, -1, 3] > 0.8)
+    assert run.overrides == {"epochs": 1, "dtype": "bfloat16"}
+    assert [s["dtype"] for s in run.settings] == ["bfloat16"] * 4
+    assert np.all(run.curves[:2, -1, 3] > 0.8)
 
 
 def test_list(capsys):
@@ -93,12 +93,12 @@ def test_a_lower_scale_run_goes_beside_a_larger_result(tmp_path, dataset, capsys
     notice = (f"sweep scale: {ours}/ holds a larger run (fc 1 seeds x 2 epochs, this run 1 x 1); "
               f"writing {beside}/ instead; --replace to overwrite")
     assert stderr.splitlines() == [notice, notice]  # said at the start and at the end
-    assert results.read_metrics(beside / "metrics.h5")["curves"].shape == (1, 1, 4)
+    assert results.read_metrics(beside / "metrics.h5").curves.shape == (1, 1, 4)
     # With --replace the lower-scale run replaces it; a run of higher scale needs no flag.
     for argv, epochs in ((["--epochs", "1", "--replace"], 1), ([], 2)):
         code, _, stderr = run_main(capsys, *common, *argv)
         assert code == 0 and stderr == ""
-        assert results.read_metrics(ours / "metrics.h5")["curves"].shape == (1, epochs, 4)
+        assert results.read_metrics(ours / "metrics.h5").curves.shape == (1, epochs, 4)
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == [
         "scale", f"scale{sweep.LOWER_SCALE}"]
 

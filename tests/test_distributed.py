@@ -121,7 +121,7 @@ def test_two_processes_equal_one_process_of_four_devices_and_one_device(tmp_path
     assert "spread" in out0 and own(out1) == []
     assert "epoch 1/3" in err0 and own(err1) == []
     two = read(tmp / "out0")
-    assert two["device"].endswith("4 devices in 2 processes")
+    assert two.device.endswith("4 devices in 2 processes")
     for devices in (4, 1):
         out = tmp / f"one{devices}"
         run = subprocess.run(sweep_cmd(path, out, tmp / f"ck{devices}", "--devices", devices,
@@ -129,11 +129,11 @@ def test_two_processes_equal_one_process_of_four_devices_and_one_device(tmp_path
                              env=env(subset_h5, 4), capture_output=True, text=True, timeout=600)
         assert run.returncode == 0, run.stderr
         one = read(out)
-        assert one["settings"] == two["settings"]
-        assert_curves_match(two["curves"], one["curves"], n_test=256)
-        np.testing.assert_array_equal(two["diverged"], one["diverged"])
+        assert one.settings == two.settings
+        assert_curves_match(two.curves, one.curves, n_test=256)
+        np.testing.assert_array_equal(two.diverged, one.diverged)
         # metrics.h5 stores the softmax outputs as float16: a rounding may cross one of its steps.
-        np.testing.assert_allclose(two["test_probs"], one["test_probs"], atol=1e-3)
+        np.testing.assert_allclose(two.test_probs, one.test_probs, atol=1e-3)
 
 
 GROUPS = """
@@ -168,9 +168,9 @@ def test_whole_groups_placed_on_processes_equal_one_device(tmp_path, subset_h5):
                          env=env(subset_h5, 1), capture_output=True, text=True, timeout=600)
     assert one.returncode == 0, one.stderr
     a, b = read(tmp_path / "out0"), read(tmp_path / "one")
-    assert a["settings"] == b["settings"]
-    assert_curves_match(a["curves"], b["curves"], n_test=256)
-    np.testing.assert_allclose(a["test_probs"], b["test_probs"], atol=1e-3)
+    assert a.settings == b.settings
+    assert_curves_match(a.curves, b.curves, n_test=256)
+    np.testing.assert_allclose(a.test_probs, b.test_probs, atol=1e-3)
 
 
 def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path, shared_h5):
@@ -199,8 +199,8 @@ def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path
     assert "epoch 1/3" not in resumed[0][2]  # it went on from the checkpoint
     # The same program on the same machine, resumed from a checkpoint: bit for bit.
     a, b = read(tmp_path / "whole0"), read(outs[0])
-    np.testing.assert_array_equal(a["curves"], b["curves"])
-    np.testing.assert_array_equal(a["test_probs"], b["test_probs"])
+    np.testing.assert_array_equal(a.curves, b.curves)
+    np.testing.assert_array_equal(a.test_probs, b.test_probs)
 
 
 def test_a_slurm_launch_finds_its_processes_from_slurm_variables(tmp_path, subset_h5):
@@ -217,7 +217,7 @@ def test_a_slurm_launch_finds_its_processes_from_slurm_variables(tmp_path, subse
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
     outcome = finish(procs)
     assert [r[0] for r in outcome] == [0, 0], outcome[0][2] + outcome[1][2]
-    assert read(tmp_path / "out0")["device"].endswith("4 devices in 2 processes")
+    assert read(tmp_path / "out0").device.endswith("4 devices in 2 processes")
     assert not (tmp_path / "out1").exists()
 
 

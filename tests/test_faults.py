@@ -58,7 +58,7 @@ def snapshot(folder) -> dict:
 
 def arrays(folder) -> dict:
     run_ = results.read_metrics(folder / "faulty" / "metrics.h5")
-    return {k: run_[k] for k in ("curves", "test_probs", "diverged")}
+    return {k: getattr(run_, k) for k in ("curves", "test_probs", "diverged")}
 
 
 def assert_same(a: dict, b: dict) -> None:

@@ -93,7 +93,7 @@ def test_a_sweep_runs_from_another_directory(venv_python, tmp_path, env):
     folder = tmp_path / "out" / "lr"
     assert (folder / "summary.md").is_file()
     run_ = results.read_metrics(folder / "metrics.h5")
-    assert [(s["network"], s["lr"]) for s in run_["settings"]] == [
+    assert [(s["network"], s["lr"]) for s in run_.settings] == [
         ("fc", 1e-6), ("fc", 1e-3), ("fc", 50.0)]
-    assert run_["curves"].shape == (3, 1, 4)
-    assert np.all(np.isfinite(run_["curves"][:2])) and run_["diverged"][2] == 1
+    assert run_.curves.shape == (3, 1, 4)
+    assert np.all(np.isfinite(run_.curves[:2])) and run_.diverged[2] == 1

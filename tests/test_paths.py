@@ -97,13 +97,13 @@ def test_merge_keeps_the_first_run_byte_for_byte(tmp_path, capsys, subset_h5):
     code, _, err = run_cli(capsys, path, "--networks", "cnn", "--merge", *common)
     assert code == 0, err
     merged = results.read_metrics(tmp_path / "out" / "pair" / "metrics.h5")
-    nets = [s["network"] for s in merged["settings"]]
+    nets = [s["network"] for s in merged.settings]
     assert sorted(nets) == ["cnn", "fc"]
     fc = [i for i, n in enumerate(nets) if n == "fc"]
     for key in ("curves", "test_probs", "diverged"):
-        assert merged[key][fc].tobytes() == first[key].tobytes(), key
+        assert getattr(merged, key)[fc].tobytes() == getattr(first, key).tobytes(), key
     cnn = nets.index("cnn")
-    assert np.all(np.isfinite(merged["curves"][cnn]))
+    assert np.all(np.isfinite(merged.curves[cnn]))
 
 
 # --- --dtype bfloat16 ---------------------------------------------------------------------
@@ -205,8 +205,8 @@ def test_devices_shards_the_members_over_n_devices(tmp_path, subset_h5):
     assert layouts == ["LAYOUT 1 [6]", "LAYOUT 2 [3, 3]"]
     one, two = (results.read_metrics(tmp_path / f"out{n}" / "sharded" / "metrics.h5")
                 for n in (1, 2))
-    assert_curves_match(two["curves"], one["curves"], 256)
-    np.testing.assert_allclose(two["test_probs"], one["test_probs"], rtol=0, atol=2e-3)
+    assert_curves_match(two.curves, one.curves, 256)
+    np.testing.assert_allclose(two.test_probs, one.test_probs, rtol=0, atol=2e-3)
 
 
 # --- batch norm after the activation ------------------------------------------------------

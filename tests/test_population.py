@@ -76,8 +76,8 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tmp_path, subset_h5):
     assert resumed.returncode == 0, resumed.stderr
     a = results.read_metrics(tmp_path / "whole" / "slow" / "metrics.h5")
     b = results.read_metrics(tmp_path / "cut" / "slow" / "metrics.h5")
-    np.testing.assert_array_equal(a["curves"], b["curves"])
-    np.testing.assert_array_equal(a["test_probs"], b["test_probs"])
+    np.testing.assert_array_equal(a.curves, b.curves)
+    np.testing.assert_array_equal(a.test_probs, b.test_probs)
     # A finished run leaves no checkpoint; resuming it again is an error, not a re-run.
     again = subprocess.run(sweep_cmd(path, tmp_path / "cut", tmp_path / "ck2", "--resume"),
                            env=e, capture_output=True, text=True, timeout=120)

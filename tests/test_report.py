@@ -1,5 +1,6 @@
 """The report: rebuilt byte for byte from results/, verdicts computed from the data."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -38,12 +39,11 @@ def test_stale_running_averages_are_blamed_only_when_stale():
     """Two batch-norm settings with train 97 % and test 50 %: at momentum 0.99 and 8 updates
     (4 epochs x 32 // 16) 92 % of the initial statistics remain; at 0.1 none do."""
     run = make_run()
-    run["n_train"] = 32
-    for s in run["settings"]:
+    run = replace(run, n_train=32, curves=np.nan_to_num(run.curves, nan=0.5))
+    for s in run.settings:
         s.update(batchnorm="before", bn_momentum=0.99 if s["label"] == "lr=0.001" else 0.1)
-    run["diverged"][:] = 0
-    run["curves"] = np.nan_to_num(run["curves"], nan=0.5)
-    run["curves"][:, -1, 1], run["curves"][:, -1, 3] = 0.97, 0.50
+    run.diverged[:] = 0
+    run.curves[:, -1, 1], run.curves[:, -1, 3] = 0.97, 0.50
     cautions = report.stale_running_averages(report.Study(run), "cnn")
     assert len(cautions) == 2
     stale, fresh = cautions
@@ -51,7 +51,7 @@ def test_stale_running_averages_are_blamed_only_when_stale():
         "test number measures stale statistics" in stale
     assert "lr=50" in fresh and "so 0 % of their initial values remained: staleness does " \
         "not explain the gap" in fresh
-    run["curves"][:, -1, 3] = 0.80  # a 17-point gap: no caution
+    run.curves[:, -1, 3] = 0.80  # a 17-point gap: no caution
     assert report.stale_running_averages(report.Study(run), "cnn") == []
 
 
@@ -80,12 +80,12 @@ def test_judge_is_the_one_rule():
 
 def test_origin_follows_the_merge_chain():
     """A CNN rerun on a CPU merged into a file that had itself merged FC and LC from a GPU run."""
-    run = {"device": "gpu; cpu; cpu", "overrides": {"networks": ["cnn"], "merged": {
+    run = replace(make_run(), device="gpu; cpu; cpu", overrides={"networks": ["cnn"], "merged": {
         "networks": ["fc", "lc"], "device": "gpu; cpu", "overrides": {"networks": ["cnn"], "merged": {
-            "networks": ["fc", "lc"], "device": "gpu", "overrides": {}}}}}}
+            "networks": ["fc", "lc"], "device": "gpu", "overrides": {}}}}})
     assert report.origin(run, "fc") == ("gpu", True)
     assert report.origin(run, "cnn") == ("cpu", False)
-    assert report.origin({"device": "cpu", "overrides": {}}, "fc") == ("cpu", False)
+    assert report.origin(replace(run, device="cpu", overrides={}), "fc") == ("cpu", False)
 
 
 PLANTED = (0.96, 0.99)  # every setting's seeds spread evenly over this range: mean 0.975
@@ -96,26 +96,26 @@ def plant(run: dict) -> dict:
     its seed alone, evenly from PLANTED[0] to PLANTED[1]: every setting has the same mean and
     spread, so every comparison and target (0.975, 0.978, the study's number set to 0.975) is
     within the noise."""
-    settings, metrics = run["settings"], list(run["metrics"])
+    settings, metrics = run.settings, list(run.metrics)
     seeds = {net: sorted({s["seed"] for s in settings if s["network"] == net})
              for net in {s["network"] for s in settings}}
     acc = np.array([np.interp(seeds[s["network"]].index(s["seed"]),
                               [0, max(len(seeds[s["network"]]) - 1, 1)], PLANTED)
                     for s in settings])
-    curves = np.full(run["curves"].shape, 0.1, np.float32)
+    curves = np.full(run.curves.shape, 0.1, np.float32)
     for j, m in enumerate(metrics):
         if m.endswith("_acc"):
             curves[..., j] = acc[:, None]
-    y = run["y_test"]
+    y = run.y_test
     n_right = np.round(acc * len(y)).astype(int)
     guess = np.where(np.arange(len(y))[None, :] < n_right[:, None], y, (y + 1) % 10)
-    robust = None if run["robust"] is None else np.broadcast_to(
-        acc[:, None, None], run["robust"].shape).astype(np.float32)
-    return dict(run, curves=curves, diverged=np.zeros_like(run["diverged"]), robust=robust,
+    robust = None if run.robust is None else np.broadcast_to(
+        acc[:, None, None], run.robust.shape).astype(np.float32)
+    return replace(run, curves=curves, diverged=np.zeros_like(run.diverged), robust=robust,
                 test_probs=np.eye(10, dtype=np.float32)[guess],
-                study={net: {"test_acc": 0.975} for net in run["study"]},
+                study={net: {"test_acc": 0.975} for net in run.study},
                 # Files written before n_train was recorded read it back as None.
-                n_train=run["n_train"] or 7291)
+                n_train=run.n_train or 7291)
 
 
 def test_every_section_calls_a_planted_within_noise_difference_undecided(tmp_path):
@@ -170,7 +170,7 @@ def test_a_respelled_axis_changes_the_labels_not_the_values(tmp_path):
 
 def relabel(run: dict, label) -> dict:
     """`run` with every member's label replaced by `label(its settings)`."""
-    return dict(run, settings=[dict(s, label=label(s)) for s in run["settings"]])
+    return replace(run, settings=[dict(s, label=label(s)) for s in run.settings])
 
 
 def sections(runs: dict) -> dict[str, list[str]]:
@@ -200,14 +200,14 @@ def test_respelled_labels_change_no_verdict(tmp_path):
     short = lr_sweep_text("[1e-6, 1e-3, 50]")
     spelled = {m.hparams["lr"]: m.label for m in expand(tmp_path, short)}
     assert "lr=50" in spelled.values()
-    by_grid = sections(dict(runs, lr=dict(relabel(runs["lr"], lambda s: spelled[s["lr"]]),
+    by_grid = sections(dict(runs, lr=replace(relabel(runs["lr"], lambda s: spelled[s["lr"]]),
                                           sweep_text=short)))
     assert {name: [line.replace("lr=50", "lr=50.0") for line in lines]
             for name, lines in by_grid.items()} == original
 
     def explicit(run):
-        names = {label: f"{run['name']} recipe {k}" for k, label in
-                 enumerate(dict.fromkeys(s["label"] for s in run["settings"]))}
+        names = {label: f"{run.name} recipe {k}" for k, label in
+                 enumerate(dict.fromkeys(s["label"] for s in run.settings))}
         return relabel(run, lambda s: names[s["label"]])
     by_label = sections({name: explicit(run) for name, run in runs.items()})
     assert by_label.keys() == original.keys()
@@ -229,8 +229,8 @@ def test_a_network_the_report_does_not_know_shows_up(tmp_path):
     """A result holding a network that `models.NETWORKS` lacks (written by a newer version): its
     rows, claims and coverage column are shown, after the known networks."""
     run = make_run()
-    run["settings"] = [dict(s, network={"cnn": "mlp"}.get(s["network"], s["network"]))
-                       for s in run["settings"]]
+    run = replace(run, settings=[dict(s, network={"cnn": "mlp"}.get(s["network"], s["network"]))
+                                 for s in run.settings])
     (tmp_path / "lr").mkdir()
     results.write_metrics(tmp_path / "lr" / "metrics.h5", run)
     text = report.build_report(tmp_path)
@@ -256,7 +256,7 @@ def test_a_claim_on_a_setting_the_run_lacks_is_not_run():
     """No setting with lr 1e-3 (here its members trained at 2e-3): the claim about it says so,
     naming the setting by value, instead of reading it as diverged."""
     run = relabel(make_run(), lambda s: s["label"].replace("0.001", "0.002"))
-    for s in run["settings"]:
+    for s in run.settings:
         s["lr"] = 0.002 if s["lr"] == 0.001 else s["lr"]
     [claim] = [line for line in report.section_lr(report.Study(run)) if line.startswith("- FC:")]
     assert claim.startswith("- FC: lr=0.001 gives the best accuracy: **not run** (a setting it "

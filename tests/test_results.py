@@ -1,6 +1,8 @@
 """Tests for uspsjax.results on small synthetic runs (no training, no data file)."""
 
+import dataclasses
 import math
+from dataclasses import replace
 
 import h5py
 import numpy as np
@@ -46,23 +48,22 @@ def make_run(*, robust=True):
             curves[i, d - 1:] = np.nan
     probs = _softmax(rng.normal(size=(m, N_TEST, 10)) * 3).astype(np.float32)
     probs[diverged > 0] = np.nan
-    return {
-        "name": "lr", "description": "Learning rate study.", "sweep_text": 'name = "lr"\n',
-        "overrides": {"epochs": EPOCHS}, "metrics": METRICS, "settings": settings,
-        "curves": curves, "diverged": diverged, "test_probs": probs,
-        "y_test": rng.integers(0, 10, N_TEST).astype(np.int32), "n_train": 7291,
-        "validation": 0, "validation_seed": 0,
-        "robust": rng.uniform(0, 1, (m, 2, 2)).astype(np.float32) if robust else None,
-        "attack_eps": [0.05, 0.1] if robust else [], "ensemble": 0,
-        "study": {"fc": {"test_acc": 0.9357, "test_loss": 0.4535}},
-        "device": "cpu: test", "versions": {"jax": "0.0", "numpy": np.__version__},
-        "wall_time_s": 12.3, "programs": 2,
-        "groups": [{"label": "fc", "members": 6, "wall_time_s": 3.2, "chunks": 1,
-                    "device": "cpu: test", "versions": {"jax": "0.0"}},
-                   {"label": "cnn", "members": 6, "wall_time_s": 9.1, "chunks": 2,
-                    "device": "cpu: test", "versions": {"jax": "0.1"}}],
-        "data_sha256": "5e" * 32, "shard": None, "shards": None,
-    }
+    return results.Run(
+        name="lr", description="Learning rate study.", sweep_text='name = "lr"\n',
+        overrides={"epochs": EPOCHS}, metrics=METRICS, settings=settings,
+        curves=curves, diverged=diverged, test_probs=probs,
+        y_test=rng.integers(0, 10, N_TEST).astype(np.int32), n_train=7291,
+        validation=0, validation_seed=0,
+        robust=rng.uniform(0, 1, (m, 2, 2)).astype(np.float32) if robust else None,
+        attack_eps=[0.05, 0.1] if robust else [], ensemble=0,
+        study={"fc": {"test_acc": 0.9357, "test_loss": 0.4535}},
+        device="cpu: test", versions={"jax": "0.0", "numpy": np.__version__},
+        wall_time_s=12.3, programs=2,
+        groups=[{"label": "fc", "members": 6, "wall_time_s": 3.2, "chunks": 1,
+                 "device": "cpu: test", "versions": {"jax": "0.0"}},
+                {"label": "cnn", "members": 6, "wall_time_s": 9.1, "chunks": 2,
+                 "device": "cpu: test", "versions": {"jax": "0.1"}}],
+        data_sha256="5e" * 32)
 
 
 # Two-class softmax rows for 4 samples (y = 0, 1, 0, 1); the other 8 classes are 0.
@@ -84,11 +85,11 @@ def make_bagging_run():
     probs = np.concatenate([PROBS_ABC, PROBS_ABC])
     probs[4] = np.nan
     diverged = np.array([0, 0, 0, 0, 2, 0], np.int32)
-    curves = run["curves"][:6].copy()
-    curves[4] = run["curves"][6]
+    curves = run.curves[:6].copy()
+    curves[4] = run.curves[6]
     curves[4, 1:] = np.nan
-    return dict(run, name="bagging", settings=settings, test_probs=probs, diverged=diverged,
-                curves=curves, y_test=Y4.astype(np.int32), ensemble=3, groups=run["groups"][:1])
+    return replace(run, name="bagging", settings=settings, test_probs=probs, diverged=diverged,
+                   curves=curves, y_test=Y4.astype(np.int32), ensemble=3, groups=run.groups[:1])
 
 
 def _tree_bytes(folder):
@@ -100,22 +101,24 @@ def test_h5_round_trip(tmp_path):
     folder = results.write_results(tmp_path, run)
     assert folder == tmp_path / "lr"
     back = results.read_metrics(folder / "metrics.h5")
-    assert set(back) == set(run) | {"created", "schema_version"}
-    assert back["schema_version"] == 1
-    for key, value in run.items():
+    assert back.schema_version == 1 and back.created and back.path == folder
+    for field in dataclasses.fields(results.Run):
+        key, value = field.name, getattr(run, field.name)
+        if key in ("created", "path"):
+            continue
         if isinstance(value, np.ndarray):
-            assert back[key].dtype == value.dtype, key
+            assert getattr(back, key).dtype == value.dtype, key
             if key == "test_probs":  # stored as float16
-                np.testing.assert_allclose(back[key], value, rtol=1e-3, atol=1e-4)
+                np.testing.assert_allclose(back.test_probs, value, rtol=1e-3, atol=1e-4)
             else:
-                np.testing.assert_array_equal(back[key], value)
+                np.testing.assert_array_equal(getattr(back, key), value)
         else:
-            assert back[key] == value, key
-            assert type(back[key]) is type(value), key
-    for mine, theirs in zip(run["settings"], back["settings"]):
+            assert getattr(back, key) == value, key
+            assert type(getattr(back, key)) is type(value), key
+    for mine, theirs in zip(run.settings, back.settings):
         assert list(theirs) == list(mine)  # key order kept
         assert {k: type(v) for k, v in theirs.items()} == {k: type(v) for k, v in mine.items()}
-    for mine, theirs in zip(run["groups"], back["groups"]):
+    for mine, theirs in zip(run.groups, back.groups):
         assert {k: type(v) for k, v in theirs.items()} == {k: type(v) for k, v in mine.items()}
     with h5py.File(folder / "metrics.h5") as f:
         assert f["test_probs"].dtype == np.float16
@@ -128,7 +131,7 @@ def test_h5_round_trip(tmp_path):
 def test_round_trip_without_robust(tmp_path):
     run = make_run(robust=False)
     back = results.read_metrics(results.write_results(tmp_path, run) / "metrics.h5")
-    assert back["robust"] is None and back["attack_eps"] == []
+    assert back.robust is None and back.attack_eps == []
     assert not (tmp_path / "lr" / "robust.png").exists()
 
 
@@ -144,11 +147,11 @@ def test_write_is_atomic(tmp_path, monkeypatch, victim):
     with monkeypatch.context() as m:
         m.setattr(results, victim, boom)
         with pytest.raises(RuntimeError, match="disk on fire"):
-            results.write_results(tmp_path, dict(run, description="Second try."))
+            results.write_results(tmp_path, replace(run, description="Second try."))
     assert _tree_bytes(folder) == before
     assert [p.name for p in tmp_path.iterdir()] == ["lr"]  # no temp or backup folder left
 
-    results.write_results(tmp_path, dict(run, description="Second try."))
+    results.write_results(tmp_path, replace(run, description="Second try."))
     assert "Second try." in (folder / "summary.md").read_text()
     assert [p.name for p in tmp_path.iterdir()] == ["lr"]
 
@@ -167,7 +170,7 @@ def test_summarize_rows():
     assert rows[3]["n_diverged"] == 1 and rows[3]["study_test_acc"] is None
     # A partly diverged setting: statistics over the two healthy members' last epoch.
     run = make_run()
-    healthy = run["curves"][9:11, -1, 3].astype(np.float64)
+    healthy = run.curves[9:11, -1, 3].astype(np.float64)
     assert rows[3]["test_acc_mean"] == pytest.approx(healthy.mean())
 
 
@@ -226,10 +229,10 @@ def test_ensemble_table_and_bagging_outputs(tmp_path):
     ]
     assert results.ensemble_table(make_run()) == []
     # A network whose ensembles a sweep's [cpu] table shrank to one member: only k = 1.
-    lc = dict(run, settings=[dict(x, network="lc" if x["seed"] == 1 else "fc",
+    lc = replace(run, settings=[dict(x, network="lc" if x["seed"] == 1 else "fc",
                                   bag=1 if x["seed"] == 1 else x["bag"])
-                             for x in run["settings"][:4]], test_probs=run["test_probs"][:4],
-              diverged=run["diverged"][:4])
+                             for x in run.settings[:4]], test_probs=run.test_probs[:4],
+              diverged=run.diverged[:4])
     assert [(r["network"], r["k"]) for r in results.ensemble_table(lc)] == [
         ("fc", 1), ("fc", 2), ("fc", 3), ("lc", 1)]
     folder = results.write_results(tmp_path, run)
@@ -240,7 +243,7 @@ def test_ensemble_table_and_bagging_outputs(tmp_path):
 
 def test_rejects_unstorable_settings(tmp_path):
     run = make_run()
-    run["settings"] = [dict(s, schedule=None) for s in run["settings"]]
+    run = replace(run, settings=[dict(s, schedule=None) for s in run.settings])
     with pytest.raises(TypeError, match="schedule"):
         results.write_results(tmp_path, run)
     assert list(tmp_path.iterdir()) == []
@@ -249,25 +252,25 @@ def test_rejects_unstorable_settings(tmp_path):
 def test_merge_keeps_the_networks_the_new_run_did_not_train(tmp_path):
     old = make_run()
     new = make_run()
-    keep_cnn = [i for i, s in enumerate(new["settings"]) if s["network"] == "fc"]
-    new = dict(new, settings=[dict(new["settings"][i], extra=1) for i in keep_cnn],
-               curves=new["curves"][keep_cnn, :2], diverged=new["diverged"][keep_cnn],
-               test_probs=new["test_probs"][keep_cnn], robust=new["robust"][keep_cnn],
-               groups=[dict(new["groups"][0], device="gpu: test")], programs=1,
+    keep_cnn = [i for i, s in enumerate(new.settings) if s["network"] == "fc"]
+    new = replace(new, settings=[dict(new.settings[i], extra=1) for i in keep_cnn],
+               curves=new.curves[keep_cnn, :2], diverged=new.diverged[keep_cnn],
+               test_probs=new.test_probs[keep_cnn], robust=new.robust[keep_cnn],
+               groups=[dict(new.groups[0], device="gpu: test")], programs=1,
                device="gpu: test", wall_time_s=1.0)
     merged = results.merge_runs(old, new, defaults={"extra": 0})
-    nets = [s["network"] for s in merged["settings"]]
+    nets = [s["network"] for s in merged.settings]
     assert nets == ["cnn"] * 6 + ["fc"] * 6
-    assert [s["extra"] for s in merged["settings"]] == [0] * 6 + [1] * 6
-    assert merged["curves"].shape == (12, EPOCHS, 4)
-    assert np.all(np.isnan(merged["curves"][6:, 2:]))  # the new run had 2 epochs
-    assert merged["device"] == "cpu: test; gpu: test" and merged["programs"] == 2
-    assert [g["device"] for g in merged["groups"]] == ["cpu: test", "gpu: test"]
+    assert [s["extra"] for s in merged.settings] == [0] * 6 + [1] * 6
+    assert merged.curves.shape == (12, EPOCHS, 4)
+    assert np.all(np.isnan(merged.curves[6:, 2:]))  # the new run had 2 epochs
+    assert merged.device == "cpu: test; gpu: test" and merged.programs == 2
+    assert [g["device"] for g in merged.groups] == ["cpu: test", "gpu: test"]
     folder = results.write_results(tmp_path, merged)
     back = results.read_metrics(folder / "metrics.h5")
-    assert [s["group"] for s in back["settings"]] == [0] * 6 + [1] * 6
+    assert [s["group"] for s in back.settings] == [0] * 6 + [1] * 6
     # summary.md names what the merge kept, not the earlier sweep file's text.
-    assert back["overrides"]["merged"]["sweep_text"] == old["sweep_text"]
+    assert back.overrides["merged"]["sweep_text"] == old.sweep_text
     assert ("Overrides: epochs=4, merged with the earlier cnn members from cpu: test "
             "(overrides epochs=4).") in (folder / "summary.md").read_text()
 
@@ -277,20 +280,20 @@ def test_groups_of_an_older_merged_file_stay_not_recorded(tmp_path):
     # it was merged from runs on several; a later merge must not record a guess as a fact.
     run = make_run()
     merged = {"networks": ["fc"], "device": "gpu: test", "overrides": {}, "sweep_text": ""}
-    folder = results.write_results(tmp_path, dict(run, overrides={"merged": merged}))
+    folder = results.write_results(tmp_path, replace(run, overrides={"merged": merged}))
     with h5py.File(folder / "metrics.h5", "r+") as f:
         del f["groups/device"], f["groups/versions"]
     back = results.read_metrics(folder / "metrics.h5")
-    newest = (run["device"], run["versions"])  # the cnn group: the run that wrote the file
-    assert [(g["device"], g["versions"]) for g in back["groups"]] == [(None, None), newest]
+    newest = (run.device, run.versions)  # the cnn group: the run that wrote the file
+    assert [(g["device"], g["versions"]) for g in back.groups] == [(None, None), newest]
     again = results.read_metrics(results.write_results(tmp_path, back) / "metrics.h5")
-    assert [(g["device"], g["versions"]) for g in again["groups"]] == [(None, None), newest]
+    assert [(g["device"], g["versions"]) for g in again.groups] == [(None, None), newest]
     plain = results.write_results(tmp_path / "plain", run)
     with h5py.File(plain / "metrics.h5", "r+") as f:
         del f["groups/device"], f["groups/versions"]
     back = results.read_metrics(plain / "metrics.h5")
-    assert {g["device"] for g in back["groups"]} == {run["device"]}
-    assert all(g["versions"] == run["versions"] for g in back["groups"])
+    assert {g["device"] for g in back.groups} == {run.device}
+    assert all(g["versions"] == run.versions for g in back.groups)
 
 
 def test_setting_values_compare_by_value():

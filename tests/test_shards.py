@@ -70,16 +70,16 @@ def test_gathered_shards_equal_the_unsharded_run(split, tmp_path, capsys):
     shards_dir = out / "split.shards"
     assert sorted(p.name for p in shards_dir.iterdir() if not p.name.startswith(".")) == [
         "0-of-2", "1-of-2"]
-    assert [len(read(shards_dir, f"{i}-of-2")["settings"]) for i in range(2)] == [2, 1]
+    assert [len(read(shards_dir, f"{i}-of-2").settings) for i in range(2)] == [2, 1]
     code, err = cli(capsys, split / "split.toml", "--gather", "--out", out, "--quiet")
     assert code == 0, err
     whole, gathered = read(split / "whole"), read(out)
     for key in ("curves", "test_probs", "diverged", "y_test"):
-        np.testing.assert_array_equal(gathered[key], whole[key], err_msg=key)
-    assert gathered["settings"] == whole["settings"]
-    assert [(g["label"], g["members"]) for g in gathered["groups"]] == [
-        (g["label"], g["members"]) for g in whole["groups"]]
-    assert gathered["shards"]["count"] == 2 and whole["shards"] is None
+        np.testing.assert_array_equal(getattr(gathered, key), getattr(whole, key), err_msg=key)
+    assert gathered.settings == whole.settings
+    assert [(g["label"], g["members"]) for g in gathered.groups] == [
+        (g["label"], g["members"]) for g in whole.groups]
+    assert gathered.shards["count"] == 2 and whole.shards is None
     # The summary differs only in its provenance: the device line and the shards it came from.
     def body(folder):
         return [line for line in (folder / "split" / "summary.md").read_text().splitlines()
@@ -101,8 +101,8 @@ def test_vmapped_members_split_into_shards_agree_to_float32_rounding(tmp_path, c
     code, err = cli(capsys, path, "--gather", "--out", tmp_path / "out", "--quiet")
     assert code == 0, err
     a, b = read(tmp_path / "whole", "pop"), read(tmp_path / "out", "pop")
-    assert a["settings"] == b["settings"]
-    assert_curves_match(a["curves"], b["curves"], n_test=256)
+    assert a.settings == b.settings
+    assert_curves_match(a.curves, b.curves, n_test=256)
 
 
 def refuse(capsys, split, tmp_path, change, fragment):

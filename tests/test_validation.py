@@ -1,6 +1,8 @@
 """The validation split: held out once per sweep, reported beside train and test, and what
 the report selects on."""
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -50,10 +52,10 @@ def test_a_sweep_reports_validation_beside_train_and_test(tmp_path, subset_h5, c
                              "--checkpoints", tmp_path / "ck", "--quiet")
     assert code == 0, err
     run = results.read_metrics(tmp_path / "out" / "held" / "metrics.h5")
-    assert run["metrics"] == ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
+    assert run.metrics == ("train_loss", "train_acc", "val_loss", "val_acc", "test_loss",
                               "test_acc")
-    assert (run["n_train"], run["validation"], run["validation_seed"]) == (824, 200, 3)
-    assert np.isfinite(run["curves"]).all() and run["curves"].shape == (2, 2, 6)
+    assert (run.n_train, run.validation, run.validation_seed) == (824, 200, 3)
+    assert np.isfinite(run.curves).all() and run.curves.shape == (2, 2, 6)
     summary = (tmp_path / "out" / "held" / "summary.md").read_text()
     assert "Validation: 200 training images held out (seed 3" in summary
     assert "| train acc | val acc | test acc | train loss | val loss | test loss |" in summary
@@ -64,7 +66,7 @@ def test_a_sweep_reports_validation_beside_train_and_test(tmp_path, subset_h5, c
     first = grid.expand(grid.load_sweep(str(path)))[0]
     member = train.make_train(first.static, train.as_data(data.split_validation(small, 200, 3)))
     _, curves = member(population.member_key(first.seed), train.make_hparams(**first.hparams))
-    assert_curves_match(run["curves"][0], np.asarray(curves), n_test=200)
+    assert_curves_match(run.curves[0], np.asarray(curves), n_test=200)
 
 
 def test_validation_settings_are_checked(tmp_path):
@@ -82,16 +84,16 @@ def test_validation_settings_are_checked(tmp_path):
 def with_validation(run: dict) -> dict:
     """`run` with validation curves (loss and accuracy 0.5, NaN where the test curves are)
     between its train and test columns."""
-    curves = run["curves"]
+    curves = run.curves
     val = np.where(np.isnan(curves[..., 2:]), np.nan, 0.5)
-    return dict(run, curves=np.concatenate([curves[..., :2], val, curves[..., 2:]], axis=-1),
-                metrics=train.metric_names(True))
+    return replace(run, curves=np.concatenate([curves[..., :2], val, curves[..., 2:]], axis=-1),
+                   metrics=train.metric_names(True))
 
 
 def test_the_report_selects_on_validation_when_there_is_one():
-    run = dict(with_validation(make_run()), validation=1000)
+    run = replace(with_validation(make_run()), validation=1000)
     # cnn: lr=0.001 (members 6-8) ahead on the validation split, lr=50 (9-11) on the test set.
-    curves = run["curves"]
+    curves = run.curves
     curves[6:9, -1, 3], curves[6:9, -1, 5] = 0.99, 0.20
     curves[9:11, -1, 3], curves[9:11, -1, 5] = 0.10, 0.95  # member 11 diverged
     on_val = report.Study(run)
@@ -114,20 +116,20 @@ def test_merging_results_with_other_curves_is_refused(tmp_path):
 
 def test_the_beyond_section_chooses_on_validation_and_tests_the_choice_once(tmp_path):
     search = with_validation(make_run(robust=False))
-    search["curves"][9:11, -1, 3] = 0.9  # cnn lr=50 best on validation (member 11 diverged)
-    search.update(name="beyond", validation=1000)
+    search.curves[9:11, -1, 3] = 0.9  # cnn lr=50 best on validation (member 11 diverged)
+    search = replace(search, name="beyond", validation=1000)
     final = make_bagging_run()
-    final.update(name="beyond-final",
-                 settings=[dict(s, network="cnn", label="lr=50", lr=50.0)
-                           for s in final["settings"]])
+    final = replace(final, name="beyond-final",
+                    settings=[dict(s, network="cnn", label="lr=50", lr=50.0)
+                              for s in final.settings])
     out = tmp_path / "results"
     results.write_results(out, search)
     results.write_results(out, final)
     assert "beats the default training of Task 1" not in report.build_report(out)
     baseline = make_run(robust=False)
-    baseline.update(name="baseline", settings=[dict(s, label="default")
-                                               for s in baseline["settings"]])
-    baseline["curves"][:, -1, 3] = 0.5  # every baseline member: 50 % test accuracy
+    baseline = replace(baseline, name="baseline", settings=[dict(s, label="default")
+                                                            for s in baseline.settings])
+    baseline.curves[:, -1, 3] = 0.5  # every baseline member: 50 % test accuracy
     results.write_results(out, baseline)
     text = report.build_report(out)
     assert ("Chosen on the CNN's validation (1000 held-out training images): **lr=50**, 1,800 "

@@ -81,10 +81,10 @@ def negate(holds: bool | None) -> bool | None:
     return None if holds is None else not holds
 
 
-def full_scale(run: dict, net: str) -> dict:
+def full_scale(run: results.Run, net: str) -> dict:
     """What the run's sweep text sets for `net` at full scale: epochs, seeds and ensemble members
     where it sets them (its `[cpu]` tables, a CPU's reduced scale, deliberately ignored)."""
-    raw = tomllib.loads(run["sweep_text"])
+    raw = tomllib.loads(run.sweep_text)
     scale = {"seeds": raw.get("seeds"), "members": raw.get("ensemble", {}).get("size")}
     scale["epochs"] = raw.get("per_network", {}).get(net, {}).get(
         "epochs", raw.get("base", {}).get("epochs"))
@@ -102,10 +102,10 @@ class Study:
     found is what the reader is shown. Comparisons use the validation split when the sweep held
     one out (`on` = "val"), else the test set, as the study itself compared."""
 
-    def __init__(self, run: dict):
+    def __init__(self, run: results.Run):
         self.run = run
         self.rows = {(r["network"], r["label"]): r for r in results.summarize(run)}
-        self.on = "val" if "val_acc" in run["metrics"] else "test"
+        self.on = "val" if "val_acc" in run.metrics else "test"
 
     def networks(self) -> list[str]:
         """The networks this sweep ran, in the order of `models.NETWORKS` (then any network it
@@ -114,7 +114,7 @@ class Study:
 
     def settings(self, net: str) -> list[dict]:
         """The settings of `net`'s members, in member order."""
-        return [s for s in self.run["settings"] if s["network"] == net]
+        return [s for s in self.run.settings if s["network"] == net]
 
     def labels(self, net: str) -> list[str]:
         """The settings run for `net`, in sweep order."""
@@ -129,13 +129,13 @@ class Study:
         mine = self.settings(net)
         unknown = [k for k in values if mine and k not in mine[0]]
         if unknown:
-            raise ValueError(f"{self.run['name']}: no setting {unknown[0]!r} recorded")
+            raise ValueError(f"{self.run.name}: no setting {unknown[0]!r} recorded")
         found = [label for label in dict.fromkeys(s["label"] for s in mine)
                  if all(results.same_value(s[k], v) for s in mine if s["label"] == label
                         for k, v in values.items())]
         if len(found) > 1:
             asked = spell(values) or "the one setting"
-            raise ValueError(f"{self.run['name']} {net_name(net)}: {asked} is ambiguous: "
+            raise ValueError(f"{self.run.name} {net_name(net)}: {asked} is ambiguous: "
                              f"{len(found)} settings match ({'; '.join(found)})")
         return found[0] if found else None
 
@@ -165,8 +165,8 @@ class Study:
 
     def members(self, net: str, label: str | None) -> list[int]:
         """Indices of the healthy members of a setting (none for None, a setting not run)."""
-        return [i for i, s in enumerate(self.run["settings"]) if s["network"] == net
-                and s["label"] == label and self.run["diverged"][i] == 0]
+        return [i for i, s in enumerate(self.run.settings) if s["network"] == net
+                and s["label"] == label and self.run.diverged[i] == 0]
 
     def cell(self, net: str, label: str) -> str:
         """Test accuracy as 'mean ± std %', or how it diverged."""
@@ -181,8 +181,8 @@ class Study:
     def curve(self, net: str, label: str, epoch: int) -> Stat:
         """Test accuracy at a 1-based epoch over the setting's healthy members."""
         idx = self.members(net, label)
-        metric = list(self.run["metrics"]).index("test_acc")
-        return Stat.of(self.run["curves"][idx, epoch - 1, metric])
+        metric = list(self.run.metrics).index("test_acc")
+        return Stat.of(self.run.curves[idx, epoch - 1, metric])
 
     def epochs(self, net: str) -> int:
         """The epochs a network's members trained in this sweep."""
@@ -223,8 +223,8 @@ def verdict(holds: bool | None, claim: str, evidence: str, *scoped: tuple) -> st
     are the (Study, network, label, ...) the claim rests on, with the labels of the settings it
     compares (None for one the run lacks): if a setting was not run the claim is not run; if a
     network ran below its sweep's full scale the claim is not judged."""
-    absent = [f"{s.run['name']} {net_name(net)}" for s, net, *labels in scoped if None in labels]
-    short = [f"{s.run['name']} {net_name(net)} {note}" for s, net, *_ in scoped
+    absent = [f"{s.run.name} {net_name(net)}" for s, net, *labels in scoped if None in labels]
+    short = [f"{s.run.name} {net_name(net)} {note}" for s, net, *_ in scoped
              if (note := s.reduced(net))]
     if absent:
         word = f"**not run** (a setting it compares is not in {', '.join(absent)})"
@@ -261,10 +261,10 @@ def figures(name: str, extra: tuple = ()) -> list[str]:
 
 def section_baseline(s: Study) -> list[str]:
     """Task 1: the three networks against the study's test accuracy."""
-    out = table(s, s.run["study"])
+    out = table(s, s.run.study)
     for net in s.networks():
         default = s.label(net)  # the sweep's one setting
-        ours, theirs = s.stat(net, default), s.run["study"].get(net, {}).get("test_acc")
+        ours, theirs = s.stat(net, default), s.run.study.get(net, {}).get("test_acc")
         if theirs is not None:
             out.append(verdict(judge(ours, Stat(theirs)),
                                f"uspsjax's {net_name(net)} reaches more than the study's accuracy",
@@ -380,7 +380,7 @@ STUDY_BAGGING = {"fc": [(0.926, 0.926), (0.924, 0.933), (0.928, 0.931), (0.933, 
 
 def ensemble_stat(study: Study, row: dict) -> Stat:
     """A row of `results.ensemble_table` as the Stat of its ensembles (one per seed)."""
-    seeds = len({s["seed"] for s in study.run["settings"] if s["network"] == row["network"]})
+    seeds = len({s["seed"] for s in study.run.settings if s["network"] == row["network"]})
     return Stat(row["ensemble_mean"], row["ensemble_std"], seeds)
 
 
@@ -459,24 +459,24 @@ def section_adversarial(s: Study) -> list[str]:
     adversarial training is compared with standard training on its own (PGD-20 at eps 0.1, and
     clean accuracy), so no training is picked by its test numbers."""
     out = table(s)
-    run, eps = s.run, list(s.run["attack_eps"])
-    if run["robust"] is not None and eps:
+    run, eps = s.run, list(s.run.attack_eps)
+    if run.robust is not None and eps:
         head = " | ".join(f"{results.ATTACK_TITLES[a]} {e}" for a in ATTACKS for e in eps)
         out += ["", f"| network | training | clean | {head} |",
                 "|---|---|---|" + "---|" * len(ATTACKS) * len(eps)]
         for net in s.networks():
             for label in s.labels(net):
                 idx = s.members(net, label)
-                rob = (run["robust"][idx].mean(axis=0) if idx
-                       else np.full(run["robust"].shape[1:], np.nan))
+                rob = (run.robust[idx].mean(axis=0) if idx
+                       else np.full(run.robust.shape[1:], np.nan))
                 cells = " | ".join(pct(float(v)) for v in rob.reshape(-1))
                 out.append(f"| {net_name(net)} | {label} | {s.cell(net, label)} | {cells} |")
         at, pgd = eps.index(0.1) if 0.1 in eps else 0, ATTACKS.index("pgd20")
         for net in s.networks():
             plain = s.label(net, adversarial="none")
-            standard = Stat.of(run["robust"][s.members(net, plain), pgd, at])
+            standard = Stat.of(run.robust[s.members(net, plain), pgd, at])
             for label in (lab for lab in s.labels(net) if lab != plain):
-                robust = Stat.of(run["robust"][s.members(net, label), pgd, at])
+                robust = Stat.of(run.robust[s.members(net, label), pgd, at])
                 out.append(verdict(judge(robust, standard),
                                    f"{net_name(net)}: {label} training raises "
                                    f"{results.ATTACK_TITLES['pgd20']} accuracy at eps {eps[at]}",
@@ -524,7 +524,7 @@ def stale_running_averages(s: Study, net: str) -> list[str]:
         if member["batchnorm"] == "none" or row["n_diverged"] == row["n"]:
             continue
         if row["train_acc_mean"] - row["test_acc_mean"] > 0.2:
-            updates = member["epochs"] * (s.run["n_train"] // member["batch_size"])
+            updates = member["epochs"] * (s.run.n_train // member["batch_size"])
             left = member["bn_momentum"] ** updates
             cause = ("the test number measures stale statistics, not what training reached"
                      if left >= 0.01 else "staleness does not explain the gap")
@@ -546,7 +546,7 @@ def correct(study: Study, net: str, label: str) -> int:
     """Validation images a setting classified correctly, summed over its healthy seeds: the
     exact score that recipes are compared on (means in float32 would split ties by rounding)."""
     row = study.rows[(net, label)]
-    return round(row["val_acc_mean"] * study.run["validation"] * (row["n"] - row["n_diverged"]))
+    return round(row["val_acc_mean"] * study.run.validation * (row["n"] - row["n_diverged"]))
 
 
 def best_on_validation(study: Study, net: str) -> tuple[list[str], str]:
@@ -563,12 +563,12 @@ def describe_choice(study: Study, net: str) -> str:
     tied, chosen = best_on_validation(study, net)
     row = study.rows[(net, chosen)]
     score = (f"{correct(study, net, chosen):,} of "
-             f"{study.run['validation'] * (row['n'] - row['n_diverged']):,} validation images "
+             f"{study.run.validation * (row['n'] - row['n_diverged']):,} validation images "
              f"({pct(study.acc(net, chosen))})")
     if len(tied) == 1:
         return f"**{chosen}**, {score}"
     # The run's own sweep text tells whether the tie-break was declared before it ran.
-    when = ("before this run" if "tie-break" in study.run["sweep_text"]
+    when = ("before this run" if "tie-break" in study.run.sweep_text
             else "after this run (its recorded sweep text has none)")
     return (f"a {len(tied)}-way tie at {score}: {'; '.join(tied)}. The tie-break declared in "
             f"`sweeps/beyond.toml` {when} (the first tied recipe in the sweep file's order, "
@@ -593,11 +593,11 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
         out.append("")
     chosen = best_on_validation(s, "cnn")[1]
     seeds = s.rows[("cnn", chosen)]["n"]
-    out += [f"Chosen on the CNN's validation ({s.run['validation']} held-out training images): "
+    out += [f"Chosen on the CNN's validation ({s.run.validation} held-out training images): "
             f"{describe_choice(s, 'cnn')}. One validation image is "
-            f"{100 / (s.run['validation'] * seeds):.2f} points of a mean over {seeds} seeds, so "
+            f"{100 / (s.run.validation * seeds):.2f} points of a mean over {seeds} seeds, so "
             f"candidates this close are a draw, not a ranking. The search took "
-            f"{s.run['wall_time_s'] / 60:.0f} min."]
+            f"{s.run.wall_time_s / 60:.0f} min."]
     for net in (n for n in s.networks() if n != "cnn"):
         out.append(f"For the {net_name(net)} the best on validation is {describe_choice(s, net)}; "
                    f"the CNN's choice scores {pct(s.acc(net, chosen))}.")
@@ -609,7 +609,7 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
     tied = best_on_validation(s, "cnn")[0]
     # The retrained recipe as the search labelled it: its setting with the same values on the
     # search's axes (the two sweep files may spell it differently).
-    recipe = next(m for m in frun["settings"] if m["label"] == retrained)
+    recipe = next(m for m in frun.settings if m["label"] == retrained)
     searched = s.label("cnn", **{k: recipe[k] for k in s.axes("cnn")})
     if searched == chosen:
         out.append(f"- The retrained recipe is the one chosen on validation: {retrained}.")
@@ -622,9 +622,9 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
                    f"({chosen}).")
     ensembles = {(r["network"], r["k"]): r for r in results.ensemble_table(frun)}
     sizes = {net: final.as_run(net)["members"] for net in final.networks()}
-    out += [f"- Retrained on all {frun['n_train']:,} training images, tested once: per network "
+    out += [f"- Retrained on all {frun.n_train:,} training images, tested once: per network "
             f"independent ensembles, each member its own seed, every group trained as one "
-            f"vectorized population ({frun['wall_time_s'] / 60:.0f} min; devices in the coverage "
+            f"vectorized population ({frun.wall_time_s / 60:.0f} min; devices in the coverage "
             f"table).", "", "| model | test error | test accuracy |", "|---|---|---|"]
     for net in final.networks():
         one = final.stat(net, retrained, "test")
@@ -692,13 +692,13 @@ SECTIONS = [(name, *SECTION_OF[name]) for name in [*STUDY_ORDER, "beyond"]]
 PARTNERS = {"momentum": ("lr",), "beyond": ("beyond-final", "baseline")}
 
 
-def origin(run: dict, net: str) -> tuple[str, bool]:
+def origin(run: results.Run, net: str) -> tuple[str, bool]:
     """(the device `net`'s rows ran on, whether a `--merge` kept them from an earlier run).
 
     Follows the chain of merge records: `overrides["merged"]` names the networks kept from the
     earlier run and that run's device and overrides (which may hold its own merge record). A
     merged run's `device` is its devices joined with "; ", the newest last."""
-    device, overrides, kept = run["device"], run["overrides"], False
+    device, overrides, kept = run.device, run.overrides, False
     while (merged := overrides.get("merged")) and net in merged["networks"]:
         device, overrides, kept = merged["device"], merged["overrides"], True
     return (device.split("; ")[-1] if "merged" in overrides else device), kept
@@ -713,8 +713,8 @@ def provenance(study: Study, net: str) -> tuple[str, dict | None, float]:
     be another run's: they count as not recorded."""
     device, kept = origin(study.run, net)
     run = study.run
-    groups = [run["groups"][g] for g in dict.fromkeys(
-        s["group"] for s in run["settings"] if s["network"] == net)]
+    groups = [run.groups[g] for g in dict.fromkeys(
+        s["group"] for s in run.settings if s["network"] == net)]
     versions = None if kept else groups[0]["versions"]
     return device, versions, sum(g["wall_time_s"] for g in groups)
 
@@ -738,7 +738,7 @@ def coverage(studies: dict) -> list[str]:
              "|---|" + "---|" * len(nets)]
     version_sets = {}
     for name, st in studies.items():
-        planned = tomllib.loads(st.run["sweep_text"]).get("networks", list(NETWORKS))
+        planned = tomllib.loads(st.run.sweep_text).get("networks", list(NETWORKS))
         cells = []
         for net in nets:
             if net not in st.networks():
@@ -750,7 +750,7 @@ def coverage(studies: dict) -> list[str]:
                                if ran[k])
             note = st.reduced(net)
             jax = f"jax {versions['jax']}" if versions else "versions not recorded (kept by --merge)"
-            shards = st.run["shards"]
+            shards = st.run.shards
             split = f", {shards['count']} shards" if shards and not origin(st.run, net)[1] else ""
             cells.append(f"{device}{split}, {jax}, {minutes(wall)}: {scale}, "
                          + (f"**reduced** ({note})" if note else "full scale"))
@@ -780,9 +780,9 @@ def build_report(root: Path) -> str:
                   "Where each sweep's rows ran, with what, how long, and at what scale against "
                   "the sweep file's full scale (a network the sweep file lists but no run "
                   "trained is missing; — : not in the sweep).", "", *coverage(studies)]
-        total = sum(st.run["wall_time_s"] for st in studies.values())
+        total = sum(st.run.wall_time_s for st in studies.values())
         lines += [f"- Total wall time: {total / 60:.1f} min "
-                  + "(" + ", ".join(f"{n} {st.run['wall_time_s']:.0f} s"
+                  + "(" + ", ".join(f"{n} {st.run.wall_time_s:.0f} s"
                                     for n, st in studies.items()) + ")"]
     benches = sorted(p.name for p in (root / "bench").glob("*.md")) if (root / "bench").is_dir() else []
     if benches:
@@ -795,11 +795,11 @@ def build_report(root: Path) -> str:
             lines += [f"Not run yet: `python -m uspsjax.sweep {name}`.", ""]
             continue
         run = study.run
-        lines += [run["description"], "",
-                  f"Settings as run: {_epochs_note(study)}; {run['programs']} compiled programs, "
-                  f"{len(run['settings'])} members, {run['wall_time_s']:.0f} s."
-                  + (f" Overrides: {results.describe_overrides(run['overrides'])}."
-                     if run["overrides"] else ""), ""]
+        lines += [run.description, "",
+                  f"Settings as run: {_epochs_note(study)}; {run.programs} compiled programs, "
+                  f"{len(run.settings)} members, {run.wall_time_s:.0f} s."
+                  + (f" Overrides: {results.describe_overrides(run.overrides)}."
+                     if run.overrides else ""), ""]
         lines += section(study, *(studies.get(p) for p in PARTNERS.get(name, ())))
         lines += ["", *figures(name, extra), ""]
     return "\n".join(lines)

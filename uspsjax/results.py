@@ -1,10 +1,10 @@
 """Write and read one sweep's results: `OUT/NAME/metrics.h5`, `summary.md` and PNG figures.
 
 numpy, h5py and matplotlib; the names of the networks and attacks come from `models` and
-`attacks` (importing them loads JAX, which nothing here runs). The input is the `run` dict built
-by the sweep module (see `write_results`); `read_metrics` turns metrics.h5 back into that dict,
-so summaries and figures can be regenerated from the file alone. Model parameters are never
-written.
+`attacks` (importing them loads JAX, which nothing here runs). A sweep's results are a `Run`
+(built by the sweep module, written by `write_results`); `read_metrics` turns metrics.h5 back
+into the same `Run`, so summaries and figures can be regenerated from the file alone. Model
+parameters are never written.
 
 metrics.h5 (schema_version 1; M members, E epochs, N test samples, A attacks, P eps values):
 
@@ -46,6 +46,7 @@ import json
 import math
 import os
 import shutil
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -70,57 +71,131 @@ DPI = 100
 _GZIP = {"compression": "gzip", "compression_opts": 4, "shuffle": True}
 
 
+@dataclass(frozen=True)
+class Run:
+    """One sweep's results, numpy only: what `run_sweep` returns, `write_metrics` writes and
+    `read_metrics` reads back, one field per record of metrics.h5 (the table above)."""
+
+    name: str                    # the sweep's name (its folder's name)
+    description: str
+    sweep_text: str              # the sweep file as it ran
+    overrides: dict              # --networks, --epochs, --seeds, --dtype; a merge's record
+    study: dict                  # the study's own numbers, per network
+    metrics: tuple[str, ...]     # the names of the curves' last axis
+    settings: list[dict]         # per member: network, seed, bag, label, group, every setting
+    curves: np.ndarray           # float32 [member, epoch, metric]; NaN past a member's epochs
+    diverged: np.ndarray         # int32 [member]: the 1-based epoch it diverged in, 0 if never
+    test_probs: np.ndarray       # float32 [member, sample, class], float16-rounded when read
+    y_test: np.ndarray           # int32 [sample]
+    robust: np.ndarray | None    # float32 [member, attack, eps] (attacks.ATTACKS), or None
+    attack_eps: list[float]
+    ensemble: int                # the bagging ensemble's size, 0 without one
+    n_train: int | None          # training images (None: recorded before it was)
+    validation: int              # training images held out for validation
+    validation_seed: int
+    groups: list[dict]           # per static group: label, members, wall time, chunks, device
+    programs: int                # compiled training programs (static groups)
+    device: str                  # where it ran (a CPU named by model, ISA, cores, caches)
+    versions: dict               # uspsjax, its source digest, jax, jaxlib, flax, optax, ...
+    wall_time_s: float
+    data_sha256: str | None = None  # the data's content hash (None: recorded before it was)
+    shard: dict | None = None    # a shard's record: index, count, members, total
+    shards: dict | None = None   # a gathered run's record of its shards
+    created: str | None = None   # ISO time of writing (None: not written yet)
+    schema_version: int = SCHEMA_VERSION
+    path: Path | None = None     # the result folder it was read from (None: not read)
+
+    def members(self, network: str | None = None, **settings) -> np.ndarray:
+        """Indices of the members of `network` (any, if None) whose settings equal `settings`
+        by value (`lr=1e-3` matches however the sweep file spelled it)."""
+        rows = self.settings
+        for key in settings:
+            if rows and key not in rows[0]:
+                raise InputError(f"{self.path or self.name}: no setting {key!r} (known: "
+                                 f"{', '.join(rows[0])})")
+        return np.array([i for i, s in enumerate(rows)
+                         if (network is None or s["network"] == network)
+                         and all(same_value(s[k], v) for k, v in settings.items())],
+                        dtype=int)
+
+    def curve(self, metric: str, network: str | None = None, **settings) -> np.ndarray:
+        """One metric's curves `[member, epoch]` (a column of `curves`) of the members
+        `members(network, **settings)` selects (NaN past a member's epochs or its divergence)."""
+        if metric not in self.metrics:
+            raise InputError(f"{self.path or self.name}: no metric {metric!r} (known: "
+                             f"{', '.join(self.metrics)})")
+        column = list(self.metrics).index(metric)
+        return self.curves[self.members(network, **settings), :, column]
+
+    def summary(self) -> list[dict]:
+        """The summary table: a row per (network, setting) with the final epoch's mean and
+        sample std over seeds (`summarize`)."""
+        return summarize(self)
+
+    def ensembles(self) -> list[dict]:
+        """Bagging ensembles, single member against k members (`ensemble_table`); empty for a
+        sweep without ensembles."""
+        return ensemble_table(self)
+
+    def figures(self, folder) -> list[Path]:
+        """Draw the figures (accuracy, loss, bagging and robustness where they apply) into
+        `folder`; returns their paths."""
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        return write_figures(self, Path(folder))
+
+
+
 # ---------------------------------------------------------------- metrics.h5
 
-def write_metrics(path: Path, run: dict) -> None:
+def write_metrics(path: Path, run: Run) -> None:
     """Write `run` to the HDF5 file `path` in the schema of the module docstring."""
     with h5py.File(path, "w") as f:
-        curves = f.create_dataset("curves", data=np.asarray(run["curves"], np.float32),
+        curves = f.create_dataset("curves", data=np.asarray(run.curves, np.float32),
                                   **_GZIP)
-        curves.attrs["metrics"] = list(run["metrics"])
-        f.create_dataset("diverged", data=np.asarray(run["diverged"], np.int32))
-        f.create_dataset("test_probs", data=np.asarray(run["test_probs"], np.float16),
+        curves.attrs["metrics"] = list(run.metrics)
+        f.create_dataset("diverged", data=np.asarray(run.diverged, np.int32))
+        f.create_dataset("test_probs", data=np.asarray(run.test_probs, np.float16),
                          **_GZIP)
-        f.create_dataset("y_test", data=np.asarray(run["y_test"], np.int32), **_GZIP)
-        if run.get("robust") is not None:
-            robust = f.create_dataset("robust", data=np.asarray(run["robust"], np.float32))
+        f.create_dataset("y_test", data=np.asarray(run.y_test, np.int32), **_GZIP)
+        if run.robust is not None:
+            robust = f.create_dataset("robust", data=np.asarray(run.robust, np.float32))
             robust.attrs["attacks"] = list(ATTACKS)
-            robust.attrs["eps"] = np.asarray(run["attack_eps"], np.float64)
+            robust.attrs["eps"] = np.asarray(run.attack_eps, np.float64)
         # track_order keeps the keys in the sweep's order instead of h5py's alphabetical one.
         settings = f.create_group("settings", track_order=True)
-        keys = list(run["settings"][0]) if run["settings"] else []
-        if any(set(s) != set(keys) for s in run["settings"]):
+        keys = list(run.settings[0]) if run.settings else []
+        if any(set(s) != set(keys) for s in run.settings):
             raise ValueError("every member's settings must have the same keys")
         for key in keys:
-            _write_column(settings, key, [s[key] for s in run["settings"]])
+            _write_column(settings, key, [s[key] for s in run.settings])
         groups = f.create_group("groups", track_order=True)
         kinds = (("label", str), ("members", int), ("wall_time_s", float), ("chunks", int),
                  ("device", str), ("versions", str))
         for key, kind in kinds:
-            _write_column(groups, key, [kind(_group_value(run, g, key)) for g in run["groups"]])
+            _write_column(groups, key, [kind(_group_value(run, g, key)) for g in run.groups])
         a = f.attrs
         for key in ("name", "description", "sweep_text", "device"):
-            a[key] = str(run[key])
+            a[key] = str(getattr(run, key))
         for key in ("overrides", "study", "versions"):
-            a[key] = json.dumps(run[key])
+            a[key] = json.dumps(getattr(run, key))
         for key in OPTIONAL_RECORDS:  # JSON, present only where they apply
-            if run.get(key) is not None:
-                a[key] = json.dumps(run[key])
-        a["wall_time_s"] = float(run["wall_time_s"])
-        a["programs"] = int(run["programs"])
-        a["ensemble"] = int(run["ensemble"])
-        a["n_train"] = int(run["n_train"])
-        a["validation"] = int(run.get("validation", 0))
-        a["validation_seed"] = int(run.get("validation_seed", 0))
-        a["attack_eps"] = np.asarray(run["attack_eps"], np.float64)
+            if getattr(run, key) is not None:
+                a[key] = json.dumps(getattr(run, key))
+        a["wall_time_s"] = float(run.wall_time_s)
+        a["programs"] = int(run.programs)
+        a["ensemble"] = int(run.ensemble)
+        a["n_train"] = int(run.n_train)
+        a["validation"] = int(run.validation)
+        a["validation_seed"] = int(run.validation_seed)
+        a["attack_eps"] = np.asarray(run.attack_eps, np.float64)
         a["created"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
         a["schema_version"] = SCHEMA_VERSION
 
 
-def _group_value(run: dict, group: dict, key: str):
+def _group_value(run: Run, group: dict, key: str):
     # A group's device and versions default to the run's; None (not recorded: a group kept
     # from an older merged file) is stored as "" and JSON null. Versions are JSON text.
-    value = group.get(key, run.get(key))
+    value = group.get(key, getattr(run, key) if key in ("device", "versions") else None)
     if key == "versions":
         return json.dumps(value, sort_keys=True)
     return "" if value is None and key == "device" else value
@@ -154,47 +229,47 @@ def _read_column(ds) -> list:
     return values
 
 
-def read_metrics(path: Path) -> dict:
-    """Read metrics.h5 back into a dict with the keys and values of the `run` that wrote it.
+def read_metrics(path: Path) -> Run:
+    """Read metrics.h5 back into the `Run` that wrote it, with `created` (ISO time) and `path`
+    (the folder it is in) set.
 
     Arrays come back with the run's dtypes; `test_probs` is float32 holding float16-rounded
-    values. Two keys are added: `created` (ISO time) and `schema_version`.
+    values.
     """
     with h5py.File(path, "r") as f:
         a = f.attrs
         if int(a["schema_version"]) != SCHEMA_VERSION:
             raise ValueError(f"{path}: schema_version {a['schema_version']}, "
                              f"this code reads {SCHEMA_VERSION}")
-        run = {k: str(a[k]) for k in ("name", "description", "sweep_text", "device", "created")}
-        run.update({k: json.loads(a[k]) for k in ("overrides", "study", "versions")})
-        run.update({k: json.loads(a[k]) if k in a else None for k in OPTIONAL_RECORDS})
-        run.update({k: int(a[k]) for k in ("programs", "ensemble", "schema_version")})
-        run["wall_time_s"] = float(a["wall_time_s"])
-        run["n_train"] = int(a["n_train"]) if "n_train" in a else None
-        run["validation"] = int(a.get("validation", 0))
-        run["validation_seed"] = int(a.get("validation_seed", 0))
-        run["attack_eps"] = [float(e) for e in a["attack_eps"]]
-        run["metrics"] = tuple(str(m) for m in f["curves"].attrs["metrics"])
+        r = {k: str(a[k]) for k in ("name", "description", "sweep_text", "device", "created")}
+        r.update({k: json.loads(a[k]) for k in ("overrides", "study", "versions")})
+        r.update({k: json.loads(a[k]) if k in a else None for k in OPTIONAL_RECORDS})
+        r.update({k: int(a[k]) for k in ("programs", "ensemble", "schema_version")})
+        r["wall_time_s"] = float(a["wall_time_s"])
+        r["n_train"] = int(a["n_train"]) if "n_train" in a else None
+        r["validation"] = int(a.get("validation", 0))
+        r["validation_seed"] = int(a.get("validation_seed", 0))
+        r["attack_eps"] = [float(e) for e in a["attack_eps"]]
+        r["metrics"] = tuple(str(m) for m in f["curves"].attrs["metrics"])
         for key in ("curves", "diverged", "y_test"):
-            run[key] = f[key][()]
-        run["test_probs"] = f["test_probs"][()].astype(np.float32)
-        run["robust"] = f["robust"][()] if "robust" in f else None
+            r[key] = f[key][()]
+        r["test_probs"] = f["test_probs"][()].astype(np.float32)
+        r["robust"] = f["robust"][()] if "robust" in f else None
         columns = {k: _read_column(ds) for k, ds in f["settings"].items()}
-        n = len(run["diverged"])
-        run["settings"] = [{k: c[i] for k, c in columns.items()} for i in range(n)]
+        r["settings"] = [{k: c[i] for k, c in columns.items()} for i in range(len(r["diverged"]))]
         groups = {k: _read_column(ds) for k, ds in f["groups"].items()}
-        run["groups"] = [dict(zip(groups, row)) for row in zip(*groups.values())]
-        # Files from before per-group records: a group ran on the file's (newest) device with
-        # its versions, unless a merge kept it from an earlier run (then: not recorded, None).
-        kept = run["overrides"].get("merged", {}).get("networks", [])
-        for g in run["groups"]:
-            earlier = g["label"].split()[0] in kept
-            if "device" not in g:
-                g["device"] = None if earlier else run["device"].split("; ")[-1]
-            g["device"] = g["device"] or None
-            g["versions"] = (json.loads(g["versions"]) if "versions" in g
-                             else None if earlier else run["versions"])
-    return run
+        r["groups"] = [dict(zip(groups, row)) for row in zip(*groups.values())]
+    # Files from before per-group records: a group ran on the file's (newest) device with its
+    # versions, unless a merge kept it from an earlier run (then: not recorded, None).
+    kept = r["overrides"].get("merged", {}).get("networks", [])
+    for g in r["groups"]:
+        earlier = g["label"].split()[0] in kept
+        if "device" not in g:
+            g["device"] = None if earlier else r["device"].split("; ")[-1]
+        g["device"] = g["device"] or None
+        g["versions"] = (json.loads(g["versions"]) if "versions" in g
+                         else None if earlier else r["versions"])
+    return Run(**r, path=Path(path).parent)
 
 
 # ---------------------------------------------------------------- statistics
@@ -220,10 +295,10 @@ def same_value(a, b) -> bool:
 def _settings_groups(run) -> list[tuple[str, str, np.ndarray]]:
     """(network, label, member indices) in table order."""
     out = []
-    for net in _networks(run["settings"]):
-        members = [i for i, s in enumerate(run["settings"]) if s["network"] == net]
-        for label in dict.fromkeys(run["settings"][i]["label"] for i in members):
-            idx = [i for i in members if run["settings"][i]["label"] == label]
+    for net in _networks(run.settings):
+        members = [i for i, s in enumerate(run.settings) if s["network"] == net]
+        for label in dict.fromkeys(run.settings[i]["label"] for i in members):
+            idx = [i for i in members if run.settings[i]["label"] == label]
             out.append((net, label, np.array(idx, dtype=int)))
     return out
 
@@ -246,7 +321,7 @@ def _mean_std(x) -> tuple[float, float]:
     return float(x.mean()), float(x.std(ddof=1)) if x.size > 1 else 0.0
 
 
-def summarize(run: dict) -> list[dict]:
+def summarize(run: Run) -> list[dict]:
     """One row per (network, label) with the final-epoch statistics over seeds.
 
     Row keys: network, label, n, n_diverged, diverged_epochs (sorted list), `<metric>_mean` and
@@ -254,10 +329,10 @@ def summarize(run: dict) -> list[dict]:
     study_test_acc / study_test_loss (None when the study gives no number for the network).
     Means and sample stds (ddof=1) are over non-diverged members; final = last finite epoch.
     """
-    metrics = list(run["metrics"])
-    final = _final(run["curves"])
+    metrics = list(run.metrics)
+    final = _final(run.curves)
     gap = final[:, metrics.index("test_loss")] - final[:, metrics.index("train_loss")]
-    diverged = np.asarray(run["diverged"])
+    diverged = np.asarray(run.diverged)
     rows = []
     for net, label, idx in _settings_groups(run):
         ok = idx[diverged[idx] == 0]
@@ -266,7 +341,7 @@ def summarize(run: dict) -> list[dict]:
         for j, m in enumerate(metrics):
             row[f"{m}_mean"], row[f"{m}_std"] = _mean_std(final[ok, j])
         row["loss_gap_mean"], row["loss_gap_std"] = _mean_std(gap[ok])
-        study = run["study"].get(net, {})
+        study = run.study.get(net, {})
         row["study_test_acc"] = study.get("test_acc")
         row["study_test_loss"] = study.get("test_loss")
         rows.append(row)
@@ -285,7 +360,7 @@ def ensemble_accuracy(probs: np.ndarray, y: np.ndarray, keep: np.ndarray) -> flo
     return float(np.mean(mean.argmax(axis=-1) == np.asarray(y)))
 
 
-def ensemble_table(run: dict) -> list[dict]:
+def ensemble_table(run: Run) -> list[dict]:
     """Ensembles: per (network, label) and k = 1..K, single-member and k-member ensemble accuracy.
 
     Members sharing (network, label, seed) with bag = 1..K form one ensemble (K: the largest bag
@@ -294,10 +369,10 @@ def ensemble_table(run: dict) -> list[dict]:
     ensemble_mean/std (bags 1..k, diverged ones left out), left_out (diverged members left out,
     summed over seeds), n_members (members considered, summed over seeds). Empty if not bagging.
     """
-    settings, probs, y = run["settings"], run["test_probs"], run["y_test"]
-    diverged = np.asarray(run["diverged"])
+    settings, probs, y = run.settings, run.test_probs, run.y_test
+    diverged = np.asarray(run.diverged)
     rows = []
-    for net, label, idx in _settings_groups(run) if run["ensemble"] else []:
+    for net, label, idx in _settings_groups(run) if run.ensemble else []:
         seeds = list(dict.fromkeys(settings[i]["seed"] for i in idx))
         for k in range(1, max(settings[i]["bag"] for i in idx) + 1):
             single, ensemble, left_out, n_members = [], [], 0, 0
@@ -347,28 +422,28 @@ def describe_overrides(overrides: dict) -> str:
     return ", ".join(parts)
 
 
-def summary_markdown(run: dict) -> str:
+def summary_markdown(run: Run) -> str:
     """The text of summary.md: deterministic (no timestamps), so regeneration is byte-identical."""
-    description = run["description"].strip()
-    lines = [f"# Sweep {run['name']}", "", *([description, ""] if description else []),
-             f"Device: {run['device']}; wall time {run['wall_time_s']:.1f} s; "
-             f"{run['programs']} programs; {len(run['settings'])} members."]
-    if run["overrides"]:
-        lines.append(f"Overrides: {describe_overrides(run['overrides'])}.")
-    if run.get("shard"):
-        shard = run["shard"]
+    description = run.description.strip()
+    lines = [f"# Sweep {run.name}", "", *([description, ""] if description else []),
+             f"Device: {run.device}; wall time {run.wall_time_s:.1f} s; "
+             f"{run.programs} programs; {len(run.settings)} members."]
+    if run.overrides:
+        lines.append(f"Overrides: {describe_overrides(run.overrides)}.")
+    if run.shard:
+        shard = run.shard
         lines.append(f"Shard {shard['index']} of {shard['count']}: {len(shard['members'])} of "
                      f"the sweep's {shard['total']} members (`--gather` combines the shards).")
-    if run.get("shards"):
-        walls = ", ".join(f"{w:.0f}" for w in run["shards"]["wall_time_s"])
-        lines.append(f"Gathered from {run['shards']['count']} shards (wall times {walls} s).")
-    if run.get("validation"):
-        lines.append(f"Validation: {run['validation']} training images held out (seed "
-                     f"{run['validation_seed']}, the same for every member); select on it, "
+    if run.shards:
+        walls = ", ".join(f"{w:.0f}" for w in run.shards["wall_time_s"])
+        lines.append(f"Gathered from {run.shards['count']} shards (wall times {walls} s).")
+    if run.validation:
+        lines.append(f"Validation: {run.validation} training images held out (seed "
+                     f"{run.validation_seed}, the same for every member); select on it, "
                      "report test.")
     lines += ["Final epoch, mean ± std (sample, ddof=1) over seeds of members that did not diverge.",
               ""]
-    splits = ["train", "val", "test"] if "val_acc" in run["metrics"] else ["train", "test"]
+    splits = ["train", "val", "test"] if "val_acc" in run.metrics else ["train", "test"]
     rows = []
     for r in summarize(run):
         n, bad = r["n"], r["n_diverged"]
@@ -384,23 +459,23 @@ def summary_markdown(run: dict) -> str:
         rows.append(row + ["—" if study is None else f"{100 * study:.2f}"])
     lines += _table(["network", "setting", "seeds", *(f"{s} acc" for s in splits),
                      *(f"{s} loss" for s in splits), "test−train loss", "study"], rows)
-    if run["ensemble"]:
+    if run.ensemble:
         lines += ["## Bagging ensembles", "",
                   "Test accuracy (%) over seeds; left out = diverged members of all ensembles.", ""]
         rows = [[r["network"], r["label"], r["k"], _pct(r["single_mean"], r["single_std"]),
                  _pct(r["ensemble_mean"], r["ensemble_std"]), f"{r['left_out']}/{r['n_members']}"]
                 for r in ensemble_table(run)]
         lines += _table(["network", "setting", "k", "single acc", "ensemble acc", "left out"], rows)
-    if run.get("robust") is not None and len(run["attack_eps"]):
+    if run.robust is not None and len(run.attack_eps):
         lines += ["## Accuracy under attack", "",
                   "Test accuracy (%) over seeds of members that did not diverge.", ""]
-        clean = _final(run["curves"])[:, list(run["metrics"]).index("test_acc")]
+        clean = _final(run.curves)[:, list(run.metrics).index("test_acc")]
         header = ["network", "setting", "clean"] + [
-            f"{ATTACK_TITLES[a]}@{e:g}" for a in ATTACKS for e in run["attack_eps"]]
-        robust = np.asarray(run["robust"], np.float64)
+            f"{ATTACK_TITLES[a]}@{e:g}" for a in ATTACKS for e in run.attack_eps]
+        robust = np.asarray(run.robust, np.float64)
         rows = []
         for net, label, idx in _settings_groups(run):
-            ok = idx[np.asarray(run["diverged"])[idx] == 0]
+            ok = idx[np.asarray(run.diverged)[idx] == 0]
             if len(ok):
                 columns = robust[ok].reshape(len(ok), -1).T  # attack-major, as in the header
                 rows.append([net, label, _pct(*_mean_std(clean[ok]))]
@@ -442,12 +517,12 @@ def _save(fig, axes, path: Path, integer_x: bool = True) -> None:
     fig.savefig(path)
 
 
-def _plot_curves(run: dict, kind: str, path: Path) -> None:
+def _plot_curves(run: Run, kind: str, path: Path) -> None:
     """accuracy.png / loss.png: rows train, validation (when held out) and test, a column per
     network, a line per label."""
-    nets, metrics = _networks(run["settings"]), list(run["metrics"])
+    nets, metrics = _networks(run.settings), list(run.metrics)
     splits = ("train", "val", "test") if "val_acc" in metrics else ("train", "test")
-    diverged, epochs = np.asarray(run["diverged"]), np.arange(1, run["curves"].shape[1] + 1)
+    diverged, epochs = np.asarray(run.diverged), np.arange(1, run.curves.shape[1] + 1)
     fig, axes = _panels(len(splits), len(nets), 4.0, 3.3)
     for col, net in enumerate(nets):
         groups = [(label, idx) for n, label, idx in _settings_groups(run) if n == net]
@@ -462,24 +537,24 @@ def _plot_curves(run: dict, kind: str, path: Path) -> None:
                 else:
                     text = label + (f" ({len(bad)}/{len(idx)} diverged)" if len(bad) else "")
                     shown = idx[diverged[idx] == 0]
-                mean, lo, hi = _band(run["curves"][shown, :, j])
+                mean, lo, hi = _band(run.curves[shown, :, j])
                 ax.plot(epochs, mean, ".-", color=color, label=text)
                 ax.fill_between(epochs, lo, hi, color=color, alpha=0.2, linewidth=0)
                 for i in bad:  # an x where each diverged member's curve stops
-                    seen = np.flatnonzero(np.isfinite(run["curves"][i, :, j]))
+                    seen = np.flatnonzero(np.isfinite(run.curves[i, :, j]))
                     if seen.size:
-                        ax.plot(epochs[seen[-1]], run["curves"][i, seen[-1], j], "x",
+                        ax.plot(epochs[seen[-1]], run.curves[i, seen[-1], j], "x",
                                 color=color, ms=8, mew=2)
-            values = run["curves"][np.concatenate([idx for _, idx in groups]), :, j]
+            values = run.curves[np.concatenate([idx for _, idx in groups]), :, j]
             if kind == "loss" and np.isfinite(values).any() and np.nanmin(values) > 0:
                 ax.set_yscale("log")
             ax.set(title=f"{net}: {split} {kind}", xlabel="epoch")
     _save(fig, axes, path)
 
 
-def _plot_bagging(run: dict, path: Path) -> None:
+def _plot_bagging(run: Run, path: Path) -> None:
     """bagging.png: per network, test accuracy vs members k, single vs ensemble (as the study)."""
-    table, nets = ensemble_table(run), _networks(run["settings"])
+    table, nets = ensemble_table(run), _networks(run.settings)
     fig, axes = _panels(1, len(nets), 4.5, 3.5)
     for ax, net in zip(axes[0], nets):
         labels = list(dict.fromkeys(r["label"] for r in table if r["network"] == net))
@@ -493,10 +568,10 @@ def _plot_bagging(run: dict, path: Path) -> None:
     _save(fig, axes, path)
 
 
-def _plot_robust(run: dict, path: Path) -> None:
+def _plot_robust(run: Run, path: Path) -> None:
     """robust.png: per network, accuracy vs eps, one line per (label, attack)."""
-    nets, eps = _networks(run["settings"]), np.asarray(run["attack_eps"])
-    diverged, robust = np.asarray(run["diverged"]), np.asarray(run["robust"], np.float64)
+    nets, eps = _networks(run.settings), np.asarray(run.attack_eps)
+    diverged, robust = np.asarray(run.diverged), np.asarray(run.robust, np.float64)
     fig, axes = _panels(1, len(nets), 4.5, 3.5)
     for ax, net in zip(axes[0], nets):
         groups = [(label, idx) for n, label, idx in _settings_groups(run) if n == net]
@@ -513,30 +588,30 @@ def _plot_robust(run: dict, path: Path) -> None:
 
 # ---------------------------------------------------------------- all together
 
-def write_figures(run: dict, folder: Path) -> list[Path]:
+def write_figures(run: Run, folder: Path) -> list[Path]:
     """Draw `run`'s figures into `folder`: accuracy.png, loss.png and, where they apply,
     bagging.png and robust.png. Returns their paths."""
     folder = Path(folder)
     paths = [folder / "accuracy.png", folder / "loss.png"]
     _plot_curves(run, "acc", paths[0])
     _plot_curves(run, "loss", paths[1])
-    if run["ensemble"]:
+    if run.ensemble:
         paths.append(folder / "bagging.png")
         _plot_bagging(run, paths[-1])
-    if run.get("robust") is not None and len(run["attack_eps"]):
+    if run.robust is not None and len(run.attack_eps):
         paths.append(folder / "robust.png")
         _plot_robust(run, paths[-1])
     return paths
 
 
-def write_results(out_dir: Path, run: dict) -> Path:
+def write_results(out_dir: Path, run: Run) -> Path:
     """Write out_dir/NAME/: metrics.h5, summary.md, accuracy.png, loss.png and, when they
     apply, bagging.png and robust.png.
 
     Atomic as a whole: everything is written into out_dir/.NAME.tmp-<pid> and then swapped in,
     so a failure before the swap leaves an earlier complete result untouched. Returns the folder.
     """
-    name = str(run["name"])
+    name = str(run.name)
     if not name or name.startswith(".") or "/" in name or os.sep in name:
         raise ValueError(f"sweep name {name!r} is not a plain folder name")
     out_dir = Path(out_dir)
@@ -545,7 +620,7 @@ def write_results(out_dir: Path, run: dict) -> Path:
     tmp, backup = out_dir / f".{name}.tmp-{os.getpid()}", out_dir / f".{name}.old-{os.getpid()}"
     # Summaries are computed from the float16 softmax that is stored, so a later regeneration
     # from metrics.h5 gives the same ensemble accuracies, byte for byte.
-    run = dict(run, test_probs=np.asarray(run["test_probs"], np.float16).astype(np.float32))
+    run = replace(run, test_probs=np.asarray(run.test_probs, np.float16).astype(np.float32))
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         tmp.mkdir()
@@ -583,7 +658,7 @@ def check_replaceable(folder: Path) -> None:
                          "away or choose another --out (a run replaces the whole folder)")
 
 
-def merge_runs(old: dict, new: dict, defaults: dict) -> dict:
+def merge_runs(old: Run, new: Run, defaults: dict) -> Run:
     """`new` plus the members of `old` (an earlier run of the same sweep) whose networks `new`
     did not train: so one sweep's networks can run on different machines. The caller checks
     that the kept members match the sweep (`sweep.check_mergeable`).
@@ -591,39 +666,38 @@ def merge_runs(old: dict, new: dict, defaults: dict) -> dict:
     Settings that `old` lacks (written by an older uspsjax) take `defaults`. Each static group
     keeps the device it ran on; `device` lists every device that contributed.
     """
-    ran = {s["network"] for s in new["settings"]}
-    keep = [i for i, s in enumerate(old["settings"]) if s["network"] not in ran]
-    kept_nets = sorted({old["settings"][i]["network"] for i in keep})
-    old_groups = [dict(g) for g in old["groups"] if g["label"].split()[0] in kept_nets]
+    ran = {s["network"] for s in new.settings}
+    keep = [i for i, s in enumerate(old.settings) if s["network"] not in ran]
+    kept_nets = sorted({old.settings[i]["network"] for i in keep})
+    old_groups = [dict(g) for g in old.groups if g["label"].split()[0] in kept_nets]
     for g in old_groups:
-        g.setdefault("device", old["device"])
-    new_groups = [{**g, "device": g.get("device", new["device"])} for g in new["groups"]]
+        g.setdefault("device", old.device)
+    new_groups = [{**g, "device": g.get("device", new.device)} for g in new.groups]
     remap = {}
     for i in keep:  # old group numbers -> positions among the kept groups
-        remap.setdefault(old["settings"][i]["group"], len(remap))
-    keys = list(new["settings"][0])
-    settings = [{k: old["settings"][i].get(k, defaults.get(k)) for k in keys} for i in keep]
+        remap.setdefault(old.settings[i]["group"], len(remap))
+    keys = list(new.settings[0])
+    settings = [{k: old.settings[i].get(k, defaults.get(k)) for k in keys} for i in keep]
     for s, i in zip(settings, keep):
-        s["group"] = remap[old["settings"][i]["group"]]
-    settings += [dict(s, group=s["group"] + len(remap)) for s in new["settings"]]
-    epochs = max(old["curves"].shape[1], new["curves"].shape[1])
+        s["group"] = remap[old.settings[i]["group"]]
+    settings += [dict(s, group=s["group"] + len(remap)) for s in new.settings]
+    epochs = max(old.curves.shape[1], new.curves.shape[1])
 
     def pad(curves):
         extra = epochs - curves.shape[1]
         return np.pad(curves, ((0, 0), (0, extra), (0, 0)), constant_values=np.nan)
 
-    devices = list(dict.fromkeys([old["device"]] * bool(keep) + [new["device"]]))
-    merged = dict(new, settings=settings,
-                  curves=np.concatenate([pad(old["curves"][keep]), pad(new["curves"])]),
-                  diverged=np.concatenate([old["diverged"][keep], new["diverged"]]),
-                  test_probs=np.concatenate([old["test_probs"][keep], new["test_probs"]]),
-                  groups=old_groups + new_groups, programs=len(old_groups) + new["programs"],
-                  device="; ".join(devices),
-                  wall_time_s=sum(g["wall_time_s"] for g in old_groups) + new["wall_time_s"],
-                  overrides={**new["overrides"], "merged": {"networks": kept_nets,
-                                                            "device": old["device"],
-                                                            "overrides": old["overrides"],
-                                                            "sweep_text": old["sweep_text"]}})
-    if new["robust"] is not None and old["robust"] is not None:
-        merged["robust"] = np.concatenate([old["robust"][keep], new["robust"]])
-    return merged
+    devices = list(dict.fromkeys([old.device] * bool(keep) + [new.device]))
+    robust = (np.concatenate([old.robust[keep], new.robust])
+              if new.robust is not None and old.robust is not None else new.robust)
+    return replace(new, settings=settings,
+                   curves=np.concatenate([pad(old.curves[keep]), pad(new.curves)]),
+                   diverged=np.concatenate([old.diverged[keep], new.diverged]),
+                   test_probs=np.concatenate([old.test_probs[keep], new.test_probs]),
+                   robust=robust, groups=old_groups + new_groups,
+                   programs=len(old_groups) + new.programs, device="; ".join(devices),
+                   wall_time_s=sum(g["wall_time_s"] for g in old_groups) + new.wall_time_s,
+                   overrides={**new.overrides, "merged": {"networks": kept_nets,
+                                                          "device": old.device,
+                                                          "overrides": old.overrides,
+                                                          "sweep_text": old.sweep_text}})

@@ -9,27 +9,32 @@ that the shards are complete, distinct and of one computation (sweep text, overr
 training split, versions, member list) and puts their rows back in the sweep's order.
 """
 
+import dataclasses
 import hashlib
 import json
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from uspsjax.errors import InputError
+
+if TYPE_CHECKING:
+    from uspsjax.results import Run
 
 SUFFIX = ".shards"
 # What every shard of one gathered result must share: the record keys, by what they are called.
 # What every shard of one gathered result must share, by what it is called. The versions are
 # those that decide the numbers: shards of other versions are not one computation.
 SAME_VERSIONS = ("uspsjax", "jax", "jaxlib", "flax", "optax")
-SAME = {"sweep text": lambda run: run["sweep_text"],
-        "command-line settings": lambda run: run["overrides"],
-        "data": lambda run: run["data_sha256"],
-        "training split": lambda run: (run["n_train"], run["validation"], run["validation_seed"]),
-        "member list": lambda run: (run["shard"]["count"], run["shard"]["total"],
-                                    run["shard"]["members_sha256"]),
-        "versions": lambda run: {k: run["versions"].get(k) for k in SAME_VERSIONS}}
+SAME = {"sweep text": lambda run: run.sweep_text,
+        "command-line settings": lambda run: run.overrides,
+        "data": lambda run: run.data_sha256,
+        "training split": lambda run: (run.n_train, run.validation, run.validation_seed),
+        "member list": lambda run: (run.shard["count"], run.shard["total"],
+                                    run.shard["members_sha256"]),
+        "versions": lambda run: {k: run.versions.get(k) for k in SAME_VERSIONS}}
 
 
 def parse(text: str) -> tuple[int, int]:
@@ -64,7 +69,7 @@ def members_hash(rows: list[dict]) -> str:
     return hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
 
 
-def _read_shards(folder: Path, sweep_name: str) -> tuple[int, dict[int, dict]]:
+def _read_shards(folder: Path, sweep_name: str) -> tuple[int, dict[int, "Run"]]:
     """Every shard under `folder`, checked to be one complete split: (N, {I: run})."""
     from uspsjax import results  # h5py and matplotlib: only where results are read
     if not folder.is_dir():
@@ -90,7 +95,7 @@ def _read_shards(folder: Path, sweep_name: str) -> tuple[int, dict[int, dict]]:
         except (OSError, ValueError, KeyError) as e:
             raise InputError(f"{path}: cannot read the shard ({' '.join(str(e).split())}); "
                              "run that shard again") from None
-        shard = run.get("shard")
+        shard = run.shard
         if not shard:
             raise InputError(f"{path}: not a shard's result (no shard record); move it away")
         if (shard["index"], shard["count"]) != (index, count):
@@ -106,8 +111,8 @@ def _read_shards(folder: Path, sweep_name: str) -> tuple[int, dict[int, dict]]:
     return count, runs
 
 
-def gather(folder: Path, sweep_name: str, sweep_text: str) -> dict:
-    """The shards under `folder` (`OUT/NAME.shards`) combined into one `run`, as an unsharded
+def gather(folder: Path, sweep_name: str, sweep_text: str) -> "Run":
+    """The shards under `folder` (`OUT/NAME.shards`) combined into one `Run`, as an unsharded
     run of the same members would have returned it: rows in the sweep's member order, static
     groups in the order of their first member, each group's wall time and chunks summed over
     the shards that trained it and its devices listed. The `shards` entry records the split.
@@ -125,14 +130,14 @@ def gather(folder: Path, sweep_name: str, sweep_text: str) -> dict:
                 raise InputError(f"{where}: a foreign shard: other {name} than "
                                  f"{folder_name(0, count)}; run it again with the same sweep "
                                  "file, flags, data and versions")
-    if first["sweep_text"] != sweep_text:
+    if first.sweep_text != sweep_text:
         raise InputError(f"{folder}: the shards ran another text of the sweep file; gather "
                          "with the file they ran, or run the shards again")
-    total = first["shard"]["total"]
+    total = first.shard["total"]
     owner = np.full(total, -1)
     for index, run in runs.items():
-        rows = run["shard"]["members"]
-        if len(rows) != len(run["settings"]) or (owner[rows] >= 0).any():
+        rows = run.shard["members"]
+        if len(rows) != len(run.settings) or (owner[rows] >= 0).any():
             raise InputError(f"{folder / folder_name(index, count)}: its members overlap "
                              "another shard's (a duplicated shard); run it again")
         owner[rows] = index
@@ -141,28 +146,28 @@ def gather(folder: Path, sweep_name: str, sweep_text: str) -> dict:
     return _combine(runs, total)
 
 
-def _combine(runs: dict[int, dict], total: int) -> dict:
-    """One run from shards whose member rows are `run["shard"]["members"]` of `total`."""
+def _combine(runs: dict[int, "Run"], total: int) -> "Run":
+    """One run from shards whose member rows are `run.shard["members"]` of `total`."""
     first = runs[0]
-    epochs = max(r["curves"].shape[1] for r in runs.values())
-    curves = np.full((total, epochs, first["curves"].shape[2]), np.nan, np.float32)
+    epochs = max(r.curves.shape[1] for r in runs.values())
+    curves = np.full((total, epochs, first.curves.shape[2]), np.nan, np.float32)
     diverged = np.zeros(total, np.int32)
-    probs = np.zeros((total, *first["test_probs"].shape[1:]), np.float32)
-    robust = (None if first["robust"] is None
-              else np.zeros((total, *first["robust"].shape[1:]), np.float32))
+    probs = np.zeros((total, *first.test_probs.shape[1:]), np.float32)
+    robust = (None if first.robust is None
+              else np.zeros((total, *first.robust.shape[1:]), np.float32))
     settings, group_of = [None] * total, [None] * total
     for run in runs.values():
-        rows = run["shard"]["members"]
-        curves[rows, : run["curves"].shape[1]] = run["curves"]
-        diverged[rows], probs[rows] = run["diverged"], run["test_probs"]
+        rows = run.shard["members"]
+        curves[rows, : run.curves.shape[1]] = run.curves
+        diverged[rows], probs[rows] = run.diverged, run.test_probs
         if robust is not None:
-            robust[rows] = run["robust"]
-        for row, s in zip(rows, run["settings"]):
-            settings[row], group_of[row] = s, run["groups"][s["group"]]
+            robust[rows] = run.robust
+        for row, s in zip(rows, run.settings):
+            settings[row], group_of[row] = s, run.groups[s["group"]]
     labels = list(dict.fromkeys(g["label"] for g in group_of))
     groups = []
     for label in labels:
-        parts = [g for run in runs.values() for g in run["groups"] if g["label"] == label]
+        parts = [g for run in runs.values() for g in run.groups if g["label"] == label]
         groups.append({"label": label, "members": sum(g["members"] for g in parts),
                        "wall_time_s": sum(g["wall_time_s"] for g in parts),
                        "chunks": sum(g["chunks"] for g in parts),
@@ -170,11 +175,10 @@ def _combine(runs: dict[int, dict], total: int) -> dict:
                        "versions": parts[0]["versions"]})
     settings = [dict(s, group=labels.index(g["label"])) for s, g in zip(settings, group_of)]
     ordered = [runs[i] for i in sorted(runs)]
-    run = {k: v for k, v in first.items() if k not in ("shard", "created", "schema_version")}
-    run.update(settings=settings, curves=curves, diverged=diverged, test_probs=probs,
-               robust=robust, groups=groups, programs=len(groups),
-               device="; ".join(dict.fromkeys(r["device"] for r in ordered)),
-               wall_time_s=sum(r["wall_time_s"] for r in ordered),
-               shards={"count": len(runs), "wall_time_s": [r["wall_time_s"] for r in ordered],
-                       "devices": [r["device"] for r in ordered]})
-    return run
+    return dataclasses.replace(
+        first, settings=settings, curves=curves, diverged=diverged, test_probs=probs,
+        robust=robust, groups=groups, programs=len(groups),
+        device="; ".join(dict.fromkeys(r.device for r in ordered)),
+        wall_time_s=sum(r.wall_time_s for r in ordered), shard=None, created=None, path=None,
+        shards={"count": len(runs), "wall_time_s": [r.wall_time_s for r in ordered],
+                "devices": [r.device for r in ordered]})

@@ -14,6 +14,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -26,25 +27,28 @@ from uspsjax.machine import environment
 from uspsjax.models import NETWORKS
 from uspsjax.train import DTYPES, settings_table
 
+if TYPE_CHECKING:
+    from uspsjax.results import Run
+
 # Suffix of the folder a lower-scale run writes beside a larger result it may not replace.
 LOWER_SCALE = ".lower-scale"
 
 
-def check_mergeable(sweep: Sweep, old: dict, trained: list[str]) -> None:
+def check_mergeable(sweep: Sweep, old: "Run", trained: list[str]) -> None:
     """Raise InputError unless the members of `old` that a merge keeps (the networks not in
     `trained`) are exactly what `sweep` specifies for them, on the kind of device they ran on."""
     from uspsjax import train
-    if tuple(old["metrics"]) != train.metric_names(sweep.validation > 0):
+    if tuple(old.metrics) != train.metric_names(sweep.validation > 0):
         raise InputError(f"{sweep.path}: the earlier results have the curves "
-                         f"{', '.join(old['metrics'])}, this sweep's validation split others; "
+                         f"{', '.join(old.metrics)}, this sweep's validation split others; "
                          "cannot merge")
-    kept = [s for s in old["settings"] if s["network"] not in trained]
+    kept = [s for s in old.settings if s["network"] not in trained]
     if not kept:
         return
     nets = [n for n in NETWORKS if any(s["network"] == n for s in kept)]
-    over = {k: v for k, v in old["overrides"].items() if k in ("epochs", "seeds")}
+    over = {k: v for k, v in old.overrides.items() if k in ("epochs", "seeds")}
     expected = [member_settings(m) for m in expand(sweep, {**over, "networks": nets},
-                                                   on_cpu=old["device"].startswith("cpu"))]
+                                                   on_cpu=old.device.startswith("cpu"))]
     have = sorted(json.dumps({k: s.get(k, SETTING_DEFAULTS.get(k)) for k in expected[0]},
                              sort_keys=True)
                   for s in kept)
@@ -130,9 +134,9 @@ class Plan:
     out: Path | None = None          # the folder that holds the result folder
     folder: str | None = None        # the result folder's name under `out`
     guard: Path | None = None        # what the run's lock guards (OUT/NAME, or the shard's folder)
-    old: dict | None = None          # the earlier run to merge with
+    old: "Run | None" = None         # the earlier run to merge with
     notice: str | None = None        # said when the result goes beside a larger one
-    gathered: dict | None = None     # --gather: the shards' combined run; nothing trains
+    gathered: "Run | None" = None    # --gather: the shards' combined run; nothing trains
 
     @property
     def members(self) -> list[Member]:
@@ -160,8 +164,8 @@ def plan_members(sweep: Sweep, overrides: dict | None = None, on_cpu: bool = Fal
 
 
 def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True,
-              data_hash: str | None = None, warn=None) -> dict:
-    """Train every static group of `plan` and return the `run` dict that `results` writes.
+              data_hash: str | None = None, warn=None) -> "Run":
+    """Train every static group of `plan` and return the `results.Run` that `results` writes.
 
     One program is compiled per static group; each trains all its members at once. With
     placement "members" each group's members are sharded over all `devices` (of every
@@ -284,22 +288,22 @@ def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True
         for i in idx:
             m = members[i]
             settings.append((i, {**member_settings(m), "group": g}))
-    return {
-        "name": sweep.name, "description": sweep.description, "sweep_text": sweep.text,
-        "overrides": overrides, "metrics": metrics,
-        "settings": [s for _, s in sorted(settings, key=lambda t: t[0])],
-        "curves": curves, "diverged": diverged, "test_probs": probs, "y_test": np.asarray(data.y_test),
-        "n_train": int(data.x_train.shape[0]), "validation": sweep.validation,
-        "validation_seed": sweep.validation_seed,
-        "robust": robust if sweep.attack_eps else None, "attack_eps": list(sweep.attack_eps),
-        "ensemble": sweep.ensemble, "study": sweep.study, "device": device, "versions": versions,
-        "wall_time_s": time.perf_counter() - t_start, "programs": len(groups), "groups": group_info,
-        "data_sha256": data_hash,
-        "shard": None if shard is None else {
+    from uspsjax.results import Run
+    return Run(
+        name=sweep.name, description=sweep.description, sweep_text=sweep.text,
+        overrides=overrides, metrics=metrics,
+        settings=[s for _, s in sorted(settings, key=lambda t: t[0])],
+        curves=curves, diverged=diverged, test_probs=probs, y_test=np.asarray(data.y_test),
+        n_train=int(data.x_train.shape[0]), validation=sweep.validation,
+        validation_seed=sweep.validation_seed,
+        robust=robust if sweep.attack_eps else None, attack_eps=list(sweep.attack_eps),
+        ensemble=sweep.ensemble, study=sweep.study, device=device, versions=versions,
+        wall_time_s=time.perf_counter() - t_start, programs=len(groups), groups=group_info,
+        data_sha256=data_hash,
+        shard=None if shard is None else {
             "index": shard[0], "count": shard[1], "members": plan.chosen,
             "total": len(every_member),
-            "members_sha256": shards.members_hash([member_settings(m) for m in every_member])},
-    }
+            "members_sha256": shards.members_hash([member_settings(m) for m in every_member])})
 
 
 STAMP = "sweep.json"   # a checkpoint folder's record of the run that made it (`fingerprint`)
@@ -490,16 +494,16 @@ def plan_output(sweep: Sweep, rows: list[dict], n_train: int, y_test, data_hash:
                          "move it away, or --replace it") from None
     if merge:
         # Results written before the data's hash or `n_train` were recorded: the rest decides.
-        if old["n_train"] not in (None, n_train) or not np.array_equal(old["y_test"], y_test):
-            raise InputError(f"{done}: the earlier run trained on {old['n_train']} images and "
-                             f"tested on {len(old['y_test'])}; this data has {n_train} and "
+        if old.n_train not in (None, n_train) or not np.array_equal(old.y_test, y_test):
+            raise InputError(f"{done}: the earlier run trained on {old.n_train} images and "
+                             f"tested on {len(old.y_test)}; this data has {n_train} and "
                              f"{len(y_test)}, or other test labels: cannot merge")
-        if old["data_sha256"] not in (None, data_hash):
+        if old.data_sha256 not in (None, data_hash):
             raise InputError(f"{done}: the earlier run trained on other data (SHA-256 "
-                             f"{old['data_sha256'][:12]}..., this data {data_hash[:12]}...): "
+                             f"{old.data_sha256[:12]}..., this data {data_hash[:12]}...): "
                              "cannot merge")
         check_mergeable(sweep, old, list(dict.fromkeys(r["network"] for r in rows)))
-    larger = None if replace else larger_result(old["settings"], rows, merge)
+    larger = None if replace else larger_result(old.settings, rows, merge)
     if larger is None:
         return sweep.name, old if merge else None, None
     beside = sweep.name + LOWER_SCALE
@@ -544,8 +548,8 @@ def _plan_gather(args, sweep: Sweep, out: Path) -> Plan:
         raise InputError("--gather takes the shards as they ran: no --networks, --epochs, "
                          "--seeds, --dtype, --resume, --devices or --distributed")
     run = shards.gather(out / (sweep.name + shards.SUFFIX), sweep.name, sweep.text)
-    name, old, notice = plan_output(sweep, run["settings"], run["n_train"], run["y_test"],
-                                    run["data_sha256"], out, args.merge, args.replace)
+    name, old, notice = plan_output(sweep, run.settings, run.n_train, run.y_test,
+                                    run.data_sha256, out, args.merge, args.replace)
     return Plan(sweep, {}, [], [], out=out, folder=name, guard=out / sweep.name, old=old,
                 notice=notice, gathered=run)
 
@@ -569,7 +573,7 @@ def _plan(args, log) -> tuple:
     cli.check_out(out)
     if args.gather:
         plan = _plan_gather(args, sweeps[0], out)
-        return [plan], {}, None, None, plan.gathered["data_sha256"]
+        return [plan], {}, None, None, plan.gathered.data_sha256
     overrides = _overrides(args)
     if args.resume and args.no_checkpoints and args.sweep != "all":
         raise InputError("--resume and --no-checkpoints: nothing to resume from")
@@ -636,7 +640,7 @@ def _launch_parts(args, plans: list[Plan], overrides: dict, data_hash: str) -> d
             "versions": {k: versions[k] for k in NUMERIC_VERSIONS}}
 
 
-def _written_or_said(plan: Plan, run: dict, writer: bool, log) -> int:
+def _written_or_said(plan: Plan, run: "Run", writer: bool, log) -> int:
     """Write a plan's result (merged with the earlier one where it merges); 0, or 1 with one
     `error:` line when the write fails (a full disk): the earlier result stays untouched and
     the line says where the training survives."""
@@ -647,7 +651,7 @@ def _written_or_said(plan: Plan, run: dict, writer: bool, log) -> int:
         run = results.merge_runs(plan.old, run, SETTING_DEFAULTS)
     target = plan.out / plan.folder
     try:
-        folder = results.write_results(plan.out, dict(run, name=plan.folder))
+        folder = results.write_results(plan.out, dataclasses.replace(run, name=plan.folder))
     except (OSError, RuntimeError) as e:
         reason = " ".join(str(e).split()) or type(e).__name__
         kept = (f"the training is kept in {plan.checkpoints}/: free space, then run the same "
@@ -660,7 +664,7 @@ def _written_or_said(plan: Plan, run: dict, writer: bool, log) -> int:
     if plan.checkpoints:
         shutil.rmtree(plan.checkpoints, ignore_errors=True)
     print((folder / "summary.md").read_text())
-    log(f"sweep {plan.sweep.name}: {run['wall_time_s']:.0f} s on {run['device']}; wrote {folder}/")
+    log(f"sweep {plan.sweep.name}: {run.wall_time_s:.0f} s on {run.device}; wrote {folder}/")
     if plan.notice:
         cli.say(f"sweep {plan.sweep.name}: {plan.notice}")
     return 0
