@@ -6,11 +6,13 @@
     run.summary()                                          # the summary.md table, as rows
     uspsjax.load("/tmp/example/lr")                        # the same `Run` from metrics.h5
 
-`run` is the command line (`python -m uspsjax.sweep`) called with these settings: the same
-checks, progress, locks, checkpoints, resume and atomic results, but bad input raises
-`InputError` instead of printing a line.
+`run` and the command line (`python -m uspsjax.sweep`) are two ways to fill in one
+`sweep.Options` and run it with `sweep.execute`: the same checks, progress, locks,
+checkpoints, resume and atomic results, but bad input raises `InputError` instead of printing
+a line.
 """
 
+from dataclasses import fields
 from pathlib import Path
 
 from uspsjax import results
@@ -30,31 +32,30 @@ def load(folder) -> Run:
                          f"({' '.join(str(e).split())})") from None
 
 
-def run(sweep, *, networks: list[str] | None = None, epochs: int | None = None,
-        seeds: int | None = None, dtype: str | None = None, data=None, out="results",
-        checkpoints="checkpoints", resume: bool = False, merge: bool = False,
-        replace: bool = False, shard: str | None = None, no_checkpoints: bool = False,
-        quiet: bool = False) -> Run:
-    """Train the sweep `sweep` (a shipped name such as "lr", or a path to a TOML file) as
-    `python -m uspsjax.sweep` does with the matching flags, and return the `Run` it wrote
-    (under `out`: NAME, NAME.lower-scale, or a shard's folder for `shard="I/N"`).
+def run(sweep, **options) -> Run:
+    """Train the sweep `sweep` (a shipped name such as "lr", or a path to a TOML file) and
+    return the `Run` it wrote (under `out`: NAME, NAME.lower-scale, or a shard's folder for
+    `shard="I/N"`).
 
-    InputError for bad input, before anything trains; RuntimeError when the run stopped
-    without a result (a failed write, Ctrl-C or SIGTERM: its message says how to go on)."""
+    `options` are those of `python -m uspsjax.sweep`, by the names of `sweep.Options` (its
+    flags without the dashes, `-` as `_`): `networks=["fc", "cnn"]`, `epochs`, `seeds`,
+    `dtype`, `data`, `out="results"`, `checkpoints="checkpoints"`, `resume`, `merge`,
+    `replace`, `shard`, `no_checkpoints`, `quiet`, `devices`, `placement`, ... The run is the
+    command line's own (`sweep.execute`): the same checks, progress, locks, checkpoints,
+    resume and atomic results.
+
+    InputError for bad input (an unknown option included), before anything trains;
+    RuntimeError when the run stopped without a result (a failed write, Ctrl-C or SIGTERM:
+    its message says how to go on)."""
     from uspsjax import sweep as sweep_mod
+    known = [f.name for f in fields(sweep_mod.Options) if f.name != "sweep"]
+    unknown = sorted(set(options) - set(known))
+    if unknown:
+        raise InputError(f"uspsjax.run: unknown option {unknown[0]!r} (known: "
+                         f"{', '.join(known)})")
     if str(sweep) == "all":
         raise InputError("uspsjax.run takes one sweep; call it once per sweep for 'all'")
-    argv = [str(sweep), "--out", str(out), "--checkpoints", str(checkpoints)]
-    for flag, value in (("--networks", ",".join(networks) if networks else None),
-                        ("--epochs", epochs), ("--seeds", seeds), ("--dtype", dtype),
-                        ("--data", data), ("--shard", shard)):
-        if value is not None:
-            argv += [flag, str(value)]
-    for flag, on in (("--resume", resume), ("--merge", merge), ("--replace", replace),
-                     ("--no-checkpoints", no_checkpoints), ("--quiet", quiet)):
-        if on:
-            argv.append(flag)
-    status, written = sweep_mod.execute(argv)
+    status, written = sweep_mod.execute(sweep_mod.Options(sweep=str(sweep), **options))
     if status or not written:
         raise RuntimeError(f"the sweep stopped without a result (status {status})")
     return load(written[-1])

@@ -412,7 +412,8 @@ def build_parser() -> cli.Parser:
     """The command line of `python -m uspsjax.bench`."""
     p = cli.Parser(prog="python -m uspsjax.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a small grid (< 2 minutes on 2 cores)")
-    p.add_argument("--networks", help="comma-separated networks (default: fc,cnn,lc)")
+    p.add_argument("--networks", type=cli.networks,
+                   help=f"comma-separated networks (default: {','.join(NETWORKS)})")
     p.add_argument("--batch-sizes", help="comma-separated batch sizes (default: 16,128,1024)")
     p.add_argument("--populations", help="comma-separated member counts (default per network)")
     p.add_argument("--dtype", choices=train.DTYPES, default="float32",
@@ -439,11 +440,7 @@ def main(argv=None) -> int:
     """Entry point; returns the exit status (2 for bad input, with a one-line error)."""
     args = build_parser().parse_args(argv)
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
-    nets = [n.strip() for n in (args.networks or "fc,cnn,lc").split(",") if n.strip()]
-    bad = [n for n in nets if n not in NETWORKS]
-    if bad or not nets:
-        raise InputError(f"--networks: unknown network {bad[0] if bad else args.networks!r} "
-                         f"(known: {', '.join(NETWORKS)})")
+    nets = args.networks or tuple(NETWORKS)
     batch_sizes = _int_list("--batch-sizes", args.batch_sizes)
     populations = _int_list("--populations", args.populations)
     if args.max_gflop_per_step is not None and not args.max_gflop_per_step > 0:

@@ -37,6 +37,20 @@ def positive_int(text: str) -> int:
     return value
 
 
+def networks(names) -> tuple[str, ...]:
+    """The networks a `--networks` flag names (comma-separated text, or a sequence of names
+    from the Python API), checked against `models.NETWORKS`; InputError for an unknown or
+    empty one. Also an argparse type."""
+    from uspsjax.models import NETWORKS  # JAX: only where networks are named
+    if isinstance(names, str):
+        names = [n.strip() for n in names.split(",")]
+    names = tuple(str(n) for n in names)
+    bad = [n for n in names if n not in NETWORKS] or ([] if names else [""])
+    if bad:
+        raise InputError(f"--networks: unknown network {bad[0]!r} (known: {', '.join(NETWORKS)})")
+    return names
+
+
 def check_out(out: Path) -> None:
     """Raise InputError unless `out` is, or can be made, a writable folder; creates nothing."""
     probe = out

@@ -381,7 +381,8 @@ def build_parser() -> cli.Parser:
     p.add_argument("sweep", nargs="?", help="a sweep name from sweeps/ (see --list), a path to a "
                    "sweep TOML file, or 'all' for every study sweep in order")
     p.add_argument("--list", action="store_true", help="list the shipped sweeps and exit")
-    p.add_argument("--networks", help="comma-separated networks to run (default: the sweep's)")
+    p.add_argument("--networks", type=cli.networks,
+                   help="comma-separated networks to run (default: the sweep's)")
     p.add_argument("--epochs", type=cli.positive_int,
                    help="epochs for every member (overrides the sweep)")
     p.add_argument("--seeds", type=cli.positive_int, help="seeds per setting (overrides the sweep)")
@@ -517,12 +518,7 @@ def _overrides(args) -> dict:
     """The settings the command line imposes on every member."""
     overrides = {}
     if args.networks is not None:
-        nets = [n.strip() for n in args.networks.split(",") if n.strip()]
-        bad = [n for n in nets if n not in NETWORKS]
-        if bad or not nets:
-            raise InputError(f"--networks: unknown network {bad[0] if bad else args.networks!r}"
-                             f" (known: {', '.join(NETWORKS)})")
-        overrides["networks"] = nets
+        overrides["networks"] = list(args.networks)
     for key in ("epochs", "seeds", "dtype"):
         if getattr(args, key) is not None:
             overrides[key] = getattr(args, key)
@@ -670,15 +666,88 @@ def _written_or_said(plan: Plan, run: "Run", writer: bool, log) -> int:
     return 0
 
 
+@dataclasses.dataclass(frozen=True)
+class Options:
+    """One request to run sweeps, as `execute` takes it: the flags of `python -m uspsjax.sweep`
+    (`build_parser`, whose help describes each) and the keywords of `uspsjax.run`, by the
+    same names. `checked()` validates the values a parser has not already converted."""
+
+    sweep: str | None = None         # a shipped name, a TOML path, or "all"
+    networks: tuple[str, ...] | None = None
+    epochs: int | None = None
+    seeds: int | None = None
+    dtype: str | None = None
+    data: str | None = None
+    out: str = "results"
+    checkpoints: str = "checkpoints"
+    no_checkpoints: bool = False
+    resume: bool = False
+    devices: int | None = None
+    placement: str = PLACEMENTS[0]
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+    init_timeout: int = distributed.INIT_TIMEOUT_S
+    heartbeat_timeout: int = distributed.HEARTBEAT_TIMEOUT_S
+    distributed: bool = False        # (after the defaults above that read the module)
+    merge: bool = False
+    replace: bool = False
+    shard: str | None = None
+    gather: bool = False
+    quiet: bool = False
+
+    @classmethod
+    def of(cls, args: argparse.Namespace) -> "Options":
+        """The options of parsed command-line flags (`build_parser`)."""
+        return cls(**{k: v for k, v in vars(args).items() if k != "list"})
+
+    def checked(self) -> "Options":
+        """These options with every value checked and normalized as the command line's parser
+        does it (`cli.positive_int`, `cli.networks`, the choices); InputError otherwise."""
+        changes = {}
+        for name in ("epochs", "seeds", "devices", "num_processes", "init_timeout",
+                     "heartbeat_timeout"):
+            value = getattr(self, name)
+            if value is not None:
+                try:
+                    changes[name] = cli.positive_int(str(value))
+                except argparse.ArgumentTypeError as e:
+                    raise InputError(f"--{name.replace('_', '-')}: {e}") from None
+        for name, choices in (("dtype", DTYPES), ("placement", PLACEMENTS)):
+            if getattr(self, name) not in (None, *choices):
+                raise InputError(f"--{name}: {getattr(self, name)!r} is not one of "
+                                 f"{', '.join(choices)}")
+        if self.networks is not None:
+            changes["networks"] = cli.networks(self.networks)
+        return dataclasses.replace(self, **changes)
+
+    def command_line(self) -> list[str]:
+        """The `python -m uspsjax.sweep` command that asks for these options."""
+        argv = ["python", "-m", "uspsjax.sweep", *([self.sweep] if self.sweep else [])]
+        for field in dataclasses.fields(self):
+            value, flag = getattr(self, field.name), "--" + field.name.replace("_", "-")
+            if field.name == "sweep" or value == field.default:
+                continue
+            argv += [flag] if value is True else [flag, ",".join(value) if field.name ==
+                                                  "networks" else str(value)]
+        return argv
+
+
 @cli.command
 def main(argv=None) -> int:
-    """Entry point of `python -m uspsjax.sweep`; returns the exit status (`execute`), and 2
-    with a one-line error for bad input."""
-    return execute(argv)[0]
+    """Entry point of `python -m uspsjax.sweep`: the command line's flags as `Options`, run by
+    `execute` (as `uspsjax.run` runs its keywords); returns the exit status, and 2 with a
+    one-line error for bad input."""
+    args = build_parser().parse_args([str(a) for a in (sys.argv[1:] if argv is None else argv)])
+    if args.list:
+        for name in list_sweeps():
+            print(f"{name:12s} {load_sweep(name).description}")
+        return 0
+    return execute(Options.of(args))[0]
 
 
-def execute(argv=None) -> tuple[int, list[Path]]:
-    """Run the command line `argv` (default: sys.argv[1:]): (the exit status, the result
+def execute(options: Options) -> tuple[int, list[Path]]:
+    """Run `options` (the command line's, or the Python API's): (the exit status, the result
     folders written). InputError for bad input. The status is 0, 1 when a result cannot be
     written, 130 after Ctrl-C and 143 after SIGTERM (the checkpoint kept).
 
@@ -687,12 +756,7 @@ def execute(argv=None) -> tuple[int, list[Path]]:
     together if any of them refuses or they were not started alike, and return the same
     status; only process 0 prints progress and results and writes them.
     """
-    argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
-    args = build_parser().parse_args(argv)
-    if args.list:
-        for name in list_sweeps():
-            print(f"{name:12s} {load_sweep(name).description}")
-        return 0, []
+    args = options.checked()
     launch = (args.coordinator, args.num_processes, args.process_id)
     if any(v is not None for v in launch) and not args.distributed:
         raise InputError("--coordinator, --num-processes and --process-id go with --distributed")
@@ -735,8 +799,7 @@ def execute(argv=None) -> tuple[int, list[Path]]:
             except KeyboardInterrupt as e:
                 how, code = (("terminated", 143) if isinstance(e, cli.Terminated)
                              else ("interrupted", 130))
-                resume = shlex.join(["python", "-m", "uspsjax.sweep", *argv]
-                                    + ([] if args.resume else ["--resume"]))
+                resume = shlex.join(dataclasses.replace(args, resume=True).command_line())
                 kept = (f"the last completed epoch is checkpointed in {plan.checkpoints}/; "
                         f"continue with: {resume}" if plan and plan.checkpoints else
                         "nothing was checkpointed (--no-checkpoints): run it again" if plan
