@@ -42,6 +42,7 @@ import tomllib
 from importlib import resources
 from pathlib import Path
 
+from uspsjax.data import N_TRAIN
 from uspsjax.errors import InputError
 from uspsjax.models import NETWORKS, parse_init
 from uspsjax.train import HPARAM_DEFAULTS, Static, needs_whole_batch, settings_schema
@@ -166,7 +167,7 @@ def _read_text(path: Path) -> str:
     return text
 
 
-def load_sweep(name_or_path: str, n_train: int = 7291) -> Sweep:
+def load_sweep(name_or_path: str, n_train: int = N_TRAIN) -> Sweep:
     """Find (a name in `sweeps/` or a path), parse and validate a sweep file.
 
     Every problem raises InputError naming the file, the key and the problem.

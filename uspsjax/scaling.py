@@ -18,10 +18,10 @@ import sys
 from pathlib import Path
 
 from uspsjax import cli, population
+from uspsjax.data import N_TRAIN
 from uspsjax.errors import InputError
 from uspsjax.grid import STUDY_ORDER, expand, group_members, load_sweep
 
-N_TRAIN = 7291
 DEVICE_COUNTS = (1, 8, 64)
 GPU_BYTES = 80 * 10**9  # an 80 GB accelerator
 CPU_BYTES = 24 * 2**30  # this machine's RAM
