@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from conftest import assert_curves_match
-from uspsjax import population, results
+from uspsjax import machine, population, results
 from uspsjax.train import Static, make_hparams
 
 # On the 1,024-image subset: 128 steps an epoch (~0.5 s for the 6 members), so after the 2
@@ -174,7 +174,8 @@ def test_chunks_are_even_and_within_their_limits():
     assert population.chunk_size(5, 1, 1, 2**40) == 5  # no limit: one chunk
 
 
-def test_cpu_chunks_keep_a_step_within_the_cache():
+def test_cpu_chunks_keep_a_step_within_the_cache(monkeypatch):
+    monkeypatch.setattr(population, "cpu_cache_bytes", lambda: 16 * 2**20)
     widths = {}
     for net in ("fc", "cnn", "lc"):
         for b in (16, 32, 128):
@@ -182,14 +183,35 @@ def test_cpu_chunks_keep_a_step_within_the_cache():
             widths[net, b] = population.cpu_members_per_chunk(static)
             n_params, per_sample = population.member_sizes(static)
             step_bytes = 4 * (3 * n_params + b * per_sample)
-            assert widths[net, b] * step_bytes <= population.CPU_CACHE_BYTES or widths[net, b] == 1
-            assert (widths[net, b] + 1) * step_bytes > population.CPU_CACHE_BYTES
+            assert widths[net, b] * step_bytes <= 16 * 2**20 or widths[net, b] == 1
+            assert (widths[net, b] + 1) * step_bytes > 16 * 2**20
     assert population.member_sizes(Static(network="cnn"))[0] == 315_146
     assert widths["lc", 16] == 1  # 133 MB of parameters: one member at a time
     assert widths["fc", 16] > widths["cnn", 16] > widths["cnn", 128] == 1
 
 
+def test_the_cache_budget_is_half_the_last_level_cache_at_most_16_mib(tmp_path, monkeypatch):
+    for index, (level, kind, size) in enumerate((("1", "Data", "48K"), ("1", "Instruction",
+                                                                         "32K"),
+                                                 ("2", "Unified", "2048K"),
+                                                 ("3", "Unified", "107520K"))):
+        folder = tmp_path / f"index{index}"
+        folder.mkdir()
+        for name, value in (("level", level), ("type", kind), ("size", size)):
+            (folder / name).write_text(value + "\n")
+    assert machine.cache_bytes("L3", tmp_path) == 107520 * 2**10
+    assert machine.cache_bytes("L2", tmp_path) == 2 * 2**20
+    assert machine.cache_bytes("L4", tmp_path) is None
+    rule = population.cpu_cache_bytes.__wrapped__  # not the machine's cached value
+    for caches, budget in (({"L3": 105 * 2**20, "L2": 2**21}, 16 * 2**20),
+                           ({"L3": 8 * 2**20, "L2": 2**21}, 4 * 2**20),
+                           ({"L2": 2**20}, 2**19), ({}, 16 * 2**20)):
+        monkeypatch.setattr(machine, "cache_bytes", lambda level, c=caches: c.get(level))
+        assert rule() == budget, caches
+
+
 def test_cpu_population_in_cache_sized_chunks_equals_one_chunk(small, monkeypatch):
+    monkeypatch.setattr(population, "cpu_cache_bytes", lambda: 16 * 2**20)
     static = Static(network="cnn", epochs=1, batch_size=16)
     assert population.cpu_members_per_chunk(static) == 3  # so 5 members run as 3 + 2
     keys = jnp.stack([population.member_key(s) for s in range(5)])
@@ -197,7 +219,7 @@ def test_cpu_population_in_cache_sized_chunks_equals_one_chunk(small, monkeypatc
     hps = population.stack([make_hparams(lr=0.002 * (1 + i)) for i in range(5)])
     chunked = population.run_group(static, keys, hps, small)
     assert (chunked.chunks, chunked.chunk_members) == (2, 3)
-    monkeypatch.setattr(population, "CPU_CACHE_BYTES", 2**40)
+    monkeypatch.setattr(population, "cpu_cache_bytes", lambda: 2**40)
     whole = population.run_group(static, keys, hps, small)
     assert (whole.chunks, whole.chunk_members) == (1, 5)
     assert_curves_match(whole.curves, chunked.curves, small.x_test.shape[0])

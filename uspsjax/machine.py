@@ -49,6 +49,17 @@ def _caches(folder: Path = CACHE_DIR) -> dict[str, str]:
     return sizes
 
 
+def cache_bytes(level: str, folder: Path = CACHE_DIR) -> int | None:
+    """The size in bytes of the first core's cache `level` ("L2", "L3"), as the kernel gives
+    it ("2048K", "32M"); None where it does not."""
+    size = _caches(folder).get(level, "")
+    units = {"K": 2**10, "M": 2**20, "G": 2**30}
+    try:
+        return int(size[:-1]) * units[size[-1]] if size[-1:] in units else int(size)
+    except ValueError:
+        return None
+
+
 def cpu() -> dict:
     """This machine's CPU: model name, family/model, widest vector ISA, cores usable by this
     process and cache sizes per level."""
@@ -109,11 +120,12 @@ def environment() -> tuple[str, dict]:
 
 
 def cpu_tactics() -> str:
-    """The constants of the CPU tactics a CPU run used (measured on one machine type,
-    results/bench/NOTES.md §14, §16): the cache a chunk of members keeps within, and up to
-    which batch size the LC's gradients take their few-rows forms."""
+    """The CPU tactics a CPU run used: the cache a chunk of members keeps within (half this
+    machine's last-level cache, capped: `population.cpu_cache_bytes`), and up to which batch
+    size the LC's gradients take their few-rows forms (measured on two machine types,
+    results/bench/NOTES.md §16, §17)."""
     from uspsjax.models import FEW_ROWS, OUTER_SUM_ROWS
-    from uspsjax.population import CPU_CACHE_BYTES
-    return (f"member chunks within {CPU_CACHE_BYTES // 2**20} MiB of cache; LC kernel gradient "
+    from uspsjax.population import cpu_cache_bytes
+    return (f"member chunks within {cpu_cache_bytes() / 2**20:g} MiB of cache; LC kernel gradient "
             f"as row products up to batch {OUTER_SUM_ROWS}, patch gradient batch-innermost up "
             f"to batch {FEW_ROWS}")

@@ -18,7 +18,7 @@ import re
 import shutil
 import time
 from dataclasses import dataclass
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Callable
 
@@ -27,17 +27,19 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from uspsjax import attacks, distributed, train
+from uspsjax import attacks, distributed, machine, train
 from uspsjax.errors import InputError
 from uspsjax.train import Data, Hparams, Static
 
 MEMBER_AXIS = 0
 STEP_CALL_SECONDS = 2.0  # the spacing of `on_step` calls inside an epoch
-# On a CPU, members vmapped together share its last-level cache (32 MiB here): once a step's
-# parameters, optimizer state and activations outgrow about half of it, every member trains
-# slower than it would alone (NOTES §14: 8 CNN members at batch 16 at 0.64-0.87x). Chunks keep a
-# step's working set of members under this many bytes.
-CPU_CACHE_BYTES = 16 * 2**20
+# On a CPU, members vmapped together share its last-level cache: once a step's parameters,
+# optimizer state and activations outgrow about half of it, every member trains slower than it
+# would alone (NOTES §14, a 32 MiB L3: 8 CNN members at batch 16 at 0.64-0.87x). A larger cache
+# gave nothing more: with a 105 MiB L3, 64 FC members in chunks of 37 (48 MiB) trained no faster
+# than in chunks of 12 (16 MiB) (NOTES §17). So chunks keep a step's working set within half the
+# machine's last-level cache, at most this many bytes (`cpu_cache_bytes`).
+CPU_CACHE_MAX_BYTES = 16 * 2**20
 CHECKPOINTS_KEPT = 2  # epochs kept per chunk: the latest, and the one before in case it is damaged
 
 
@@ -115,15 +117,25 @@ def bytes_per_member(static: Static, n_train: int) -> int:
     return 4 * (4 * n_params + 3 * batch * per_sample) + 8 * n_train
 
 
+@cache
+def cpu_cache_bytes() -> int:
+    """The cache a chunk of members keeps a step within on this CPU: half its last-level cache
+    (L3, else L2, as the kernel reports it), at most `CPU_CACHE_MAX_BYTES` (that, where the
+    kernel reports neither). Fixed for a machine, so a command splits a group the same way on
+    it every time."""
+    last = machine.cache_bytes("L3") or machine.cache_bytes("L2")
+    return min(CPU_CACHE_MAX_BYTES, last // 2) if last else CPU_CACHE_MAX_BYTES
+
+
 def cpu_members_per_chunk(static: Static) -> int:
     """How many members a CPU trains together: as many as keep a training step's working set
     (parameters, momentum and gradients, and the batch's activations, float32) within
-    `CPU_CACHE_BYTES`, at least one. Depends on the static settings only, so a command always
-    splits a group the same way. It counts the whole batch even where a step works through it
+    `cpu_cache_bytes()`, at least one. Depends on the static settings and the machine's cache
+    only, so a command always splits a group the same way on one machine. It counts the whole batch even where a step works through it
     in blocks (`train.microbatch_size`): two CNN members at batch 1024 in blocks of 32 trained
     at 0.8x of one at a time (results/bench/NOTES.md §15)."""
     n_params, per_sample = member_sizes(static)
-    return max(1, CPU_CACHE_BYTES // (4 * (3 * n_params + static.batch_size * per_sample)))
+    return max(1, cpu_cache_bytes() // (4 * (3 * n_params + static.batch_size * per_sample)))
 
 
 def forward_flops(static: Static) -> float:

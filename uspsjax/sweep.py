@@ -80,7 +80,7 @@ def fingerprint(sweep: Sweep, overrides: dict, data_hash: str, devices,
     from uspsjax import population
     layout = {"processes": jax.process_count(), "devices": len(devices or jax.devices()),
               "memory_budget": memory_budget or population.device_memory(jax.local_devices()[0]),
-              "cpu_cache_bytes": population.CPU_CACHE_BYTES, "placement": placement}
+              "cpu_cache_bytes": population.cpu_cache_bytes(), "placement": placement}
     versions = environment()[1]
     return {"sweep": sweep.text, "overrides": overrides, "data": data_hash,
             "versions": {k: versions[k] for k in NUMERIC_VERSIONS}, "layout": layout,
