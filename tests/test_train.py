@@ -13,9 +13,9 @@ from conftest import assert_curves_match, assert_params_match
 from uspsjax import population
 from uspsjax.models import FC, dropout
 from uspsjax.sweep import environment
-from uspsjax.train import (Hparams, Static, forward, init_member, init_params, make_hparams,
-                           make_train, microbatch_rule, microbatch_size, shift_images,
-                           train_epoch, train_step)
+from uspsjax.train import (Hparams, Static, compiler_options, forward, init_member, init_params,
+                           make_hparams, make_train, microbatch_rule, microbatch_size,
+                           shift_images, train_epoch, train_step)
 
 
 def single_runs(static, data, keys, hps):
@@ -265,3 +265,17 @@ def test_shift_images_translates_each_image_by_its_own_offset(small):
     assert len(seen) > 5  # offsets differ between images
     np.testing.assert_array_equal(shift_images(x, jax.random.key(3), 2), shifted)
     assert not np.array_equal(shift_images(x, jax.random.key(4), 2), shifted)
+
+
+def test_initialization_compiled_for_one_run_draws_the_same_bits():
+    """The initialization program is compiled at a lower LLVM level (`compiler_options(...,
+    once=True)`) to compile faster; its parameters are the default compile's, bit for bit."""
+    static = Static(network="fc")
+    keys = jnp.stack([population.member_key(s) for s in range(2)])
+    hps = population.stack([make_hparams(init_scale=1.5), make_hparams()])
+    lowered = jax.jit(jax.vmap(partial(init_member, static, n_train=64))).lower(keys, hps)
+    platform = jax.devices()[0].platform
+    default, once = (lowered.compile(compiler_options(platform, once=o))(keys, hps)
+                     for o in (False, True))
+    for a, b in zip(jax.tree.leaves(default.params), jax.tree.leaves(once.params)):
+        np.testing.assert_array_equal(a, b)

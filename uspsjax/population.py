@@ -372,7 +372,7 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         return probs, robust
 
     final = jax.jit(jax.vmap(final_eval))
-    results, compiled = [], {}  # a program per padded chunk size
+    results, compiled, inits = [], {}, {}  # programs per padded chunk size
     for c, padded in enumerate(chunk_sizes(n_members, size, len(devices))):
         lo, hi = c * size, min((c + 1) * size, n_members)
         done_path = checkpoint / f"chunk{c}.done.npz" if checkpoint else None
@@ -382,7 +382,10 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
             continue
         k_chunk = distributed.put(_pad(keys[lo:hi], padded), by_member)
         hp_chunk = distributed.put(_pad(jax.tree.map(lambda x: x[lo:hi], hps), padded), by_member)
-        state = init(k_chunk, hp_chunk)
+        if padded not in inits:
+            inits[padded] = init.lower(k_chunk, hp_chunk).compile(
+                train.compiler_options(devices[0].platform, once=True))
+        state = inits[padded](k_chunk, hp_chunk)
         curves = np.full((padded, static.epochs, n_metrics), np.nan, np.float32)
         manager = None
         if checkpoint:

@@ -526,12 +526,22 @@ def metric_names(validation: bool) -> tuple[str, ...]:
     return METRICS[:2] + VAL_METRICS + METRICS[2:] if validation else METRICS
 
 
-def compiler_options(platform: str) -> dict:
+def compiler_options(platform: str, once: bool = False) -> dict:
     """XLA options for the training programs on `platform` ("cpu", "gpu", ...). On CPU, copy
     insertion with region analysis: without it XLA:CPU copies every loop-carried weight tensor
     once a step before updating it in place (the LC net: 1.15x at batch 16,
-    results/bench/NOTES.md §11). Buffers only: the same numbers."""
-    return {"xla_cpu_copy_insertion_use_region_analysis": True} if platform == "cpu" else {}
+    results/bench/NOTES.md §11). Buffers only: the same numbers.
+
+    `once`: for a program that runs once per chunk of members (their initialization). On CPU
+    it is compiled at LLVM optimization level 1: 3-4 times faster to compile (two members: FC
+    9.2 -> 2.9 s, CNN 8.4 -> 2.0 s, LC 9.1 -> 3.5 s), as fast to run, bit-identical output
+    (results/bench/NOTES.md §18). The training programs keep the default level: their compile
+    gains little from it, and the CNN's numbers change."""
+    if platform != "cpu":
+        return {}
+    if once:
+        return {"xla_backend_optimization_level": 1}
+    return {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
 def make_train(static: Static, data: Data):
