@@ -183,12 +183,13 @@ def build_population(static, hparams: dict, data: train.Data, members: int, step
     n = data.x_train.shape[0]
     keys = jnp.stack([population.member_key(m) for m in range(members)])
     hp = population.stack([train.make_hparams(**hparams)] * members)
-    state = jax.jit(jax.vmap(partial(train.init_member, static, n_train=n)))(keys, hp)
+    platform = data.x_train.devices().pop().platform
+    state = jax.jit(jax.vmap(partial(train.init_member, static, n_train=n))).lower(
+        keys, hp).compile(train.compiler_options(platform, once=True))(keys, hp)
     batches = member_batches(n, members, steps, static.batch_size)
     fn = jax.jit(jax.vmap(partial(run_steps, static), in_axes=(0, 0, 0, None)), donate_argnums=0)
     t0 = time.perf_counter()
-    compiled = fn.lower(state, hp, batches, data).compile(
-        train.compiler_options(data.x_train.devices().pop().platform))
+    compiled = fn.lower(state, hp, batches, data).compile(train.compiler_options(platform))
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
