@@ -1,6 +1,7 @@
-"""Running sweeps: plan a command (every check before anything is written), lock its folders,
-train each static group of the grid (`grid`) as one vmapped population with checkpoints, and
-write `results/NAME/` (or a shard's folder); the command line `python -m uspsjax.sweep`.
+"""Running sweeps: `Options` (one request, from the command line `python -m uspsjax.sweep` or
+from `uspsjax.run`) planned with every check before anything is written, its folders locked,
+each static group of the grid (`grid`) trained as one vmapped population with checkpoints, and
+`results/NAME/` (or a shard's folder) written.
 
     python -m uspsjax.sweep lr                 # sweeps/lr.toml
     python -m uspsjax.sweep path/to/mine.toml --epochs 5 --seeds 2 --networks fc,cnn
