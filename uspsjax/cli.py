@@ -43,7 +43,7 @@ def networks(names) -> tuple[str, ...]:
     empty one. Also an argparse type."""
     from uspsjax.models import NETWORKS  # JAX: only where networks are named
     if isinstance(names, str):
-        names = [n.strip() for n in names.split(",")]
+        names = [n.strip() for n in names.split(",") if n.strip()]  # "fc," is "fc"
     names = tuple(str(n) for n in names)
     bad = [n for n in names if n not in NETWORKS] or ([] if names else [""])
     if bad:
