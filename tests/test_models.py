@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from uspsjax.models import (FEW_ROWS, LC_LOWERING_NAMES, NETWORKS, OUTER_SUM_ROWS,
-                            LocallyConnected1D, conv2d, count_params, draw_kernel,
-                            lc_lowering_name, locally_connected, locally_connected_reference,
-                            locally_connected_sliced, max_pool_2x2, parse_init, valid_patches)
+                            PRODUCT_FORWARD_ROWS, LocallyConnected1D, conv2d, count_params,
+                            draw_kernel, lc_lowering_name, locally_connected,
+                            locally_connected_reference, locally_connected_sliced, max_pool_2x2, parse_init, valid_patches)
 from uspsjax.train import Static, forward, init_params, make_hparams
 
 # The study's Keras summaries, layer by layer.
@@ -111,11 +111,13 @@ def assert_close_to(ours, ref):
 
 
 @pytest.mark.parametrize("channels", [1, 6])
-# Every path of the backward: the kernel gradient as row products (up to OUTER_SUM_ROWS) or a
-# dot, the input gradient in either layout (FEW_ROWS).
+# Every path of the forward and the backward: batch 4 takes the row-product forward and kernel
+# gradient (up to PRODUCT_FORWARD_ROWS, OUTER_SUM_ROWS), 24 the dots, 40 the other layout of the
+# input gradient (FEW_ROWS).
 @pytest.mark.parametrize("batch", [4, 24, 40])
 def test_sliced_lowering_equals_conv_general_dilated_local(channels, batch):
-    assert 4 <= OUTER_SUM_ROWS < 24 <= FEW_ROWS < 40
+    assert 4 <= min(OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS)
+    assert max(OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS) < 24 <= FEW_ROWS < 40
     x = jax.random.normal(jax.random.key(0), (18, batch, channels))  # (L, B, C)
     kernel = jax.random.normal(jax.random.key(1), (16, channels * 3, 5))
     loss = lambda layer: lambda x, k: jnp.sum(jnp.sin(layer(x, k, 3)))

@@ -75,8 +75,9 @@ def test_microbatch_size_keeps_the_whole_batch_where_blocks_would_change_it():
     assert environment()[1]["microbatch"] == microbatch_rule(jax.devices()[0].platform)
     if jax.devices()[0].platform == "cpu":  # the CPU tactics' constants, recorded with a result
         assert environment()[1]["cpu_tactics"] == (
-            "member chunks within 16 MiB of cache; LC kernel gradient as row products up to "
-            "batch 16, patch gradient batch-innermost up to batch 32")
+            "member chunks within 16 MiB of cache; LC forward as summed products up to batch 16, "
+            "kernel gradient as row products up to batch 16, patch gradient batch-innermost up "
+            "to batch 32")
 
 
 def test_same_seed_is_bit_identical(small):

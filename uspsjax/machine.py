@@ -122,10 +122,10 @@ def environment() -> tuple[str, dict]:
 def cpu_tactics() -> str:
     """The CPU tactics a CPU run used: the cache a chunk of members keeps within (half this
     machine's last-level cache, capped: `population.cpu_cache_bytes`), and up to which batch
-    size the LC's gradients take their few-rows forms (measured on two machine types,
-    results/bench/NOTES.md §16, §17)."""
-    from uspsjax.models import FEW_ROWS, OUTER_SUM_ROWS
+    size the LC's forward and gradients take their few-rows forms (measured on two machine
+    types, results/bench/NOTES.md §16, §17, §19)."""
+    from uspsjax.models import FEW_ROWS, OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS
     from uspsjax.population import cpu_cache_bytes
-    return (f"member chunks within {cpu_cache_bytes() / 2**20:g} MiB of cache; LC kernel gradient "
-            f"as row products up to batch {OUTER_SUM_ROWS}, patch gradient batch-innermost up "
-            f"to batch {FEW_ROWS}")
+    return (f"member chunks within {cpu_cache_bytes() / 2**20:g} MiB of cache; LC forward as "
+            f"summed products up to batch {PRODUCT_FORWARD_ROWS}, kernel gradient as row products "
+            f"up to batch {OUTER_SUM_ROWS}, patch gradient batch-innermost up to batch {FEW_ROWS}")

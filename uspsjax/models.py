@@ -156,18 +156,29 @@ FEW_ROWS = 32
 # Up to this batch size the kernel gradient is a sum of row products (`_outer_sum`): at 16 rows
 # 1.3x a step against the dot, at 32 0.98x (results/bench/NOTES.md §16).
 OUTER_SUM_ROWS = 16
+# Up to this batch size the forward is products summed over the patch axis (`_forward`): XLA:CPU
+# runs the batched dot with so few rows on one thread (NOTES §19).
+PRODUCT_FORWARD_ROWS = 16
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
 def locally_connected_sliced(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
     """`locally_connected` as three dots batched over positions on patches cut by slicing
     (forward, kernel gradient, input gradient), activations `(L, B, C)`."""
-    return jax.lax.dot_general(_local_patches(x, kernel_size), kernel, _FORWARD)
+    return _forward(_local_patches(x, kernel_size), kernel)
+
+
+def _forward(patches: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`patches (L_out, B, C*k) . kernel (L_out, C*k, F)` per position: a batched dot, or with
+    few rows products summed over the patch axis, which XLA:CPU spreads over every core."""
+    if patches.shape[1] <= PRODUCT_FORWARD_ROWS:
+        return jnp.sum(patches[:, :, :, None] * kernel[:, None], axis=2)
+    return jax.lax.dot_general(patches, kernel, _FORWARD)
 
 
 def _sliced_fwd(x, kernel, kernel_size):
     patches = _local_patches(x, kernel_size)
-    return jax.lax.dot_general(patches, kernel, _FORWARD), (patches, kernel)
+    return _forward(patches, kernel), (patches, kernel)
 
 
 def _outer_sum(patches: jax.Array, g: jax.Array) -> jax.Array:
