@@ -76,12 +76,14 @@ def fingerprint(sweep: Sweep, overrides: dict, data_hash: str, devices,
     """What a checkpoint must match to be resumed, part by part (`FINGERPRINT_PARTS`): the
     sweep file, the overrides, the data's content, the versions that decide the numbers, what
     decides where each group trains and how it is split into chunks (the processes, devices,
-    memory budget, the CPU cache a chunk keeps within, and placement), and the shard."""
+    memory budget, on a CPU the cache a chunk keeps within, and placement), and the shard."""
     import jax
     from uspsjax import population
+    device = jax.local_devices()[0]
     layout = {"processes": jax.process_count(), "devices": len(devices or jax.devices()),
-              "memory_budget": memory_budget or population.device_memory(jax.local_devices()[0]),
-              "cpu_cache_bytes": population.cpu_cache_bytes(), "placement": placement}
+              "memory_budget": memory_budget or population.device_memory(device),
+              "cpu_cache_bytes": population.cpu_cache_bytes() if device.platform == "cpu" else None,
+              "placement": placement}
     versions = environment()[1]
     return {"sweep": sweep.text, "overrides": overrides, "data": data_hash,
             "versions": {k: versions[k] for k in NUMERIC_VERSIONS}, "layout": layout,
