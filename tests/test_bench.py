@@ -94,7 +94,7 @@ def test_quick_fc_run_writes_json_and_table(tmp_path, shared_h5, capsys):
     assert {f["sweep"] for f in result["flop_floor"]} == {"init", "lr", "batch", "momentum"}
     assert all(f["seconds_at_peak"] > 0 for f in result["flop_floor"])
     assert any("sequential" in t["text"] for t in result["targets"])
-    assert "| fc | 16 | 2 | 2 | 8 |" in (out / "cpu.md").read_text()
+    assert "| fc | 16 | 2 | 2 | 1 | 8 |" in (out / "cpu.md").read_text()
     assert "| fc | 16 | 2 |" in capsys.readouterr().out
 
 

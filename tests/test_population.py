@@ -140,17 +140,42 @@ def test_sharded_population_equals_one_device(tmp_path, shared_h5):
     assert_curves_match(np.load(tmp_path / "c1.npy"), np.load(tmp_path / "c4.npy"), 128)
 
 
-def test_population_runs_in_chunks_when_memory_is_short(small):
+def test_population_runs_in_chunks_when_memory_is_short(small, monkeypatch):
+    monkeypatch.setattr(population, "cpu_lane_limit", lambda: 2)  # as on any 2-core CPU
     static = Static(network="fc", epochs=2, batch_size=32)
     keys = jnp.stack([population.member_key(s) for s in range(5)])
     hps = population.stack([make_hparams(lr=0.01 * (1 + i)) for i in range(5)])
     whole = population.run_group(static, keys, hps, small)
     member = population.bytes_per_member(static, small.x_train.shape[0])
-    chunked = population.run_group(static, keys, hps, small, memory_budget=2 * member)
-    assert whole.chunks == 1 and chunked.chunks == 3
-    assert_curves_match(whole.curves, chunked.curves, small.x_test.shape[0])
-    np.testing.assert_array_equal(whole.diverged, chunked.diverged)
-    np.testing.assert_allclose(whole.test_probs, chunked.test_probs, rtol=0, atol=1e-4)
+    # Two chunks at once share the budget: 2 + 2 + 1 members, two at a time.
+    chunked = population.run_group(static, keys, hps, small, memory_budget=4 * member)
+    # Room for one member only: one chunk at a time.
+    alone = population.run_group(static, keys, hps, small, memory_budget=member)
+    assert (whole.chunks, whole.lanes) == (1, 1)
+    assert (chunked.chunks, chunked.chunk_members, chunked.lanes) == (3, 2, 2)
+    assert (alone.chunks, alone.lanes) == (5, 1)
+    for run in (chunked, alone):
+        assert_curves_match(whole.curves, run.curves, small.x_test.shape[0])
+        np.testing.assert_array_equal(whole.diverged, run.diverged)
+        np.testing.assert_allclose(whole.test_probs, run.test_probs, rtol=0, atol=1e-4)
+
+
+def test_chunks_trained_at_once_equal_one_after_another_bit_for_bit(small, monkeypatch):
+    # The same chunks (2 + 2 + 1 members), two at a time from two threads or one at a time:
+    # the same programs on the same machine, so the same bits.
+    monkeypatch.setattr(population, "cpu_cache_bytes", lambda: 2**40)
+    static = Static(network="cnn", epochs=2, batch_size=16)
+    keys = jnp.stack([population.member_key(s) for s in range(5)])
+    hps = population.stack([make_hparams(lr=0.01 * (1 + i)) for i in range(5)])
+    member = population.bytes_per_member(static, small.x_train.shape[0])
+    runs = {}
+    for lanes in (2, 1):
+        monkeypatch.setattr(population, "cpu_lane_limit", lambda n=lanes: n)
+        runs[lanes] = population.run_group(static, keys, hps, small,
+                                           memory_budget=2 * lanes * member)
+        assert (runs[lanes].chunks, runs[lanes].chunk_members, runs[lanes].lanes) == (3, 2, lanes)
+    for field in ("curves", "diverged", "test_probs"):
+        np.testing.assert_array_equal(getattr(runs[2], field), getattr(runs[1], field))
 
 
 def test_memory_estimate_chunks_a_large_lc_population():
@@ -211,17 +236,19 @@ def test_the_cache_budget_is_half_the_last_level_cache_at_most_16_mib(tmp_path, 
 
 
 def test_cpu_population_in_cache_sized_chunks_equals_one_chunk(small, monkeypatch):
-    monkeypatch.setattr(population, "cpu_cache_bytes", lambda: 16 * 2**20)
+    # Two chunks at once share 32 MiB of cache: 16 MiB each, 3 CNN members at batch 16.
+    monkeypatch.setattr(population, "cpu_cache_bytes", lambda: 32 * 2**20)
+    monkeypatch.setattr(population, "cpu_lane_limit", lambda: 2)
     static = Static(network="cnn", epochs=1, batch_size=16)
-    assert population.cpu_members_per_chunk(static) == 3  # so 5 members run as 3 + 2
+    assert population.cpu_members_per_chunk(static, lanes=2) == 3  # so 5 members run as 3 + 2
     keys = jnp.stack([population.member_key(s) for s in range(5)])
     # Small steps: a chaotic run would grow the chunks' rounding differences past the tolerance.
     hps = population.stack([make_hparams(lr=0.002 * (1 + i)) for i in range(5)])
     chunked = population.run_group(static, keys, hps, small)
-    assert (chunked.chunks, chunked.chunk_members) == (2, 3)
+    assert (chunked.chunks, chunked.chunk_members, chunked.lanes) == (2, 3, 2)
     monkeypatch.setattr(population, "cpu_cache_bytes", lambda: 2**40)
     whole = population.run_group(static, keys, hps, small)
-    assert (whole.chunks, whole.chunk_members) == (1, 5)
+    assert (whole.chunks, whole.chunk_members, whole.lanes) == (1, 5, 1)
     assert_curves_match(whole.curves, chunked.curves, small.x_test.shape[0])
     np.testing.assert_allclose(whole.test_probs, chunked.test_probs, rtol=0, atol=1e-4)
 

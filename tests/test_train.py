@@ -11,6 +11,7 @@ import pytest
 
 from conftest import assert_curves_match, assert_params_match
 from uspsjax import population
+from uspsjax.population import cpu_lane_limit
 from uspsjax.models import FC, dropout
 from uspsjax.sweep import environment
 from uspsjax.train import (Hparams, Static, compiler_options, forward, init_member, init_params,
@@ -75,9 +76,9 @@ def test_microbatch_size_keeps_the_whole_batch_where_blocks_would_change_it():
     assert environment()[1]["microbatch"] == microbatch_rule(jax.devices()[0].platform)
     if jax.devices()[0].platform == "cpu":  # the CPU tactics' constants, recorded with a result
         assert environment()[1]["cpu_tactics"] == (
-            "member chunks within 16 MiB of cache; LC forward as summed products up to batch 16, "
-            "kernel gradient as row products up to batch 16, patch gradient batch-innermost up "
-            "to batch 32")
+            f"member chunks within 16 MiB of cache, up to {cpu_lane_limit()} at once; LC forward "
+            "as summed products up to batch 16, kernel gradient as row products up to batch 16, "
+            "patch gradient batch-innermost up to batch 32")
 
 
 def test_same_seed_is_bit_identical(small):

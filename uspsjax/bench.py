@@ -5,8 +5,8 @@
 
 Each row times S training steps (`train.train_step` under `lax.scan`, each member on its own
 shuffle of real data) of P members, after a warm-up call, as `population.run_group` runs them:
-jitted programs vmapped over chunks of members, one chunk after another (`population.plan_chunks`:
-on a CPU, as many members as its cache holds). It reports member-samples/s, achieved FLOP/s from
+jitted programs vmapped over chunks of members (`population.plan_chunks`: on a CPU, as many
+members as its cache holds, and `population.cpu_lanes` chunks at once). It reports member-samples/s, achieved FLOP/s from
 an analytic count, compile time, memory, the share of the matmul peak, the bound that applies to
 the row (`row_bound`: the matmul peak, or the weight traffic of ~9 passes per step, or on CPU the
 matmul peak with the grouped patch convolutions of `conv_general_dilated_local` counted) and the
@@ -212,20 +212,28 @@ def choose_steps(flops_per_step: float, peak: float, quick: bool, epoch_steps: i
     return int(np.clip(round(target * peak / 3 / flops_per_step), low, max(low, cap)))
 
 
-def measure_chunks(programs: dict, batches, data, size: int, repeats: int, target_s: float):
+def measure_chunks(programs: dict, batches, data, size: int, lanes: int, repeats: int,
+                   target_s: float):
     """Seconds to train the members of `batches (P, S, B)` as `population.run_group` does on one
-    device: chunks of `size` members one after another, `programs[n] = (compiled, state, hp)` the
-    program of `n` members. Returns (seconds, programs with their states advanced)."""
+    device: chunks of `size` members, `lanes` at a time (`population.concurrently`),
+    `programs[n] = (compiled, states, hp)` the program of `n` members and its states (one per
+    lane, copies added as needed). Returns (seconds, programs with their states advanced)."""
+    parts = [batches[lo:lo + size] for lo in range(0, batches.shape[0], size)]
+
     def chunks(states):
-        states = dict(states)
-        for lo in range(0, batches.shape[0], size):
-            part = batches[lo:lo + size]
-            compiled, _, hp = programs[part.shape[0]]
-            states[part.shape[0]] = compiled(states[part.shape[0]], hp, part, data)[0]
+        states = {n: list(s) for n, s in states.items()}
+        for first in range(0, len(parts), lanes):
+            group = parts[first:first + lanes]
+            outputs = population.concurrently([
+                partial(programs[part.shape[0]][0], states[part.shape[0]][i],
+                        programs[part.shape[0]][2], part, data) for i, part in enumerate(group)])
+            for i, (part, (state, _)) in enumerate(zip(group, outputs)):
+                states[part.shape[0]][i] = state
         return states
 
-    seconds, states = time_calls(chunks, {n: st for n, (_, st, _) in programs.items()},
-                                 repeats, target_s)
+    start = {n: [*st, *(jax.tree.map(jnp.copy, st[0]) for _ in range(lanes - len(st)))]
+             for n, (_, st, _) in programs.items()}
+    seconds, states = time_calls(chunks, start, repeats, target_s)
     return seconds, {n: (c, states[n], hp) for n, (c, _, hp) in programs.items()}
 
 
@@ -257,15 +265,17 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
                 skipped.append({"network": network, "batch_size": b, "population": p,
                                 "error": f"over --max-gflop-per-step {args.max_gflop_per_step}"})
                 break  # larger populations are over it too
-            size = population.plan_chunks(static, p, [device], data.x_train.shape[0],
-                                          population.device_memory(device))
+            n_train, budget = data.x_train.shape[0], population.device_memory(device)
+            lanes = population.cpu_lanes(static, [device], n_train, budget)
+            size = population.plan_chunks(static, p, [device], n_train, budget, lanes)
+            lanes = min(lanes, -(-p // size))
             try:
                 for n in sorted({1, *population.chunk_sizes(p, size, 1)} - set(programs)):
                     compiled, state, hp, compile_s, xla_bytes = build_population(
                         static, hparams, data, n, steps)
-                    programs[n], built[n] = (compiled, state, hp), (compile_s, xla_bytes)
-                batches = member_batches(data.x_train.shape[0], p, steps, b)
-                seconds, programs = measure_chunks(programs, batches, data, size, *timing)
+                    programs[n], built[n] = (compiled, [state], hp), (compile_s, xla_bytes)
+                batches = member_batches(n_train, p, steps, b)
+                seconds, programs = measure_chunks(programs, batches, data, size, lanes, *timing)
             except jax.errors.JaxRuntimeError as e:  # out of memory: record it, go on
                 log(f"  {network} B={b} P={p}: failed: {str(e).splitlines()[0]}")
                 skipped.append({"network": network, "batch_size": b, "population": p,
@@ -276,6 +286,7 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
             samples_s = p * steps * b / seconds
             compile_s, xla_bytes = built[size]
             row = {"network": network, "batch_size": b, "population": p, "chunk_members": size,
+                   "chunk_lanes": lanes,
                    "microbatch": train.microbatch_size(static, device.platform), "steps": steps,
                    "n_params": n_params, "seconds_per_call": seconds,
                    "member_samples_per_s": samples_s, "member_steps_per_s": samples_s / b,
@@ -287,11 +298,12 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
                    "pct_bound": 100 * samples_s / bound["bound_member_samples_per_s"],
                    "pct_bw_bound": 100 * samples_s / b / bound["bw_bound_member_steps_per_s"]}
             if p > 1:
-                seq_s, programs = measure_chunks(programs, batches, data, 1, *timing)
+                seq_s, programs = measure_chunks(programs, batches, data, 1, 1, *timing)
                 row["sequential_samples_per_s"] = p * steps * b / seq_s
                 row["vmap_speedup"] = seq_s / seconds
             rows.append(row)
-            log(f"  {network} B={b} P={p} ({size} per chunk): {samples_s:,.0f} member-samples/s, "
+            log(f"  {network} B={b} P={p} ({size} per chunk, {lanes} at once): "
+                f"{samples_s:,.0f} member-samples/s, "
                 f"{row['pct_matmul_peak']:.1f}% of matmul peak, {row['pct_bound']:.0f}% of its "
                 f"bound ({row['bound']}), compile {compile_s:.1f} s")
     return rows, skipped
@@ -356,19 +368,19 @@ def markdown(result: dict) -> str:
              f"({result['weight_passes']} float32 passes per step) at the memory bandwidth.",
              *[f"LC layers ran as: {name}." for name in
                sorted({r["lc_lowering"] for r in result["rows"] if "lc_lowering" in r})],
-             "A population of P trains in chunks of members one after another, as "
-             "`population.run_group` runs it (on a CPU, as many members as its cache holds); "
-             "speed-up: over the same P members trained one at a time.",
+             "A population of P trains in chunks of members, as `population.run_group` runs "
+             "it (on a CPU, as many members as its cache holds, two chunks at once from two "
+             "threads); speed-up: over the same P members trained one at a time.",
              "Block: the samples of a batch a step works through at a time, summing their "
              "gradients (`train.microbatch_size`).",
-             "", "| net | B | P | per chunk | block | steps | member-samples/s | GFLOP/s | % peak "
-             "| bound | % bound | compile s | XLA MB | high-water growth MB | speed-up |",
-             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
+             "", "| net | B | P | per chunk | at once | block | steps | member-samples/s | GFLOP/s "
+             "| % peak | bound | % bound | compile s | XLA MB | high-water growth MB | speed-up |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|"]
     mb = lambda v: f"{v / 2**20:,.0f}" if v is not None else "-"
     for r in result["rows"]:
         speedup = f"{r['vmap_speedup']:.1f}x" if "vmap_speedup" in r else "-"
         lines.append(f"| {r['network']} | {r['batch_size']} | {r['population']} "
-                     f"| {r['chunk_members']} | {r['microbatch']} "
+                     f"| {r['chunk_members']} | {r.get('chunk_lanes', 1)} | {r['microbatch']} "
                      f"| {r['steps']} "
                      f"| {r['member_samples_per_s']:,.0f} | {r['flop_per_s'] / 1e9:,.1f} "
                      f"| {r['pct_matmul_peak']:.1f} | {r['bound']} | {r['pct_bound']:.0f} "

@@ -5,7 +5,8 @@ member (keys, `Hparams`, `MemberState`, curves) carries it first, and `train.tra
 `vmap`ped over it. The member axis is sharded across the chosen devices with `jax.sharding`
 (the population is padded to a multiple of the device count), and split into chunks run one
 after another when the whole population would not fit the device memory or, on a CPU, its
-last-level cache (`cpu_members_per_chunk`).
+last-level cache (`cpu_members_per_chunk`). A CPU trains two chunks at once, each from a thread
+of its own (`cpu_lanes`): XLA:CPU runs many of a small step's operations on one core.
 
 After every epoch the chunk's state is checkpointed atomically (orbax: every process saves its
 own shards), so `run_group(..., checkpoint=)` resumes an interrupted run from its last completed
@@ -16,6 +17,7 @@ member axis then spans all of them, and every process gets the same numpy result
 import os
 import re
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from functools import cache, partial
@@ -127,16 +129,16 @@ def cpu_cache_bytes() -> int:
     return min(CPU_CACHE_MAX_BYTES, last // 2) if last else CPU_CACHE_MAX_BYTES
 
 
-def cpu_members_per_chunk(static: Static) -> int:
+def cpu_members_per_chunk(static: Static, lanes: int = 1) -> int:
     """How many members a CPU trains together: as many as keep a training step's working set
     (parameters, momentum and gradients, and the batch's activations, float32) within
-    `cpu_cache_bytes()`, at least one. Depends on the static settings and the machine's cache
+    `cpu_cache_bytes()`, shared by the `lanes` chunks that train at once, at least one. Depends on the static settings and the machine's cache
     only, so a command always splits a group the same way on one machine. It counts the whole
     batch even where a step works through it in blocks (`train.microbatch_size`): two CNN
     members at batch 1024 in blocks of 32 trained at 0.8x of one at a time
     (results/bench/NOTES.md §15)."""
     n_params, per_sample = member_sizes(static)
-    return max(1, cpu_cache_bytes() // (4 * (3 * n_params + static.batch_size * per_sample)))
+    return max(1, cpu_cache_bytes() // lanes // (4 * (3 * n_params + static.batch_size * per_sample)))
 
 
 def forward_flops(static: Static) -> float:
@@ -182,11 +184,63 @@ def chunk_size(n_members: int, n_devices: int, member_bytes: int, budget: int,
     return -(-needed // chunks) * n_devices
 
 
-def plan_chunks(static: Static, n_members: int, devices: list, n_train: int, budget: int) -> int:
+def plan_chunks(static: Static, n_members: int, devices: list, n_train: int, budget: int,
+                lanes: int = 1) -> int:
     """Members per chunk (`chunk_size`) for `n_members` of one static group on `devices`, each
-    with `budget` bytes; on a CPU also within its cache (`cpu_members_per_chunk`)."""
-    most = cpu_members_per_chunk(static) if devices[0].platform == "cpu" else None
-    return chunk_size(n_members, len(devices), bytes_per_member(static, n_train), budget, most)
+    with `budget` bytes, shared by the `lanes` chunks that train at once (`cpu_lanes`); on a CPU
+    also within its cache (`cpu_members_per_chunk`)."""
+    most = cpu_members_per_chunk(static, lanes) if devices[0].platform == "cpu" else None
+    return chunk_size(n_members, len(devices), bytes_per_member(static, n_train),
+                      budget // lanes, most)
+
+
+# Chunks a CPU trains at once. A small step's batched dots (FC and CNN members, the LC's layers
+# at batch 16) run on one core each, so a second chunk from a second thread fills the other:
+# on 2 cores, two chunks at once trained 64 FC members 1.6x as fast and two LC members at
+# batch 32 1.2x (results/bench/NOTES.md §20). More lanes on more cores are not measured.
+CPU_LANES = 2
+
+
+def cpu_lane_limit() -> int:
+    """The most chunks a CPU of this machine trains at once: `CPU_LANES`, or its cores (those
+    this process may run on) where fewer."""
+    return min(CPU_LANES, len(os.sched_getaffinity(0)))
+
+
+def cpu_lanes(static: Static, devices: list, n_train: int, budget: int) -> int:
+    """How many chunks of one static group train at once: `cpu_lane_limit()` on one CPU device
+    of this process, where that many members fit `budget` bytes together; else one."""
+    if (len(devices) > 1 or devices[0].platform != "cpu"
+            or devices[0].process_index != jax.process_index()):
+        return 1
+    lanes = cpu_lane_limit()
+    return lanes if lanes * bytes_per_member(static, n_train) <= budget else 1
+
+
+def concurrently(calls: list[Callable]) -> list:
+    """Run `calls` (functions of no arguments returning JAX arrays) at once, each in a thread of
+    its own, and return their results in order, computed. The threads are waited for in Python,
+    so that Ctrl-C and SIGTERM, whose handlers run only in Python code, stop the caller at once.
+    One call runs in this thread, dispatched only (`_wait` for its result)."""
+    if len(calls) == 1:
+        return [calls[0]()]
+    results, errors = [None] * len(calls), []
+
+    def run(i):
+        try:
+            results[i] = jax.block_until_ready(calls[i]())
+        except BaseException as e:  # raised again in the caller's thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(i,), daemon=True) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        while t.is_alive():
+            t.join(0.05)
+    if errors:
+        raise errors[0]
+    return results
 
 
 def chunk_sizes(n_members: int, size: int, n_devices: int) -> list[int]:
@@ -286,7 +340,9 @@ def _load_done(path: Path, warn: Callable) -> dict | None:
 def _wait(tree, poll_s: float = 0.05):
     """`tree` once computed, waited for in Python: a blocking wait inside XLA would hold off
     Ctrl-C and SIGTERM, whose handlers run only in Python code, for a whole epoch."""
-    while not all(x.is_ready() for x in jax.tree.leaves(tree)):
+    leaves = [jax.random.key_data(x) if jnp.issubdtype(x.dtype, jax.dtypes.prng_key) else x
+              for x in jax.tree.leaves(tree)]
+    while not all(x.is_ready() for x in leaves):
         time.sleep(poll_s)
     return tree
 
@@ -308,8 +364,9 @@ class GroupResult:
     test_probs: np.ndarray  # float32 (M, N_test, 10): the final softmax on the test set
     # float32 (M, len(attacks.ATTACKS), len(eps)): accuracy under attack; (M, 0, 0) without
     robust: np.ndarray
-    chunks: int             # the chunks of members trained one after another
+    chunks: int             # the chunks of members, trained `lanes` at a time
     chunk_members: int      # members per chunk (padding to a multiple of the devices included)
+    lanes: int = 1          # chunks trained at once (`cpu_lanes`)
 
 
 def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
@@ -318,12 +375,14 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
               on_epoch: Callable | None = None, on_step: Callable | None = None,
               warn: Callable = print) -> "GroupResult":
     """Train the members `(keys, hps)` (leading axis `MEMBER_AXIS`) of one static group and
-    return their `GroupResult`. `on_epoch(info)` is
-    called after each epoch with a dict (epoch, epochs, members, chunk, chunks, seconds,
-    members_per_device: how the member axis of the parameters is laid out over the devices).
-    `on_step(info)`, if given, is called from inside each epoch (`train.train_steps`) about
-    every `STEP_CALL_SECONDS` (the first epoch: every sixteenth of its steps) with a dict
-    (epoch, epochs, step, steps, members, chunk, chunks, seconds since the epoch began).
+    return their `GroupResult`. Chunks train `cpu_lanes` at a time, each epoch of the chunks
+    training at once together. `on_epoch(info)` is called after each chunk's epoch with a dict
+    (epoch, epochs, members, chunk, chunks, lanes: the chunks training at once, seconds: their
+    epoch's, members_per_device: how the member axis of the parameters is laid out over the
+    devices). `on_step(info)`, if given, is called from inside each epoch (`train.train_steps`)
+    about every `STEP_CALL_SECONDS` (the first epoch: every sixteenth of its steps) with a dict
+    (epoch, epochs, step, steps, members: of the chunks training at once, chunk: the first of
+    them, chunks, lanes, seconds since the epoch began).
     With `checkpoint` (a folder on a file system every process sees), each chunk's state is
     saved after every epoch and a run that finds one resumes from it; a finished chunk keeps only
     its results, written by the first of the processes that trained it. A damaged checkpoint is
@@ -333,30 +392,33 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
     # The processes whose devices train this group; the first writes its finished chunks.
     processes = sorted({d.process_index for d in devices})
     n_members = keys.shape[MEMBER_AXIS]
+    n_train = data.x_train.shape[0]
     budget = memory_budget or device_memory(jax.local_devices()[0])
-    size = plan_chunks(static, n_members, devices, data.x_train.shape[0], budget)
+    lanes = cpu_lanes(static, devices, n_train, budget)
+    size = plan_chunks(static, n_members, devices, n_train, budget, lanes)
     n_chunks = -(-n_members // size)
+    lanes = min(lanes, n_chunks)
     mesh = Mesh(np.array(devices), ("member",))
     by_member = NamedSharding(mesh, PartitionSpec("member"))
     replicated = NamedSharding(mesh, PartitionSpec())
     data = distributed.put(data, replicated)
-    n_train = data.x_train.shape[0]
     n_metrics = len(train.metric_names(data.x_val is not None))
 
     init = jax.jit(jax.vmap(partial(train.init_member, static, n_train=n_train)),
                    out_shardings=by_member)
     steps = n_train // static.batch_size
     # Where the running epoch is, for `on_step`: set here, read by the callback from the loop.
-    running = {"epoch": 0, "chunk": 0, "members": 0, "t0": 0.0, "step": 0}
+    running = {"epoch": 0, "chunk": 0, "members": 0, "lanes": 1, "t0": 0.0, "step": 0}
 
     def tick(step):
         step = int(step)
         if step <= running["step"]:
-            return  # each device calls back; report each step once
+            return  # each device, and each chunk training at once, calls back; report once
         running["step"] = step
         on_step({"epoch": running["epoch"], "epochs": static.epochs, "step": step,
                  "steps": steps, "members": running["members"], "chunk": running["chunk"],
-                 "chunks": n_chunks, "seconds": time.perf_counter() - running["t0"]})
+                 "chunks": n_chunks, "lanes": running["lanes"],
+                 "seconds": time.perf_counter() - running["t0"]})
 
     epoch_fn = jax.jit(jax.vmap(partial(train.train_epoch, static,
                                         on_step=tick if on_step else None),
@@ -373,14 +435,17 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         return probs, robust
 
     final = jax.jit(jax.vmap(final_eval))
-    results, compiled, inits = [], {}, {}  # programs per padded chunk size
-    for c, padded in enumerate(chunk_sizes(n_members, size, len(devices))):
+    results, compiled, inits = {}, {}, {}  # results by chunk; programs per padded chunk size
+
+    def start(c: int, padded: int) -> dict | None:
+        """Chunk `c` ready to train (its state initialized or restored, its program compiled),
+        or None where it finished before (its results kept)."""
         lo, hi = c * size, min((c + 1) * size, n_members)
         done_path = checkpoint / f"chunk{c}.done.npz" if checkpoint else None
         done = _load_done(done_path, warn) if done_path and done_path.exists() else None
         if done is not None:
-            results.append(done)
-            continue
+            results[c] = done
+            return None
         k_chunk = distributed.put(_pad(keys[lo:hi], padded), by_member)
         hp_chunk = distributed.put(_pad(jax.tree.map(lambda x: x[lo:hi], hps), padded), by_member)
         if padded not in inits:
@@ -395,28 +460,22 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         if padded not in compiled:  # ahead, so that an epoch's clock times training only
             compiled[padded] = epoch_fn.lower(state, hp_chunk, data, jnp.int32(every)).compile(
                 train.compiler_options(devices[0].platform))
-        for epoch in range(int(distributed.to_host(state.epoch)[0]), static.epochs):
-            t0 = time.perf_counter()
-            running.update(epoch=epoch + 1, chunk=c + 1, members=hi - lo, t0=t0, step=0)
-            state, metrics = compiled[padded](state, hp_chunk, data, jnp.int32(every))
-            curves[:, epoch] = distributed.to_host(_wait(metrics))
-            # Space the next epoch's calls from this one's pace (a traced count: same program).
-            every = max(1, int(steps * STEP_CALL_SECONDS / (time.perf_counter() - t0)))
-            if manager:
-                _save_epoch(manager, epoch + 1, state, curves)
-            if on_epoch:
-                leaf = jax.tree.leaves(state.params)[0]
-                on_epoch({"epoch": epoch + 1, "epochs": static.epochs, "members": hi - lo,
-                          "chunk": c + 1, "chunks": n_chunks,
-                          "seconds": time.perf_counter() - t0,
-                          "members_per_device": [s.data.shape[MEMBER_AXIS]
-                                                 for s in leaf.addressable_shards]})
-        probs, robust = final(state, hp_chunk)
-        out = {"curves": curves[: hi - lo],
-               **{k: distributed.to_host(v)[: hi - lo] for k, v in
-                  (("diverged", state.diverged), ("test_probs", probs), ("robust", robust))}}
-        if done_path:
-            manager.close()
+        return {"c": c, "lo": lo, "hi": hi, "padded": padded, "hp": hp_chunk, "state": state,
+                "curves": curves, "manager": manager, "done_path": done_path,
+                "epoch": int(distributed.to_host(state.epoch)[0])}
+
+    def finish(lane: dict) -> None:
+        """The final evaluation of a trained chunk, its results kept (and written, with a
+        checkpoint, in place of its per-epoch checkpoints)."""
+        c, n = lane["c"], lane["hi"] - lane["lo"]
+        probs, robust = final(lane["state"], lane["hp"])
+        out = {"curves": lane["curves"][:n],
+               **{k: distributed.to_host(v)[:n] for k, v in
+                  (("diverged", lane["state"].diverged), ("test_probs", probs),
+                   ("robust", robust))}}
+        if lane["done_path"]:
+            done_path = lane["done_path"]
+            lane["manager"].close()
             if jax.process_index() == processes[0]:
                 tmp = done_path.with_name(done_path.name + ".tmp")
                 with open(tmp, "wb") as f:
@@ -425,7 +484,45 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
                 shutil.rmtree(checkpoint / f"chunk{c}")
             if len(processes) > 1:
                 distributed.barrier(f"{checkpoint}/chunk{c} done")
-        results.append(out)
-        del state
+        results[c] = out
+
+    # Chunks in order, `lanes` at a time: each round trains one epoch of every running chunk
+    # at once; a finished chunk makes room for the next.
+    waiting, running_lanes = list(enumerate(chunk_sizes(n_members, size, len(devices)))), []
+    while waiting or running_lanes:
+        while waiting and len(running_lanes) < lanes:
+            lane = start(*waiting.pop(0))
+            if lane is not None:
+                running_lanes.append(lane)
+        for lane in [lane for lane in running_lanes if lane["epoch"] >= static.epochs]:
+            finish(lane)
+            running_lanes.remove(lane)
+        if not running_lanes:
+            continue
+        t0 = time.perf_counter()
+        first = running_lanes[0]
+        running.update(epoch=first["epoch"] + 1, chunk=first["c"] + 1, t0=t0, step=0,
+                       members=sum(lane["hi"] - lane["lo"] for lane in running_lanes),
+                       lanes=len(running_lanes))
+        outputs = _wait(concurrently([partial(compiled[lane["padded"]], lane["state"],
+                                              lane["hp"], data, jnp.int32(every))
+                                      for lane in running_lanes]))
+        seconds = time.perf_counter() - t0
+        # Space the next epoch's calls from this one's pace (a traced count: same program).
+        every = max(1, int(steps * STEP_CALL_SECONDS / seconds))
+        for lane, (state, metrics) in zip(running_lanes, outputs):
+            lane["state"], epoch = state, lane["epoch"]
+            lane["curves"][:, epoch] = distributed.to_host(metrics)
+            lane["epoch"] = epoch + 1
+            if lane["manager"]:
+                _save_epoch(lane["manager"], epoch + 1, state, lane["curves"])
+            if on_epoch:
+                leaf = jax.tree.leaves(state.params)[0]
+                on_epoch({"epoch": epoch + 1, "epochs": static.epochs,
+                          "members": lane["hi"] - lane["lo"], "chunk": lane["c"] + 1,
+                          "chunks": n_chunks, "lanes": len(running_lanes), "seconds": seconds,
+                          "members_per_device": [s.data.shape[MEMBER_AXIS]
+                                                 for s in leaf.addressable_shards]})
+    results = [results[c] for c in range(n_chunks)]
     return GroupResult(**{k: np.concatenate([r[k] for r in results]) for k in results[0]},
-                       chunks=n_chunks, chunk_members=size)
+                       chunks=n_chunks, chunk_members=size, lanes=lanes)

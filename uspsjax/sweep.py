@@ -76,14 +76,17 @@ def fingerprint(sweep: Sweep, overrides: dict, data_hash: str, devices,
     """What a checkpoint must match to be resumed, part by part (`FINGERPRINT_PARTS`): the
     sweep file, the overrides, the data's content, the versions that decide the numbers, what
     decides where each group trains and how it is split into chunks (the processes, devices,
-    memory budget, on a CPU the cache a chunk keeps within, and placement), and the shard."""
+    memory budget, on a CPU the cache a chunk keeps within and the chunks trained at once, and
+    placement), and the shard."""
     import jax
     from uspsjax import population
     device = jax.local_devices()[0]
     layout = {"processes": jax.process_count(), "devices": len(devices or jax.devices()),
               "memory_budget": memory_budget or population.device_memory(device),
-              "cpu_cache_bytes": population.cpu_cache_bytes() if device.platform == "cpu" else None,
               "placement": placement}
+    if device.platform == "cpu":
+        layout.update(cpu_cache_bytes=population.cpu_cache_bytes(),
+                      cpu_lanes=population.cpu_lane_limit())
     versions = environment()[1]
     return {"sweep": sweep.text, "overrides": overrides, "data": data_hash,
             "versions": {k: versions[k] for k in NUMERIC_VERSIONS}, "layout": layout,
@@ -241,15 +244,20 @@ def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True
             if "step" in info and now - last["line"] < LIVE_SECONDS:
                 return
             last["line"] = now
-            done = ((info["chunk"] - 1) * info["epochs"] + info["epoch"] - 1) * steps + step
+            # Chunk-steps: the chunks before, and those training at once (`lanes`) in step.
+            lanes, first = info.get("lanes", 1), info["chunk"]
+            done = ((first - 1) * info["epochs"] * steps
+                    + lanes * ((info["epoch"] - 1) * steps + step))
             total = info["chunks"] * info["epochs"] * steps
             rate = step / info["seconds"]  # steps per second in this epoch
-            chunk = f" chunk {info['chunk']}/{info['chunks']}" if info["chunks"] > 1 else ""
+            chunk = (f" chunks {first}-{first + lanes - 1}/{info['chunks']}"
+                     if "step" in info and lanes > 1 else
+                     f" chunk {first}/{info['chunks']}" if info["chunks"] > 1 else "")
             where = (f"epoch {info['epoch']}/{info['epochs']}" if "step" not in info else
                      f"epoch {info['epoch']}/{info['epochs']} step {step}/{steps}")
             log(f"  [{g + 1}/{len(groups)}] {label}{chunk}: {where}, {info['members']} members, "
                 f"{info['members'] * batch * rate:,.0f} samples/s, "
-                f"~{(total - done) / rate:.0f} s left")
+                f"~{max(0, total - done) / (rate * lanes):.0f} s left")
 
         ckpt = ckpt_root / f"group{g}" if ckpt_root else None
         if ckpt:
@@ -261,7 +269,8 @@ def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True
         wall = time.perf_counter() - t0
         if res.chunks > 1:
             log(f"  [{g + 1}/{len(groups)}] {label}: ran as {res.chunks} chunks of "
-                f"{res.chunk_members} members (to fit the memory or, on a CPU, the cache)")
+                f"{res.chunk_members} members, {res.lanes} at a time (to fit the memory or, on "
+                f"a CPU, the cache)")
         curves[idx, : static.epochs] = res.curves
         diverged[idx] = res.diverged
         probs[idx] = res.test_probs
