@@ -5,14 +5,14 @@
 
 Each row times S training steps (`train.train_step` under `lax.scan`, each member on its own
 shuffle of real data) of P members, after a warm-up call, as `population.run_group` runs them:
-jitted programs vmapped over chunks of members (`population.plan_chunks`: on a CPU, as many
-members as its cache holds, and `population.cpu_lanes` chunks at once). It reports member-samples/s, achieved FLOP/s from
-an analytic count, compile time, memory, the share of the matmul peak, the bound that applies to
-the row (`row_bound`: the matmul peak, or the weight traffic of ~9 passes per step, or on CPU the
-matmul peak with the grouped patch convolutions of `conv_general_dilated_local` counted) and the
-share of it reached, and for P > 1 the speed-up over the same P members trained one at a time
-with the P=1 program. Peaks are measured in the same run. LC rows record the lowering their
-layers ran (`--lc-lowering`, the static setting `lc_lowering`); every row the samples a step
+jitted programs vmapped over chunks of members (`population.plan_chunks`: on a CPU, as many members
+as its cache holds, and `population.cpu_lanes` chunks at once). It reports member-samples/s,
+achieved FLOP/s from an analytic count, compile time, memory, the share of the matmul peak, the
+bound that applies to the row (`row_bound`: the matmul peak, or the weight traffic of ~9 passes per
+step, or on CPU the matmul peak with the grouped patch convolutions of `conv_general_dilated_local`
+counted) and the share of it reached, and for P > 1 the speed-up over the same P members trained
+one at a time with the P=1 program. Peaks are measured in the same run. LC rows record the lowering
+their layers ran (`--lc-lowering`, the static setting `lc_lowering`); every row the samples a step
 works through at a time (`--microbatch`, `train.microbatch_size`).
 Writes `OUT/<device>.json` and `OUT/<device>.md` and prints the table.
 """

@@ -132,13 +132,15 @@ def cpu_cache_bytes() -> int:
 def cpu_members_per_chunk(static: Static, lanes: int = 1) -> int:
     """How many members a CPU trains together: as many as keep a training step's working set
     (parameters, momentum and gradients, and the batch's activations, float32) within
-    `cpu_cache_bytes()`, shared by the `lanes` chunks that train at once, at least one. Depends on the static settings and the machine's cache
-    only, so a command always splits a group the same way on one machine. It counts the whole
+    `cpu_cache_bytes()`, shared by the `lanes` chunks that train at once, at least one. Depends
+    on the static settings and the machine's cache only, so a command always splits a group the
+    same way on one machine. It counts the whole
     batch even where a step works through it in blocks (`train.microbatch_size`): two CNN
     members at batch 1024 in blocks of 32 trained at 0.8x of one at a time
     (results/bench/NOTES.md §15)."""
     n_params, per_sample = member_sizes(static)
-    return max(1, cpu_cache_bytes() // lanes // (4 * (3 * n_params + static.batch_size * per_sample)))
+    step_bytes = 4 * (3 * n_params + static.batch_size * per_sample)
+    return max(1, cpu_cache_bytes() // lanes // step_bytes)
 
 
 def forward_flops(static: Static) -> float:
