@@ -185,6 +185,7 @@ DEVICES_CLI = textwrap.dedent("""
         return run_group(*args, on_epoch=record, **kwargs)
 
     population.run_group = recording
+    population.cpu_lane_limit = lambda: 1  # one chunk at a time: the layout is the devices' alone
     for n in (1, 2):
         argv = sys.argv[1:] + ["--devices", n, "--out", f"out{n}", "--checkpoints", f"ck{n}"]
         assert sweep.main([str(a) for a in argv]) == 0
