@@ -8,7 +8,8 @@ import pytest
 from uspsjax.models import (FEW_ROWS, LC_LOWERING_NAMES, NETWORKS, OUTER_SUM_ROWS,
                             PRODUCT_FORWARD_ROWS, LocallyConnected1D, conv2d, count_params,
                             draw_kernel, lc_lowering_name, locally_connected,
-                            locally_connected_reference, locally_connected_sliced, max_pool_2x2, parse_init, valid_patches)
+                            locally_connected_reference, locally_connected_sliced,
+                            max_pool_2x2, parse_init, valid_patches)
 from uspsjax.train import Static, forward, init_params, make_hparams
 
 # The study's Keras summaries, layer by layer.
