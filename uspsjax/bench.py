@@ -266,9 +266,7 @@ def bench_network(network: str, batch_sizes, populations, data, device, peaks, b
                                 "error": f"over --max-gflop-per-step {args.max_gflop_per_step}"})
                 break  # larger populations are over it too
             n_train, budget = data.x_train.shape[0], population.device_memory(device)
-            lanes = population.cpu_lanes(static, [device], n_train, budget)
-            size = population.plan_chunks(static, p, [device], n_train, budget, lanes)
-            lanes = min(lanes, -(-p // size))
+            size, lanes = population.plan_group(static, p, [device], n_train, budget)
             try:
                 for n in sorted({1, *population.chunk_sizes(p, size, 1)} - set(programs)):
                     compiled, state, hp, compile_s, xla_bytes = build_population(

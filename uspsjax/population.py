@@ -219,6 +219,15 @@ def cpu_lanes(static: Static, devices: list, n_train: int, budget: int) -> int:
     return lanes if lanes * bytes_per_member(static, n_train) <= budget else 1
 
 
+def plan_group(static: Static, n_members: int, devices: list, n_train: int,
+               budget: int) -> tuple[int, int]:
+    """How `n_members` of one static group train on `devices` with `budget` bytes each: members
+    per chunk (`plan_chunks`) and chunks at once (`cpu_lanes`, at most the chunks there are)."""
+    lanes = cpu_lanes(static, devices, n_train, budget)
+    size = plan_chunks(static, n_members, devices, n_train, budget, lanes)
+    return size, min(lanes, -(-n_members // size))
+
+
 def concurrently(calls: list[Callable]) -> list:
     """Run `calls` (functions of no arguments returning JAX arrays) at once, each in a thread of
     its own, and return their results in order, computed. The threads are waited for in Python,
@@ -396,10 +405,8 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
     n_members = keys.shape[MEMBER_AXIS]
     n_train = data.x_train.shape[0]
     budget = memory_budget or device_memory(jax.local_devices()[0])
-    lanes = cpu_lanes(static, devices, n_train, budget)
-    size = plan_chunks(static, n_members, devices, n_train, budget, lanes)
+    size, lanes = plan_group(static, n_members, devices, n_train, budget)
     n_chunks = -(-n_members // size)
-    lanes = min(lanes, n_chunks)
     mesh = Mesh(np.array(devices), ("member",))
     by_member = NamedSharding(mesh, PartitionSpec("member"))
     replicated = NamedSharding(mesh, PartitionSpec())
