@@ -33,6 +33,15 @@ def assert_params_match(a, b) -> None:
         np.testing.assert_allclose(x, y, rtol=PARAM_RTOL, atol=PARAM_ATOL)
 
 
+def initial_params(static, key, init_scale=1.0):
+    """`init_params(static, key, init_scale)` computed as the engine computes a member's
+    initialization (one program, compiled once: `train.init_members`), not op by op, which
+    compiles each random draw at full optimization."""
+    from uspsjax.train import init_members, make_hparams
+    state = init_members(static, key, make_hparams(init_scale=init_scale), 1)
+    return state.params, state.batch_stats
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """One persistent XLA compilation cache for the whole suite (every pytest-xdist worker,

@@ -17,8 +17,8 @@ from test_population import env as population_env, saved_epochs
 from uspsjax import data, distributed, grid, results, sweep
 from uspsjax.errors import InputError
 
-# Batch 8 on the full training set: epochs long enough (~1-2 s) to kill a process between two.
-# Across device layouts, batch 32 on the 1,024-image subset (96 steps) stays within float32
+# Batch 8: epochs long enough to kill a process between two (~1-2 s on the full training set,
+# a few tenths of a second on the 1,024-image subset, where a test runs more of them). Across device layouts, batch 32 on the 1,024-image subset (96 steps) stays within float32
 # rounding (~1e-7); at batch 8 (384 steps) one member in six once grew it to 1e-3 (SGD
 # amplifies rounding like any perturbation; on one process too).
 SWEEP = """
@@ -90,9 +90,10 @@ def own(text: str) -> list[str]:
     return [line for line in text.splitlines() if not line.startswith("[Gloo]")]
 
 
-def sweep_file(folder, batch_size: int = 8):
+def sweep_file(folder, batch_size: int = 8, epochs: int = 3):
     path = folder / "spread.toml"
-    path.write_text(SWEEP.replace("batch_size = 8", f"batch_size = {batch_size}"))
+    path.write_text(SWEEP.replace("batch_size = 8", f"batch_size = {batch_size}")
+                    .replace("epochs = 3", f"epochs = {epochs}"))
     return path
 
 
@@ -173,14 +174,15 @@ def test_whole_groups_placed_on_processes_equal_one_device(tmp_path, subset_h5):
     np.testing.assert_allclose(a.test_probs, b.test_probs, atol=1e-3)
 
 
-def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path, shared_h5):
-    path = sweep_file(tmp_path)
-    whole = finish(launch(shared_h5, path, [tmp_path / "whole0", tmp_path / "whole1"],
+def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path, subset_h5):
+    # 8 epochs of 128 steps on the subset: 7 left to be killed in once the first is saved.
+    path = sweep_file(tmp_path, epochs=8)
+    whole = finish(launch(subset_h5, path, [tmp_path / "whole0", tmp_path / "whole1"],
                           tmp_path / "ck_whole"))
     assert [r[0] for r in whole] == [0, 0], whole[0][2] + whole[1][2]
     ck = tmp_path / "ck"
     outs = [tmp_path / "out0", tmp_path / "out1"]
-    procs = launch(shared_h5, path, outs, ck)
+    procs = launch(subset_h5, path, outs, ck)
     wait_for_checkpoint(ck, procs)
     procs[1].send_signal(signal.SIGKILL)
     # The survivor stops by itself once the runtime misses process 1's heartbeats
@@ -192,11 +194,11 @@ def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path
     port = free_port()
     resumed = finish([subprocess.Popen(
         sweep_cmd(path, out, ck, "--distributed", "--resume"),
-        env={**env(shared_h5, 2), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
+        env={**env(subset_h5, 2), "JAX_COORDINATOR_ADDRESS": f"127.0.0.1:{port}",
              "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": str(i)},
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, out in enumerate(outs)])
     assert [r[0] for r in resumed] == [0, 0], resumed[0][2] + resumed[1][2]
-    assert "epoch 1/3" not in resumed[0][2]  # it went on from the checkpoint
+    assert "epoch 1/8" not in resumed[0][2]  # it went on from the checkpoint
     # The same program on the same machine, resumed from a checkpoint: bit for bit.
     a, b = read(tmp_path / "whole0"), read(outs[0])
     np.testing.assert_array_equal(a.curves, b.curves)

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import initial_params
 from uspsjax.models import (FEW_ROWS, LC_LOWERING_NAMES, NETWORKS, OUTER_SUM_ROWS,
                             PRODUCT_FORWARD_ROWS, LocallyConnected1D, conv2d, count_params,
                             draw_kernel, lc_lowering_name, locally_connected,
@@ -130,7 +131,7 @@ def test_sliced_lowering_equals_conv_general_dilated_local(channels, batch):
 
 
 def test_lc_network_lowerings_agree_in_value_and_gradient():
-    params, _ = init_params(Static(network="lc"), jax.random.key(0), 1.0)
+    params, _ = initial_params(Static(network="lc"), jax.random.key(0))
     x = jax.random.uniform(jax.random.key(1), (3, 256))
     hp = make_hparams(l1=1e-3)
 
@@ -154,7 +155,7 @@ def test_lc_activity_penalty_is_per_sample():
     # Two copies of one image cost what one does (Keras divides by the batch size, and the
     # LC net's activations run batch second).
     static = Static(network="lc", l1_at="hidden")
-    params, _ = init_params(static, jax.random.key(0), 1.0)
+    params, _ = initial_params(static, jax.random.key(0))
     x = jax.random.uniform(jax.random.key(1), (1, 256))
     penalty = lambda x: forward(static, params, {}, x, make_hparams(), train=False)[2]
     np.testing.assert_allclose(penalty(jnp.concatenate([x, x])), penalty(x), rtol=1e-5)
@@ -220,7 +221,7 @@ def test_glorot_uniform_fans():
 
 
 def test_constant_init_scales_ones():
-    params, _ = init_params(Static(network="fc", init="constant"), jax.random.key(0), 0.01)
+    params, _ = initial_params(Static(network="fc", init="constant"), jax.random.key(0), 0.01)
     for layer in params.values():
         np.testing.assert_array_equal(layer["kernel"], np.float32(0.01))
         np.testing.assert_array_equal(layer["bias"], 0.0)

@@ -8,17 +8,16 @@ import sys
 import textwrap
 from functools import partial
 
-import h5py
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.extend.core import jaxprs_in_params
 
-from conftest import assert_curves_match
+from conftest import assert_curves_match, initial_params
 from uspsjax import population, results, sweep
-from uspsjax.train import (Data, Static, forward, init_member, init_params, make_hparams,
-                           make_train, train_step)
+from uspsjax.train import (Data, Static, forward, init_members, make_hparams, train_members,
+                           train_step)
 
 
 def write_sweep(folder, name, networks=("fc",), axes="", seeds=1):
@@ -76,7 +75,7 @@ def test_pgd_training_reaches_the_cnn_update(small):
     x, y, key = small.x_train[:32], small.y_train[:32], jax.random.key(1)
     hps = [make_hparams(lr=0.05, adv_eps=e, dropout_conv=0.25, dropout_dense=0.5)
            for e in (0.0, 0.1)]
-    state = init_member(static, jax.random.key(0), hps[0], 512)
+    state = init_members(static, jax.random.key(0), hps[0], 512)
     step = jax.jit(partial(train_step, static))
     (a, loss_a, _, ok_a), (b, loss_b, _, ok_b) = (step(state, hp, x, y, key) for hp in hps)
     assert ok_a and ok_b and float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
@@ -123,7 +122,7 @@ def matmul_operand_dtypes(jaxpr) -> set:
 @pytest.mark.parametrize("network", ["fc", "cnn", "lc"])
 def test_bfloat16_computes_in_bfloat16(small, network):
     x, hp = small.x_test[:64], make_hparams()
-    params, stats = init_params(Static(network=network), jax.random.key(0), 1.0)
+    params, stats = initial_params(Static(network=network), jax.random.key(0))
     logits, dtypes = {}, {}
     for dtype in ("float32", "bfloat16"):
         static = Static(network=network, dtype=dtype)
@@ -139,7 +138,7 @@ def test_bfloat16_computes_in_bfloat16(small, network):
 def test_bfloat16_training_step_computes_in_bfloat16(small):
     static = Static(network="fc", dtype="bfloat16", batch_size=16)
     hp = make_hparams(lr=0.01)
-    state = init_member(static, jax.random.key(0), hp, 512)
+    state = init_members(static, jax.random.key(0), hp, 512)
     step = partial(train_step, static)
     args = (state, hp, small.x_train[:16], small.y_train[:16], jax.random.key(1))
     assert matmul_operand_dtypes(jax.make_jaxpr(step)(*args).jaxpr) == {"bfloat16"}
@@ -217,8 +216,8 @@ def test_batchnorm_after_the_activation_trains(small, network):
     static = Static(network=network, batchnorm="after", bn_momentum=0.9, epochs=2,
                     batch_size=32)
     hp, key = make_hparams(lr=0.05, momentum=0.9), jax.random.key(0)
-    start = init_member(static, key, hp, small.x_train.shape[0])
-    state, curves = jax.jit(make_train(static, small))(key, hp)
+    start = init_members(static, key, hp, small.x_train.shape[0])
+    state, curves = train_members(static, small, key, hp)
     curves = np.asarray(curves)
     assert np.all(np.isfinite(curves)) and int(state.diverged) == 0
     assert curves[1, 0] < curves[0, 0] < np.log(10)  # train loss falls from chance

@@ -15,14 +15,15 @@ from conftest import assert_curves_match
 from uspsjax import machine, population, results
 from uspsjax.train import Static, make_hparams
 
-# On the 1,024-image subset: 128 steps an epoch (~0.5 s for the 6 members), so after the 2
-# epochs a test waits for, 28 are left (~15 s), as many seconds as 4 epochs of the full set.
+# On the 1,024-image subset: 128 steps an epoch (0.6-0.8 s for the 6 members on a 2-core
+# Xeon), so after the 2 epochs a test waits for, 10 are left (~7 s) to be interrupted in, while
+# the test polls every 0.2 s.
 SLOW = """
 name = "slow"
 networks = ["fc"]
 seeds = 3
 [base]
-epochs = 30
+epochs = 12
 batch_size = 8
 lr = 0.01
 momentum = 0.9
@@ -164,7 +165,7 @@ def test_chunks_trained_at_once_equal_one_after_another_bit_for_bit(small, monke
     # The same chunks (2 + 2 + 1 members), two at a time from two threads or one at a time:
     # the same programs on the same machine, so the same bits.
     monkeypatch.setattr(population, "cpu_cache_bytes", lambda: 2**40)
-    static = Static(network="cnn", epochs=2, batch_size=16)
+    static = Static(network="fc", epochs=2, batch_size=16)
     keys = jnp.stack([population.member_key(s) for s in range(5)])
     hps = population.stack([make_hparams(lr=0.01 * (1 + i)) for i in range(5)])
     member = population.bytes_per_member(static, small.x_train.shape[0])

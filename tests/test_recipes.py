@@ -6,11 +6,10 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from uspsjax import train
-from uspsjax.train import Static, init_member, make_hparams, train_step
+from uspsjax.train import Static, make_hparams, train_step
 
 IMAGE = np.arange(256, dtype=np.float32).reshape(1, 256) / 255
 
@@ -55,7 +54,7 @@ def test_weight_decay_adds_its_share_of_the_weights_to_the_step(small):
     steps, step = {}, jax.jit(partial(train_step, static))  # one program for both
     for wd in (0.0, 0.1):
         hp = make_hparams(lr=0.5, weight_decay=wd)
-        state = init_member(static, jax.random.key(0), hp, 512)
+        state = train.init_members(static, jax.random.key(0), hp, 512)
         new, *_ = step(state, hp, x, y, jax.random.key(1))
         steps[wd] = (state.params, new.params)
     (p0, plain), (_, decayed) = steps[0.0], steps[0.1]
@@ -75,13 +74,11 @@ def test_a_recipe_member_trains_and_vmaps_like_a_single_run(small, settings):
     static = Static(network="fc", batch_size=32, epochs=2, **settings)
     hps = [make_hparams(lr=0.05, momentum=0.9, rotate=10.0, scale=0.1, weight_decay=1e-3,
                         label_smoothing=ls) for ls in (0.0, 0.1)]
-    run = train.make_train(static, small)
     keys = jnp.stack([jax.random.key(0), jax.random.key(1)])
     stacked = jax.tree.map(lambda *v: jnp.stack(v), *hps)
-    _, curves = jax.jit(jax.vmap(run))(keys, stacked)
-    single_run = jax.jit(run)  # one program for both members
+    _, curves = train.train_members(static, small, keys, stacked)
     for i, hp in enumerate(hps):
-        _, single = single_run(keys[i], hp)
+        _, single = train.train_members(static, small, keys[i], hp)
         assert_curves_match(curves[i], single, small.x_test.shape[0])
     # It learns (one-cycle spends its first epoch warming up: 2 epochs reach ~50 %).
     assert np.all(np.isfinite(curves)) and np.all(curves[:, -1, 0] < curves[:, 0, 0])

@@ -9,19 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_curves_match, assert_params_match
+from conftest import assert_curves_match, assert_params_match, initial_params
 from uspsjax import population
 from uspsjax.population import cpu_lane_limit
 from uspsjax.models import FC, dropout
 from uspsjax.sweep import environment
-from uspsjax.train import (Hparams, Static, compiler_options, forward, init_member, init_params,
+from uspsjax.train import (Hparams, Static, compiler_options, forward, init_member, init_members,
                            make_hparams, make_train, microbatch_rule, microbatch_size,
-                           shift_images, train_epoch, train_step)
+                           shift_images, train_epoch, train_members, train_step)
 
 
 def single_runs(static, data, keys, hps):
-    train = jax.jit(make_train(static, data))
-    return [train(k, hp) for k, hp in zip(keys, hps)]
+    return [train_members(static, data, k, hp) for k, hp in zip(keys, hps)]
 
 
 @pytest.mark.parametrize("static", [
@@ -34,8 +33,7 @@ def test_vmapped_member_equals_its_single_run(small, static):
     keys = [jax.random.key(s) for s in range(3)]
     hps = [make_hparams(lr=lr, momentum=m, dropout_conv=0.25, dropout_dense=0.5)
            for lr, m in [(0.01, 0.9), (0.05, 0.0), (0.001, 0.5)]]
-    states, curves = jax.jit(jax.vmap(make_train(static, small)))(
-        jnp.stack(keys), population.stack(hps))
+    states, curves = train_members(static, small, jnp.stack(keys), population.stack(hps))
     for i, (state, curve) in enumerate(single_runs(static, small, keys, hps)):
         assert_curves_match(curves[i], curve, small.x_test.shape[0])
         assert_params_match(jax.tree.map(lambda x: x[i], states.params), state.params)
@@ -51,7 +49,7 @@ def test_vmapped_member_equals_its_single_run(small, static):
 def test_a_batch_in_blocks_trains_as_the_whole_batch(small, static, block, hp):
     """Gradients summed over blocks, each block with its rows of the batch's dropout masks:
     the whole batch's training to float32 rounding (other masks would change the curves)."""
-    runs = [jax.jit(make_train(replace(static, microbatch=m), small))(jax.random.key(3), hp)
+    runs = [train_members(replace(static, microbatch=m), small, jax.random.key(3), hp)
             for m in (static.batch_size, block)]
     (whole, whole_curves), (blocks, block_curves) = runs
     assert_curves_match(block_curves, whole_curves, small.x_test.shape[0])
@@ -106,7 +104,7 @@ def frozen_parts(state):
 def test_divergent_member_is_never_updated_again(small, batchnorm, hp):
     static = Static(network="fc", batch_size=16, epochs=3, batchnorm=batchnorm)
     step = jax.jit(partial(train_step, static))
-    state = init_member(static, jax.random.key(0), hp, 512)
+    state = init_members(static, jax.random.key(0), hp, 512)
     frozen, steps = None, 12
     for i in range(steps):
         x, y = small.x_train[16 * i: 16 * (i + 1)], small.y_train[16 * i: 16 * (i + 1)]
@@ -129,11 +127,10 @@ def test_divergent_neighbours_change_nothing_beyond_rounding(small):
     healthy = [make_hparams(lr=0.01, momentum=0.9), make_hparams(lr=0.001)]
     divergent = [make_hparams(lr=50.0), make_hparams(lr=1e-3, init_scale=1e5)]
     keys = jnp.stack([jax.random.key(i) for i in range(4)])
-    init = jax.jit(jax.vmap(partial(init_member, static, n_train=512)))
     epoch = jax.jit(jax.vmap(partial(train_epoch, static), in_axes=(0, 0, None)))
 
     def run(keys, hps):
-        state, curves, after_first = init(keys, hps), [], None
+        state, curves, after_first = init_members(static, keys, hps, 512), [], None
         for _ in range(static.epochs):
             state, metrics = epoch(state, hps, small)
             curves.append(metrics)
@@ -156,18 +153,17 @@ def test_divergent_neighbours_change_nothing_beyond_rounding(small):
 
 def test_bootstrap_resamples_with_replacement_per_member(small):
     static = Static(network="fc", bootstrap=True)
-    init = jax.vmap(partial(init_member, static, n_train=512))
     hp = population.stack([make_hparams()] * 3)
     keys = jnp.stack([population.member_key(0, bag) for bag in (1, 2, 3)])
-    idx = np.asarray(init(keys, hp).train_idx)
-    again = np.asarray(init(keys, hp).train_idx)
+    idx = np.asarray(init_members(static, keys, hp, 512).train_idx)
+    again = np.asarray(init_members(static, keys, hp, 512).train_idx)
     np.testing.assert_array_equal(idx, again)
     for row in idx:
         assert row.shape == (512,) and row.min() >= 0 and row.max() < 512
         # With replacement: about 1 - 1/e of the samples are drawn at least once.
         assert 0.58 < len(np.unique(row)) / 512 < 0.68
     assert not np.array_equal(idx[0], idx[1]) and not np.array_equal(idx[1], idx[2])
-    plain = init_member(Static(network="fc"), jax.random.key(0), make_hparams(), 512)
+    plain = init_members(Static(network="fc"), jax.random.key(0), make_hparams(), 512)
     np.testing.assert_array_equal(plain.train_idx, np.arange(512))
 
 
@@ -190,7 +186,7 @@ def test_dropout_matches_hand_computation():
 
 def test_l1_activity_penalty_matches_keras_semantics():
     static = Static(network="fc", l1_at="hidden")
-    params, _ = init_params(static, jax.random.key(0), 1.0)
+    params, _ = initial_params(static, jax.random.key(0))
     x = jax.random.uniform(jax.random.key(1), (8, 256))
     _, _, penalty = forward(static, params, {}, x, make_hparams(), train=False)
     # By hand: sum over hidden layers of sum |relu(activation)|, divided by the batch size.
@@ -210,16 +206,15 @@ def test_batchnorm_statistics_are_per_member_and_eval_uses_running_averages(smal
     static = Static(network="fc", batchnorm="before", epochs=1, batch_size=64, bn_momentum=0.9)
     keys = jnp.stack([jax.random.key(0), jax.random.key(1)])
     hps = population.stack([make_hparams(lr=0.05), make_hparams(lr=0.001)])
-    init = jax.vmap(partial(init_member, static, n_train=512))
     epoch = jax.jit(jax.vmap(partial(train_epoch, static), in_axes=(0, 0, None)))
-    state, _ = epoch(init(keys, hps), hps, small)
+    state, _ = epoch(init_members(static, keys, hps, 512), hps, small)
     mean0 = state.batch_stats["BatchNorm_0"]["mean"]
     assert not np.allclose(mean0[0], mean0[1])  # each member its own statistics
     assert not np.allclose(mean0[0], 0.0)       # running averages were updated
+    single_epoch = jax.jit(partial(train_epoch, static))  # one program for both members
     for i in range(2):  # member i equals its own single run
-        single, _ = jax.jit(partial(train_epoch, static))(
-            init_member(static, keys[i], make_hparams(lr=[0.05, 0.001][i]), 512),
-            make_hparams(lr=[0.05, 0.001][i]), small)
+        hp_i = make_hparams(lr=[0.05, 0.001][i])
+        single, _ = single_epoch(init_members(static, keys[i], hp_i, 512), hp_i, small)
         np.testing.assert_allclose(mean0[i], single.batch_stats["BatchNorm_0"]["mean"],
                                    rtol=1e-4, atol=1e-6)
     # Evaluation uses the running averages: a batch of one gives the same logits as in a batch.
@@ -239,11 +234,11 @@ def test_batchnorm_statistics_are_per_member_and_eval_uses_running_averages(smal
 def test_cosine_schedule_scales_the_learning_rate(small):
     x, y, key = small.x_train[:16], small.y_train[:16], jax.random.key(0)
     cosine, constant = Static(network="fc", lr_schedule="cosine"), Static(network="fc")
-    state = init_member(constant, jax.random.key(1), make_hparams(lr=0.1), 512)
+    state = init_members(constant, jax.random.key(1), make_hparams(lr=0.1), 512)
     # Halfway through, cosine decay has halved the rate: the same step as lr 0.05 constant.
     half, *_ = train_step(cosine, state, make_hparams(lr=0.1), x, y, key, progress=0.5)
     # The learning rate lives in the optimizer state: start a member at lr 0.05 (same params).
-    state_05 = init_member(constant, jax.random.key(1), make_hparams(lr=0.05), 512)
+    state_05 = init_members(constant, jax.random.key(1), make_hparams(lr=0.05), 512)
     slow, *_ = train_step(constant, state_05, make_hparams(lr=0.05), x, y, key)
     for a, b in zip(jax.tree.leaves(half.params), jax.tree.leaves(slow.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)

@@ -64,8 +64,10 @@ def test_a_sweep_reports_validation_beside_train_and_test(tmp_path, subset_h5, c
     small = data.Dataset(dataset.x_train[:1024], dataset.y_train[:1024], dataset.x_test[:256],
                          dataset.y_test[:256])
     first = grid.expand(grid.load_sweep(str(path)))[0]
-    member = train.make_train(first.static, train.as_data(data.split_validation(small, 200, 3)))
-    _, curves = member(population.member_key(first.seed), train.make_hparams(**first.hparams))
+    _, curves = train.train_members(first.static,
+                                    train.as_data(data.split_validation(small, 200, 3)),
+                                    population.member_key(first.seed),
+                                    train.make_hparams(**first.hparams))
     assert_curves_match(run.curves[0], np.asarray(curves), n_test=200)
 
 

@@ -5,8 +5,8 @@
 
 Each row times S training steps (`train.train_step` under `lax.scan`, each member on its own
 shuffle of real data) of P members, after a warm-up call, as `population.run_group` runs them:
-jitted programs vmapped over chunks of members (`population.plan_chunks`: on a CPU, as many members
-as its cache holds, and `population.cpu_lanes` chunks at once). It reports member-samples/s,
+jitted programs vmapped over chunks of members (`population.plan_group`: on a CPU, as many members
+as its cache holds, two chunks at once where the cores allow). It reports member-samples/s,
 achieved FLOP/s from an analytic count, compile time, memory, the share of the matmul peak, the
 bound that applies to the row (`row_bound`: the matmul peak, or the weight traffic of ~9 passes per
 step, or on CPU the matmul peak with the grouped patch convolutions of `conv_general_dilated_local`
@@ -184,12 +184,11 @@ def build_population(static, hparams: dict, data: train.Data, members: int, step
     keys = jnp.stack([population.member_key(m) for m in range(members)])
     hp = population.stack([train.make_hparams(**hparams)] * members)
     platform = data.x_train.devices().pop().platform
-    state = jax.jit(jax.vmap(partial(train.init_member, static, n_train=n))).lower(
-        keys, hp).compile(train.compiler_options(platform, once=True))(keys, hp)
+    state = train.init_members(static, keys, hp, n)
     batches = member_batches(n, members, steps, static.batch_size)
     fn = jax.jit(jax.vmap(partial(run_steps, static), in_axes=(0, 0, 0, None)), donate_argnums=0)
     t0 = time.perf_counter()
-    compiled = fn.lower(state, hp, batches, data).compile(train.compiler_options(platform))
+    compiled = train.compile_program(fn, state, hp, batches, data, platform=platform)
     compile_s = time.perf_counter() - t0
     mem = compiled.memory_analysis()
     xla_bytes = (mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes

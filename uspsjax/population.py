@@ -458,8 +458,8 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         k_chunk = distributed.put(_pad(keys[lo:hi], padded), by_member)
         hp_chunk = distributed.put(_pad(jax.tree.map(lambda x: x[lo:hi], hps), padded), by_member)
         if padded not in inits:
-            inits[padded] = init.lower(k_chunk, hp_chunk).compile(
-                train.compiler_options(devices[0].platform, once=True))
+            inits[padded] = train.compile_program(init, k_chunk, hp_chunk,
+                                                  platform=devices[0].platform, once=True)
         state = inits[padded](k_chunk, hp_chunk)
         curves = np.full((padded, static.epochs, n_metrics), np.nan, np.float32)
         manager = None
@@ -467,8 +467,8 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
             manager, state, curves = _restore_latest(checkpoint / f"chunk{c}", processes,
                                                      state, curves, warn)
         if padded not in compiled:  # ahead, so that an epoch's clock times training only
-            compiled[padded] = epoch_fn.lower(state, hp_chunk, data, jnp.int32(every)).compile(
-                train.compiler_options(devices[0].platform))
+            compiled[padded] = train.compile_program(epoch_fn, state, hp_chunk, data,
+                                                     jnp.int32(every), platform=devices[0].platform)
         return {"c": c, "lo": lo, "hi": hi, "padded": padded, "hp": hp_chunk, "state": state,
                 "curves": curves, "manager": manager, "done_path": done_path,
                 "epoch": int(distributed.to_host(state.epoch)[0])}

@@ -544,21 +544,52 @@ def compiler_options(platform: str, once: bool = False) -> dict:
     return {"xla_cpu_copy_insertion_use_region_analysis": True}
 
 
+def compile_program(fn, *args, platform: str, once: bool = False):
+    """`fn` (a `jax.jit`-wrapped function) lowered for `args` and compiled as the engine compiles
+    its programs on `platform` (`compiler_options`; `once` for a program that runs once)."""
+    return fn.lower(*args).compile(compiler_options(platform, once))
+
+
+def train_epochs(static: Static, state: MemberState, hp: Hparams, data: Data):
+    """`static.epochs` epochs of one member from `state`: `(state, curves)`, curves of shape
+    `(epochs, len(metric_names(...)))`."""
+    return jax.lax.scan(lambda st, _: train_epoch(static, st, hp, data), state, None,
+                        length=static.epochs)
+
+
 def make_train(static: Static, data: Data):
-    """A pure `train(key, hp) -> (state, curves)`: `static.epochs` epochs from the seed key,
-    curves of shape `(epochs, len(metric_names(...)))`. It can be jitted and vmapped over
-    (key, hp)."""
+    """A pure `train(key, hp) -> (state, curves)`: `static.epochs` epochs from the seed key
+    (`init_member`, then `train_epochs`). It can be jitted and vmapped over (key, hp)."""
     n_train = data.x_train.shape[0]
 
     def train(key: jax.Array, hp: Hparams):
-        state = init_member(static, key, hp, n_train)
-
-        def epoch_body(st, _):
-            return train_epoch(static, st, hp, data)
-
-        return jax.lax.scan(epoch_body, state, None, length=static.epochs)
+        return train_epochs(static, init_member(static, key, hp, n_train), hp, data)
 
     return train
+
+
+def _platform(keys: jax.Array) -> str:
+    return next(iter(keys.devices())).platform
+
+
+def init_members(static: Static, keys: jax.Array, hps: Hparams, n_train: int) -> MemberState:
+    """Fresh members from their seed keys, computed as `population.run_group` computes them (one
+    program, compiled `once`): one member for a single key and `Hparams` of scalars, else the
+    members stacked along a leading axis."""
+    init = partial(init_member, static, n_train=n_train)
+    init = jax.jit(jax.vmap(init) if jnp.ndim(keys) else init)
+    return compile_program(init, keys, hps, platform=_platform(keys), once=True)(keys, hps)
+
+
+def train_members(static: Static, data: Data, keys: jax.Array, hps: Hparams):
+    """`static.epochs` epochs of members from their seed keys, compiled as `population.run_group`
+    compiles them (their initialization once, their epochs as one program), without its chunks,
+    checkpoints or progress: `(state, curves)` as `make_train`'s `train` returns them, for one
+    member (a single key) or stacked members (stacked keys, vmapped)."""
+    state = init_members(static, keys, hps, data.x_train.shape[0])
+    epochs = partial(train_epochs, static)
+    epochs = jax.jit(jax.vmap(epochs, in_axes=(0, 0, None)) if jnp.ndim(keys) else epochs)
+    return compile_program(epochs, state, hps, data, platform=_platform(keys))(state, hps, data)
 
 
 def as_data(dataset, on_device: bool = True) -> Data:
