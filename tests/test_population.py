@@ -236,6 +236,19 @@ def test_the_cache_budget_is_half_the_last_level_cache_at_most_16_mib(tmp_path, 
         assert rule() == budget, caches
 
 
+def test_the_cpu_record_names_an_isa_limit_set_for_xla(monkeypatch):
+    assert machine.xla_isa_limit("") is None
+    assert machine.xla_isa_limit("--xla_cpu_max_isa=AVX2 --xla_force_host_platform_device_count=2"
+                                 ) == "AVX2"
+    assert machine.xla_isa_limit("--xla_cpu_max_isa=SSE4_2 --xla_cpu_max_isa=AVX") == "AVX"
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    limited = machine.cpu()
+    assert limited["isa"].endswith(", code limited to AVX2")
+    assert "code limited to AVX2" in machine.describe(limited)
+    monkeypatch.delenv("XLA_FLAGS")
+    assert "limited" not in machine.cpu()["isa"]
+
+
 def test_cpu_population_in_cache_sized_chunks_equals_one_chunk(small, monkeypatch):
     # Two chunks at once share 32 MiB of cache: 16 MiB each, 3 CNN members at batch 16.
     monkeypatch.setattr(population, "cpu_cache_bytes", lambda: 32 * 2**20)

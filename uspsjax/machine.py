@@ -36,6 +36,17 @@ def widest_isa(flags: set[str]) -> str:
     return "AVX2" if "avx2" in flags else "other"
 
 
+def xla_isa_limit(xla_flags: str) -> str | None:
+    """The vector ISA XLA:CPU's code generation is limited to by `--xla_cpu_max_isa` in
+    `xla_flags` (the value of XLA_FLAGS), as given ("AVX2"), or None where it is not limited."""
+    limit = None
+    for flag in xla_flags.split():  # XLA reads its flags in order: the last one counts
+        name, _, value = flag.partition("=")
+        if name == "--xla_cpu_max_isa":
+            limit = value or None
+    return limit
+
+
 def _caches(folder: Path = CACHE_DIR) -> dict[str, str]:
     """Cache sizes of the first core by level ("L1d", "L2", "L3"), as the kernel gives them."""
     sizes = {}
@@ -61,13 +72,16 @@ def cache_bytes(level: str, folder: Path = CACHE_DIR) -> int | None:
 
 
 def cpu() -> dict:
-    """This machine's CPU: model name, family/model, widest vector ISA, cores usable by this
-    process and cache sizes per level."""
+    """This machine's CPU: model name, family/model, widest vector ISA (and the one XLA's code
+    is limited to where XLA_FLAGS limits it: "AVX-512, code limited to AVX2"), cores usable by
+    this process and cache sizes per level."""
     info = _cpuinfo()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    isa = widest_isa(set(info.get("flags", "").split()))
+    limit = xla_isa_limit(os.environ.get("XLA_FLAGS", ""))
     return {"model_name": info.get("model name") or platform.processor() or platform.machine(),
             "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
-            "isa": widest_isa(set(info.get("flags", "").split())), "cores": cores,
+            "isa": isa + (f", code limited to {limit}" if limit else ""), "cores": cores,
             "caches": _caches()}
 
 
