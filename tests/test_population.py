@@ -243,8 +243,8 @@ def test_the_cpu_record_names_an_isa_limit_set_for_xla(monkeypatch):
     assert machine.xla_isa_limit("--xla_cpu_max_isa=SSE4_2 --xla_cpu_max_isa=AVX") == "AVX"
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
     limited = machine.cpu()
-    assert limited["isa"].endswith(", code limited to AVX2")
-    assert "code limited to AVX2" in machine.describe(limited)
+    assert limited["isa"].endswith(", XLA's generated code limited to AVX2")
+    assert "generated code limited to AVX2" in machine.describe(limited)
     monkeypatch.delenv("XLA_FLAGS")
     assert "limited" not in machine.cpu()["isa"]
 

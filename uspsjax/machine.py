@@ -73,16 +73,17 @@ def cache_bytes(level: str, folder: Path = CACHE_DIR) -> int | None:
 
 def cpu() -> dict:
     """This machine's CPU: model name, family/model, widest vector ISA (and the one XLA's code
-    is limited to where XLA_FLAGS limits it: "AVX-512, code limited to AVX2"), cores usable by
-    this process and cache sizes per level."""
+    is limited to where XLA_FLAGS limits it: "AVX-512, XLA's generated code limited to AVX2";
+    its matmul libraries choose their own), cores usable by this process and cache sizes per
+    level."""
     info = _cpuinfo()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     isa = widest_isa(set(info.get("flags", "").split()))
     limit = xla_isa_limit(os.environ.get("XLA_FLAGS", ""))
     return {"model_name": info.get("model name") or platform.processor() or platform.machine(),
             "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
-            "isa": isa + (f", code limited to {limit}" if limit else ""), "cores": cores,
-            "caches": _caches()}
+            "isa": isa + (f", XLA's generated code limited to {limit}" if limit else ""),
+            "cores": cores, "caches": _caches()}
 
 
 def describe(record: dict) -> str:
