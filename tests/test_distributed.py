@@ -18,9 +18,10 @@ from uspsjax import data, distributed, grid, results, sweep
 from uspsjax.errors import InputError
 
 # Batch 8: epochs long enough to kill a process between two (~1-2 s on the full training set,
-# a few tenths of a second on the 1,024-image subset, where a test runs more of them). Across device layouts, batch 32 on the 1,024-image subset (96 steps) stays within float32
-# rounding (~1e-7); at batch 8 (384 steps) one member in six once grew it to 1e-3 (SGD
-# amplifies rounding like any perturbation; on one process too).
+# a few tenths of a second on the 1,024-image subset, where a test runs more of them). Across
+# device layouts, batch 32 on the 1,024-image subset (96 steps) stays within float32 rounding
+# (~1e-7); at batch 8 (384 steps) one member in six once grew it to 1e-3 (SGD amplifies
+# rounding like any perturbation; on one process too).
 SWEEP = """
 name = "spread"
 networks = ["fc"]

@@ -355,7 +355,8 @@ def markdown(result: dict) -> str:
     pk = result["peaks"]
     quick = ", quick" if result["quick"] else ""
     lines = [f"# Benchmark: {result['device']} ({result['dtype']}{quick})",
-             "", f"Device: {result['device_description']}.", "", f"Matmul peak {pk['matmul_flop_per_s'] / 1e9:,.0f} GFLOP/s ({pk['matmul_n']}^3 "
+             "", f"Device: {result['device_description']}.", "",
+             f"Matmul peak {pk['matmul_flop_per_s'] / 1e9:,.0f} GFLOP/s ({pk['matmul_n']}^3 "
              f"{pk['matmul_dtype']}); memory bandwidth {pk['copy_bytes_per_s'] / 1e9:,.1f} GB/s "
              "(in-place x + 1, read + write). "
              f"Memory: XLA's size of each program; high-water growth = {result['memory_source']} "

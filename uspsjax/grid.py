@@ -103,10 +103,12 @@ class Sweep:
 def _check_setting(where: str, key: str, value, n_train: int) -> None:
     """Raise InputError unless `value` is a valid value for setting `key`."""
     if key not in SETTING_KEYS:
-        raise InputError(f"{where}: unknown setting {key!r} (known: {', '.join(sorted(SETTING_KEYS))})")
+        raise InputError(f"{where}: unknown setting {key!r} "
+                         f"(known: {', '.join(sorted(SETTING_KEYS))})")
     if key == "init":
         if not isinstance(value, str):
-            raise InputError(f"{where}: init must be a string such as \"glorot_uniform\", got {value!r}")
+            raise InputError(f"{where}: init must be a string such as \"glorot_uniform\", "
+                             f"got {value!r}")
         try:
             parse_init(value)
         except ValueError as e:
@@ -186,7 +188,8 @@ def load_sweep(name_or_path: str, n_train: int = N_TRAIN) -> Sweep:
     where = str(path)
     unknown = set(raw) - TOP_KEYS
     if unknown:
-        raise InputError(f"{where}: unknown key {sorted(unknown)[0]!r} (known: {', '.join(sorted(TOP_KEYS))})")
+        raise InputError(f"{where}: unknown key {sorted(unknown)[0]!r} "
+                         f"(known: {', '.join(sorted(TOP_KEYS))})")
     name = raw.get("name")
     if not isinstance(name, str) or not NAME_PATTERN.fullmatch(name):
         raise InputError(f"{where}: name must be a non-empty string of letters, digits, '-' "
@@ -196,7 +199,8 @@ def load_sweep(name_or_path: str, n_train: int = N_TRAIN) -> Sweep:
         raise InputError(f"{where}: networks must be a non-empty list, got {networks!r}")
     for net in networks:
         if net not in NETWORKS:
-            raise InputError(f"{where}: networks: unknown network {net!r} (known: {', '.join(NETWORKS)})")
+            raise InputError(f"{where}: networks: unknown network {net!r} "
+                             f"(known: {', '.join(NETWORKS)})")
     seeds = raw.get("seeds", 3)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise InputError(f"{where}: seeds must be a positive integer, got {seeds!r}")
@@ -255,7 +259,8 @@ def load_sweep(name_or_path: str, n_train: int = N_TRAIN) -> Sweep:
     eps = evaluation.get("attack_eps", [])
     if not isinstance(eps, list) or not all(
             isinstance(e, (int, float)) and not isinstance(e, bool) and 0 < e <= 1 for e in eps):
-        raise InputError(f"{where}: evaluation.attack_eps must be a list of numbers in (0, 1], got {eps!r}")
+        raise InputError(f"{where}: evaluation.attack_eps must be a list of numbers in (0, 1], "
+                         f"got {eps!r}")
     samples = evaluation.get("attack_samples", 2007)
     if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
         raise InputError(f"{where}: evaluation.attack_samples must be a positive integer")

@@ -1,4 +1,5 @@
-"""The study's three networks as Flax modules, their static options, and kernel initializers by name.
+"""The study's three networks as Flax modules, their static options, and kernel initializers by
+name.
 
 Every network maps a batch of flattened 16x16 images `(batch, 256)` to logits `(batch, 10)`.
 Static options (module attributes) change the program: where batch normalization, dropout and
@@ -316,7 +317,8 @@ max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
 class Conv(nn.Module):
-    """Keras `Conv2D(features, kernel_size)` with valid padding: kernel `(kh, kw, C_in, F)`, bias `(F,)`."""
+    """Keras `Conv2D(features, kernel_size)` with valid padding: kernel `(kh, kw, C_in, F)`,
+    bias `(F,)`."""
 
     features: int
     kernel_size: tuple = (3, 3)
