@@ -574,8 +574,8 @@ def _platform(keys: jax.Array) -> str:
 
 def init_members(static: Static, keys: jax.Array, hps: Hparams, n_train: int) -> MemberState:
     """Fresh members from their seed keys, computed as `population.run_group` computes them (one
-    program, compiled `once`): one member for a single key and `Hparams` of scalars, else the
-    members stacked along a leading axis."""
+    program, compiled `once`): one member for a single key (a typed key, `jax.random.key`) and
+    `Hparams` of scalars, else the members stacked along a leading axis."""
     init = partial(init_member, static, n_train=n_train)
     init = jax.jit(jax.vmap(init) if jnp.ndim(keys) else init)
     return compile_program(init, keys, hps, platform=_platform(keys), once=True)(keys, hps)
