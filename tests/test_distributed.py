@@ -1,6 +1,7 @@
 """One sweep over several processes (`--distributed`): 2 processes x 2 CPU devices over
-loopback, as a user launches them in two shells, against 1 process x 4 devices and 1 device;
-a killed process and a resume; only process 0 writes; clear refusals."""
+loopback, as a user launches them in two shells (or Slurm, or a launcher setting JAX's
+variables), against 1 device; a killed process and a resume; only process 0 writes; clear
+refusals."""
 
 import random
 import signal
@@ -111,7 +112,8 @@ def read(folder):
     return results.read_metrics(folder / "spread" / "metrics.h5")
 
 
-def test_two_processes_equal_one_process_of_four_devices_and_one_device(tmp_path, subset_h5):
+def test_two_processes_equal_one_device(tmp_path, subset_h5):
+    # One process of four devices against one device: test_population's sharded test.
     tmp, path = tmp_path, sweep_file(tmp_path, batch_size=32)
     outcome = finish(launch(subset_h5, path, [tmp / "out0", tmp / "out1"], tmp / "ck"))
     (code0, out0, err0), (code1, out1, err1) = outcome
@@ -124,18 +126,15 @@ def test_two_processes_equal_one_process_of_four_devices_and_one_device(tmp_path
     assert "epoch 1/3" in err0 and own(err1) == []
     two = read(tmp / "out0")
     assert two.device.endswith("4 devices in 2 processes")
-    for devices in (4, 1):
-        out = tmp / f"one{devices}"
-        run = subprocess.run(sweep_cmd(path, out, tmp / f"ck{devices}", "--devices", devices,
-                                       "--quiet"),
-                             env=env(subset_h5, 4), capture_output=True, text=True, timeout=600)
-        assert run.returncode == 0, run.stderr
-        one = read(out)
-        assert one.settings == two.settings
-        assert_curves_match(two.curves, one.curves, n_test=256)
-        np.testing.assert_array_equal(two.diverged, one.diverged)
-        # metrics.h5 stores the softmax outputs as float16: a rounding may cross one of its steps.
-        np.testing.assert_allclose(two.test_probs, one.test_probs, atol=1e-3)
+    run = subprocess.run(sweep_cmd(path, tmp / "one", tmp / "ck1", "--devices", 1, "--quiet"),
+                         env=env(subset_h5, 1), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    one = read(tmp / "one")
+    assert one.settings == two.settings
+    assert_curves_match(two.curves, one.curves, n_test=256)
+    np.testing.assert_array_equal(two.diverged, one.diverged)
+    # metrics.h5 stores the softmax outputs as float16: a rounding may cross one of its steps.
+    np.testing.assert_allclose(two.test_probs, one.test_probs, atol=1e-3)
 
 
 GROUPS = """
@@ -175,12 +174,28 @@ def test_whole_groups_placed_on_processes_equal_one_device(tmp_path, subset_h5):
     np.testing.assert_allclose(a.test_probs, b.test_probs, atol=1e-3)
 
 
+def slurm_env(data, task: int, job: int) -> dict:
+    """What `srun --ntasks 2 python -m uspsjax.sweep NAME --distributed` gives task `task` of
+    job `job`, the one node being this machine: JAX's Slurm detection takes the coordinator
+    from the node list and a port from the job id."""
+    return {**env(data, 2), "SLURM_JOB_ID": str(job), "SLURM_STEP_NODELIST": "localhost",
+            "SLURM_NTASKS": "2", "SLURM_PROCID": str(task), "SLURM_LOCALID": str(task),
+            "SLURM_STEP_NUM_NODES": "1"}
+
+
 def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path, subset_h5):
+    # The three ways processes find each other: the uninterrupted run launched as Slurm
+    # launches it, the interrupted one by flags, its resume by JAX's variables.
     # 8 epochs of 128 steps on the subset: 7 left to be killed in once the first is saved.
     path = sweep_file(tmp_path, epochs=8)
-    whole = finish(launch(subset_h5, path, [tmp_path / "whole0", tmp_path / "whole1"],
-                          tmp_path / "ck_whole"))
+    job = next(j for j in random.sample(range(2**12), 64) if port_is_free(61440 + j))
+    whole = finish([subprocess.Popen(
+        sweep_cmd(path, tmp_path / f"whole{i}", tmp_path / "ck_whole", "--distributed"),
+        env=slurm_env(subset_h5, i, job), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True) for i in range(2)])
     assert [r[0] for r in whole] == [0, 0], whole[0][2] + whole[1][2]
+    assert read(tmp_path / "whole0").device.endswith("4 devices in 2 processes")
+    assert not (tmp_path / "whole1").exists()
     ck = tmp_path / "ck"
     outs = [tmp_path / "out0", tmp_path / "out1"]
     procs = launch(subset_h5, path, outs, ck)
@@ -204,24 +219,6 @@ def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path
     a, b = read(tmp_path / "whole0"), read(outs[0])
     np.testing.assert_array_equal(a.curves, b.curves)
     np.testing.assert_array_equal(a.test_probs, b.test_probs)
-
-
-def test_a_slurm_launch_finds_its_processes_from_slurm_variables(tmp_path, subset_h5):
-    # What `srun --ntasks 2 python -m uspsjax.sweep NAME --distributed` gives each task, with
-    # the one node being this machine: JAX's Slurm detection takes the coordinator from the
-    # node list and a port from the job id.
-    path = sweep_file(tmp_path)
-    job = next(j for j in random.sample(range(2**12), 64) if port_is_free(61440 + j))
-    procs = [subprocess.Popen(
-        sweep_cmd(path, tmp_path / f"out{i}", tmp_path / "ck", "--distributed", "--quiet"),
-        env={**env(subset_h5, 2), "SLURM_JOB_ID": str(job), "SLURM_STEP_NODELIST": "localhost",
-             "SLURM_NTASKS": "2", "SLURM_PROCID": str(i), "SLURM_LOCALID": str(i),
-             "SLURM_STEP_NUM_NODES": "1"},
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
-    outcome = finish(procs)
-    assert [r[0] for r in outcome] == [0, 0], outcome[0][2] + outcome[1][2]
-    assert read(tmp_path / "out0").device.endswith("4 devices in 2 processes")
-    assert not (tmp_path / "out1").exists()
 
 
 def test_a_refusal_on_one_process_stops_every_process(tmp_path, shared_h5):
