@@ -42,6 +42,16 @@ def initial_params(static, key, init_scale=1.0):
     return state.params, state.batch_stats
 
 
+def compiled_forward(static, params, batch_stats, x, hp, *, train, key=None):
+    """`train.forward` as one compiled program with its arrays passed in: not op by op (each
+    operation compiled alone) nor jitted with the parameters closed over (compiled in as
+    constants: the LC net's 133 MB take seconds)."""
+    import jax
+    from uspsjax import train as engine
+    return jax.jit(engine.forward, static_argnums=0, static_argnames="train")(
+        static, params, batch_stats, x, hp, train=train, key=key)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def compilation_cache(tmp_path_factory):
     """One persistent XLA compilation cache for the whole suite (every pytest-xdist worker,

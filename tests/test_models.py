@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import initial_params
+from conftest import compiled_forward, initial_params
 from uspsjax.models import (FEW_ROWS, LC_LOWERING_NAMES, NETWORKS, OUTER_SUM_ROWS,
                             PRODUCT_FORWARD_ROWS, LocallyConnected1D, conv2d, count_params,
                             draw_kernel, lc_lowering_name, locally_connected,
@@ -157,7 +157,8 @@ def test_lc_activity_penalty_is_per_sample():
     static = Static(network="lc", l1_at="hidden")
     params, _ = initial_params(static, jax.random.key(0))
     x = jax.random.uniform(jax.random.key(1), (1, 256))
-    penalty = lambda x: forward(static, params, {}, x, make_hparams(), train=False)[2]
+    penalty = lambda x: compiled_forward(static, params, {}, x, make_hparams(),
+                                         train=False)[2]
     np.testing.assert_allclose(penalty(jnp.concatenate([x, x])), penalty(x), rtol=1e-5)
 
 

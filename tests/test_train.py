@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from conftest import assert_curves_match, assert_params_match, initial_params
+from conftest import (assert_curves_match, assert_params_match, compiled_forward,
+                      initial_params)
 from uspsjax import population
 from uspsjax.population import cpu_lane_limit
 from uspsjax.models import FC, dropout
 from uspsjax.sweep import environment
-from uspsjax.train import (Hparams, Static, compiler_options, forward, init_member, init_members,
+from uspsjax.train import (Hparams, Static, compiler_options, init_member, init_members,
                            make_hparams, make_train, microbatch_rule, microbatch_size,
                            shift_images, train_epoch, train_members, train_step)
 
@@ -188,7 +189,7 @@ def test_l1_activity_penalty_matches_keras_semantics():
     static = Static(network="fc", l1_at="hidden")
     params, _ = initial_params(static, jax.random.key(0))
     x = jax.random.uniform(jax.random.key(1), (8, 256))
-    _, _, penalty = forward(static, params, {}, x, make_hparams(), train=False)
+    _, _, penalty = compiled_forward(static, params, {}, x, make_hparams(), train=False)
     # By hand: sum over hidden layers of sum |relu(activation)|, divided by the batch size.
     h, expected = x, 0.0
     for name in ["Dense_0", "Dense_1", "Dense_2", "Dense_3", "Dense_4"]:
@@ -196,10 +197,11 @@ def test_l1_activity_penalty_matches_keras_semantics():
         expected += float(jnp.sum(jnp.abs(h))) / 8
     assert float(penalty) == pytest.approx(expected, rel=1e-5)
     last = Static(network="fc", l1_at="last")
-    _, _, p_last = forward(last, params, {}, x, make_hparams(), train=False)
+    _, _, p_last = compiled_forward(last, params, {}, x, make_hparams(), train=False)
     assert float(p_last) == pytest.approx(float(jnp.sum(jnp.abs(h))) / 8, rel=1e-5)
     none = Static(network="fc")
-    assert float(forward(none, params, {}, x, make_hparams(), train=False)[2]) == 0.0
+    assert float(compiled_forward(none, params, {}, x, make_hparams(),
+                                  train=False)[2]) == 0.0
 
 
 def test_batchnorm_statistics_are_per_member_and_eval_uses_running_averages(small):
@@ -221,12 +223,12 @@ def test_batchnorm_statistics_are_per_member_and_eval_uses_running_averages(smal
     member = jax.tree.map(lambda v: v[0], state)
     hp = make_hparams()
     x = small.x_test[:16]
-    full = forward(static, member.params, member.batch_stats, x, hp, train=False)[0]
-    one = forward(static, member.params, member.batch_stats, x[:1], hp, train=False)[0]
+    params, stats = member.params, member.batch_stats
+    full = compiled_forward(static, params, stats, x, hp, train=False)[0]
+    one = compiled_forward(static, params, stats, x[:1], hp, train=False)[0]
     np.testing.assert_allclose(full[:1], one, rtol=1e-5, atol=1e-6)
     # ... whereas training mode normalizes by the batch's own statistics.
-    trained = forward(static, member.params, member.batch_stats, x, hp, train=True,
-                      key=jax.random.key(0))[0]
+    trained = compiled_forward(static, params, stats, x, hp, train=True, key=jax.random.key(0))[0]
     assert not np.allclose(trained, full, atol=1e-3)
     assert isinstance(hp, Hparams)
 
@@ -234,16 +236,17 @@ def test_batchnorm_statistics_are_per_member_and_eval_uses_running_averages(smal
 def test_cosine_schedule_scales_the_learning_rate(small):
     x, y, key = small.x_train[:16], small.y_train[:16], jax.random.key(0)
     cosine, constant = Static(network="fc", lr_schedule="cosine"), Static(network="fc")
+    step = jax.jit(train_step, static_argnums=0)
     state = init_members(constant, jax.random.key(1), make_hparams(lr=0.1), 512)
     # Halfway through, cosine decay has halved the rate: the same step as lr 0.05 constant.
-    half, *_ = train_step(cosine, state, make_hparams(lr=0.1), x, y, key, progress=0.5)
+    half, *_ = step(cosine, state, make_hparams(lr=0.1), x, y, key, 0.5)
     # The learning rate lives in the optimizer state: start a member at lr 0.05 (same params).
     state_05 = init_members(constant, jax.random.key(1), make_hparams(lr=0.05), 512)
-    slow, *_ = train_step(constant, state_05, make_hparams(lr=0.05), x, y, key)
+    slow, *_ = step(constant, state_05, make_hparams(lr=0.05), x, y, key, 0.0)
     for a, b in zip(jax.tree.leaves(half.params), jax.tree.leaves(slow.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
-    start, *_ = train_step(cosine, state, make_hparams(lr=0.1), x, y, key, progress=0.0)
-    full, *_ = train_step(constant, state, make_hparams(lr=0.1), x, y, key)
+    start, *_ = step(cosine, state, make_hparams(lr=0.1), x, y, key, 0.0)
+    full, *_ = step(constant, state, make_hparams(lr=0.1), x, y, key, 0.0)
     for a, b in zip(jax.tree.leaves(start.params), jax.tree.leaves(full.params)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
 
