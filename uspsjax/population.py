@@ -275,8 +275,8 @@ def _checkpoints(folder: Path, processes: list[int]):
         barrier_sync_key_prefix=re.sub(r"\W", "_", str(folder)))
     folder.mkdir(parents=True, exist_ok=True)  # orbax leaves that to us with active_processes
     return ocp.CheckpointManager(folder.absolute(), options=ocp.CheckpointManagerOptions(
-        max_to_keep=CHECKPOINTS_KEPT, enable_async_checkpointing=False, multiprocessing_options=sync,
-        create=False))
+        max_to_keep=CHECKPOINTS_KEPT, enable_async_checkpointing=False,
+        multiprocessing_options=sync, create=False))
 
 
 def _save_epoch(manager, epoch: int, state, curves) -> None:

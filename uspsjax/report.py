@@ -244,7 +244,8 @@ def evidence_of(study: Study, net: str, labels) -> str:
 
 def table(study: Study, study_numbers: dict | None = None) -> list[str]:
     """A network x setting table of final test accuracy (mean ± std over seeds)."""
-    lines = ["| network | setting | seeds | test accuracy (ours) | study |", "|---|---|---|---|---|"]
+    lines = ["| network | setting | seeds | test accuracy (ours) | study |",
+             "|---|---|---|---|---|"]
     for net in study.networks():
         for label in study.labels(net):
             row = study.rows[(net, label)]
@@ -645,7 +646,8 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
                                f"{net_name(net)}: one member trained with the recipe beats the "
                                "default training of Task 1",
                                f"{spread(one)} vs {spread(base)} (train accuracy on the recipe's "
-                               f"augmented images {pct(final.rows[(net, retrained)]['train_acc_mean'])})",
+                               "augmented images "
+                               f"{pct(final.rows[(net, retrained)]['train_acc_mean'])})",
                                (final, net), (baseline, net)))
     for net in final.networks():
         if sizes[net] > 1:
@@ -661,7 +663,8 @@ def section_beyond(s: Study, final: Study | None, baseline: Study | None) -> lis
                    f"{pct(final.rows[('lc', retrained)]['train_acc_mean'])}); the test would be "
                    "the LC with the recipe but without the image transforms, on validation.")
     if "cnn" in final.networks():
-        one, ens = final.stat("cnn", retrained, "test"), ensemble_stat(final, ensembles[("cnn", sizes["cnn"])])
+        one = final.stat("cnn", retrained, "test")
+        ens = ensemble_stat(final, ensembles[("cnn", sizes["cnn"])])
         out += ["", verdict(judge(ens, Stat(0.978)),
                             "target: the CNN ensemble's test error is at most 2.2 %",
                             f"error {100 * (1 - ens.mean):.2f} % ± {100 * ens.std:.2f}",
@@ -749,7 +752,8 @@ def coverage(studies: dict) -> list[str]:
             scale = " × ".join(count(ran[k], k) for k in ("epochs", "seeds", "members")
                                if ran[k])
             note = st.reduced(net)
-            jax = f"jax {versions['jax']}" if versions else "versions not recorded (kept by --merge)"
+            jax = (f"jax {versions['jax']}" if versions
+                   else "versions not recorded (kept by --merge)")
             shards = st.run.shards
             split = f", {shards['count']} shards" if shards and not origin(st.run, net)[1] else ""
             cells.append(f"{device}{split}, {jax}, {minutes(wall)}: {scale}, "
@@ -772,7 +776,8 @@ def build_report(root: Path) -> str:
     studies = {name: Study(results.read_metrics(root / name / "metrics.h5"))
                for name in dict.fromkeys(names) if (root / name / "metrics.h5").is_file()}
     lines = ["# uspsjax reproduction report", "",
-             "Every number below is read from `results/*/metrics.h5` by `python -m uspsjax.report`; "
+             "Every number below is read from `results/*/metrics.h5` by "
+             "`python -m uspsjax.report`; "
              "accuracies are final-epoch test accuracy, mean ± std (sample) over seeds, "
              "diverged members left out and counted.", "", RULE, ""]
     if studies:
@@ -784,7 +789,8 @@ def build_report(root: Path) -> str:
         lines += [f"- Total wall time: {total / 60:.1f} min "
                   + "(" + ", ".join(f"{n} {st.run.wall_time_s:.0f} s"
                                     for n, st in studies.items()) + ")"]
-    benches = sorted(p.name for p in (root / "bench").glob("*.md")) if (root / "bench").is_dir() else []
+    bench = root / "bench"
+    benches = sorted(p.name for p in bench.glob("*.md")) if bench.is_dir() else []
     if benches:
         lines.append("- Benchmarks: " + ", ".join(f"[{b}](bench/{b})" for b in benches))
     lines.append("")
@@ -815,7 +821,8 @@ def _epochs_note(study: Study) -> str:
 def main(argv=None) -> int:
     """Write RESULTS/REPORT.md atomically; exit status 2 with a one-line error on bad input."""
     parser = cli.Parser(prog="python -m uspsjax.report", description=__doc__.split("\n")[0])
-    parser.add_argument("--results", default="results", help="the results folder (default results/)")
+    parser.add_argument("--results", default="results",
+                        help="the results folder (default results/)")
     args = parser.parse_args(argv)
     root = Path(args.results)
     if not root.is_dir():

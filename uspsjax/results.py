@@ -441,8 +441,8 @@ def summary_markdown(run: Run) -> str:
         lines.append(f"Validation: {run.validation} training images held out (seed "
                      f"{run.validation_seed}, the same for every member); select on it, "
                      "report test.")
-    lines += ["Final epoch, mean ± std (sample, ddof=1) over seeds of members that did not diverge.",
-              ""]
+    lines += ["Final epoch, mean ± std (sample, ddof=1) over seeds of members that did not "
+              "diverge.", ""]
     splits = ["train", "val", "test"] if "val_acc" in run.metrics else ["train", "test"]
     rows = []
     for r in summarize(run):

@@ -346,8 +346,9 @@ def check_resumable(root: Path, expected: dict) -> None:
                if saved.get(part) != expected[part]]
     if differs:
         need = "the same data" if saved.get("data") != expected["data"] else "the same run"
-        raise InputError(f"{root}: the checkpoint was made with another {'; another '.join(differs)}"
-                         f"; --resume needs {need}, or remove {root}/ to start again")
+        raise InputError(f"{root}: the checkpoint was made with another "
+                         f"{'; another '.join(differs)}; --resume needs {need}, or remove "
+                         f"{root}/ to start again")
 
 
 def check_checkpoint_folder(root: Path) -> None:
