@@ -24,7 +24,6 @@ if TYPE_CHECKING:
     from uspsjax.results import Run
 
 SUFFIX = ".shards"
-# What every shard of one gathered result must share: the record keys, by what they are called.
 # What every shard of one gathered result must share, by what it is called. The versions are
 # those that decide the numbers: shards of other versions are not one computation.
 SAME_VERSIONS = ("uspsjax", "jax", "jaxlib", "flax", "optax")
