@@ -501,9 +501,21 @@ def _band(ys: np.ndarray):
     return np.where(empty, np.nan, mean), np.where(empty, np.nan, lo), np.where(empty, np.nan, hi)
 
 
+# The space around each panel, in inches: tick labels and a y label on the left, tick labels and
+# an x label below, the title above. Fixed rather than measured (`tight_layout` measures every
+# text, a third of a figure's drawing time), and the same in every figure of a kind.
+MARGINS = {"left": 0.8, "right": 0.15, "bottom": 0.5, "top": 0.35}
+
+
 def _panels(rows: int, cols: int, width: float, height: float):
+    """A figure of rows x cols panels, each `width` x `height` inches with its margins."""
     # Figure without pyplot: nothing is registered globally, so a failed plot leaks nothing.
     fig = Figure(figsize=(width * cols, height * rows), dpi=DPI)
+    left, right, bottom, top = (MARGINS[k] for k in ("left", "right", "bottom", "top"))
+    axes_w, axes_h = width - left - right, height - bottom - top
+    fig.subplots_adjust(left=left / (width * cols), right=1 - right / (width * cols),
+                        bottom=bottom / (height * rows), top=1 - top / (height * rows),
+                        wspace=(left + right) / axes_w, hspace=(bottom + top) / axes_h)
     return fig, fig.subplots(rows, cols, squeeze=False)
 
 
@@ -513,7 +525,6 @@ def _save(fig, axes, path: Path, integer_x: bool = True) -> None:
             ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         if ax.get_legend_handles_labels()[0]:  # an empty legend only draws a warning
             ax.legend(fontsize=7)
-    fig.tight_layout()
     fig.savefig(path)
 
 
