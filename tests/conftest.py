@@ -1,6 +1,7 @@
 """Shared pytest fixtures, and the suite's one statement of the engine's numeric guarantee."""
 
 import os
+from functools import cache
 from pathlib import Path
 
 import numpy as np
@@ -42,14 +43,19 @@ def initial_params(static, key, init_scale=1.0):
     return state.params, state.batch_stats
 
 
-def compiled_forward(static, params, batch_stats, x, hp, *, train, key=None):
-    """`train.forward` as one compiled program with its arrays passed in: not op by op (each
-    operation compiled alone) nor jitted with the parameters closed over (compiled in as
-    constants: the LC net's 133 MB take seconds)."""
+@cache
+def _forward_program():
     import jax
-    from uspsjax import train as engine
-    return jax.jit(engine.forward, static_argnums=0, static_argnames="train")(
-        static, params, batch_stats, x, hp, train=train, key=key)
+    from uspsjax import train
+    return jax.jit(train.forward, static_argnums=0, static_argnames="train")
+
+
+def compiled_forward(static, params, batch_stats, x, hp, *, train, key=None):
+    """`train.forward` as one compiled program with its arrays passed in (one jitted function
+    for the suite, so a setting traces once): not op by op (each operation compiled alone) nor
+    jitted with the parameters closed over (compiled in as constants: the LC net's 133 MB take
+    seconds)."""
+    return _forward_program()(static, params, batch_stats, x, hp, train=train, key=key)
 
 
 @pytest.fixture(scope="session", autouse=True)
