@@ -698,7 +698,11 @@ def merge_runs(old: Run, new: Run, defaults: dict) -> Run:
         extra = epochs - curves.shape[1]
         return np.pad(curves, ((0, 0), (0, extra), (0, 0)), constant_values=np.nan)
 
-    devices = list(dict.fromkeys([old.device] * bool(keep) + [new.device]))
+    # The devices of the groups kept and of the new run, each once at its last place (the
+    # newest run's device stays last); a kept group not recorded counts as the old run's.
+    kept_devices = [g["device"] or old.device for g in old_groups] + [new.device]
+    parts = [p for d in kept_devices for p in d.split("; ")]
+    devices = list(dict.fromkeys(reversed(parts)))[::-1]
     robust = (np.concatenate([old.robust[keep], new.robust])
               if new.robust is not None and old.robust is not None else new.robust)
     return replace(new, settings=settings,
