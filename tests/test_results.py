@@ -265,13 +265,13 @@ def test_merge_keeps_the_networks_the_new_run_did_not_train(tmp_path):
     assert merged.curves.shape == (12, EPOCHS, 4)
     assert np.all(np.isnan(merged.curves[6:, 2:]))  # the new run had 2 epochs
     assert merged.device == "cpu: test; gpu: test" and merged.programs == 2
+    assert [g["device"] for g in merged.groups] == ["cpu: test", "gpu: test"]
     # The FC trained again on the CPU: the device list names the devices of the groups kept
     # and of the new run, each once (not the GPU, whose group the new run replaced).
     on_cpu = replace(new, device="cpu: test", groups=[dict(new.groups[0], device="cpu: test")])
     again = results.merge_runs(merged, on_cpu, defaults={})
     assert again.device == "cpu: test"
     assert [g["device"] for g in again.groups] == ["cpu: test", "cpu: test"]
-    assert [g["device"] for g in merged.groups] == ["cpu: test", "gpu: test"]
     folder = results.write_results(tmp_path, merged)
     back = results.read_metrics(folder / "metrics.h5")
     assert [s["group"] for s in back.settings] == [0] * 6 + [1] * 6
