@@ -142,10 +142,10 @@ def test_sharded_population_equals_one_device(tmp_path, shared_h5):
 
 
 def test_population_runs_in_chunks_when_memory_is_short(small, monkeypatch):
-    monkeypatch.setattr(population, "cpu_lane_limit", lambda: 2)  # as on any 2-core CPU
     static = Static(network="fc", epochs=2, batch_size=32)
     keys = jnp.stack([population.member_key(s) for s in range(5)])
     hps = population.stack([make_hparams(lr=0.01 * (1 + i)) for i in range(5)])
+    monkeypatch.setattr(population, "cpu_lane_limit", lambda: 2)  # as on any 2-core CPU
     whole = population.run_group(static, keys, hps, small)
     member = population.bytes_per_member(static, small.x_train.shape[0])
     # Two chunks at once share the budget: 2 + 2 + 1 members, two at a time.
@@ -198,6 +198,13 @@ def test_chunks_are_even_and_within_their_limits():
     assert population.chunk_size(7, 2, 1, 2**40, most=2) == 4
     assert population.chunk_sizes(7, 4, 2) == [4, 4]
     assert population.chunk_size(5, 1, 1, 2**40) == 5  # no limit: one chunk
+    # Two lanes: as many chunks as fill both in every round, where there are members enough.
+    assert population.chunk_size(8, 1, 1, 2**40, most=3, lanes=2) == 2  # 2 + 2 + 2 + 2
+    assert population.chunk_size(64, 1, 1, 2**40, most=24, lanes=2) == 16  # not 22 + 22 + 20
+    assert population.chunk_size(64, 1, 1, 2**40, most=12, lanes=2) == 11  # 5 x 11 + 9
+    assert population.chunk_size(5, 1, 1, 2**40, lanes=2) == 5  # one chunk stays one
+    assert population.chunk_size(3, 1, 1, 2**40, most=2, lanes=2) == 2  # 2 + 1
+    assert population.chunk_size(1, 1, 1, 2**40, lanes=2) == 1
 
 
 def test_cpu_chunks_keep_a_step_within_the_cache(monkeypatch):
@@ -216,7 +223,7 @@ def test_cpu_chunks_keep_a_step_within_the_cache(monkeypatch):
     assert widths["fc", 16] > widths["cnn", 16] > widths["cnn", 128] == 1
 
 
-def test_the_cache_budget_is_half_the_last_level_cache_at_most_16_mib(tmp_path, monkeypatch):
+def test_the_cache_budget_is_half_the_last_level_cache_at_most_16_mib(tmp_path):
     for index, (level, kind, size) in enumerate((("1", "Data", "48K"), ("1", "Instruction",
                                                                          "32K"),
                                                  ("2", "Unified", "2048K"),
@@ -228,12 +235,12 @@ def test_the_cache_budget_is_half_the_last_level_cache_at_most_16_mib(tmp_path, 
     assert machine.cache_bytes("L3", tmp_path) == 107520 * 2**10
     assert machine.cache_bytes("L2", tmp_path) == 2 * 2**20
     assert machine.cache_bytes("L4", tmp_path) is None
-    rule = population.cpu_cache_bytes.__wrapped__  # not the machine's cached value
-    for caches, budget in (({"L3": 105 * 2**20, "L2": 2**21}, 16 * 2**20),
-                           ({"L3": 8 * 2**20, "L2": 2**21}, 4 * 2**20),
-                           ({"L2": 2**20}, 2**19), ({}, 16 * 2**20)):
-        monkeypatch.setattr(machine, "cache_bytes", lambda level, c=caches: c.get(level))
-        assert rule() == budget, caches
+    for family_model, last_level, budget in (("6/167", 105 * 2**20, 16 * 2**20),
+                                             ("25/1", 8 * 2**20, 4 * 2**20),
+                                             ("25/1", 2**20, 2**19), ("?/?", None, 16 * 2**20),
+                                             # a machine measured: its own budget
+                                             ("6/167", 480 * 2**20, 32 * 2**20)):
+        assert population.cache_budget(family_model, last_level) == budget, family_model
 
 
 def test_the_cpu_record_names_an_isa_limit_set_for_xla(monkeypatch):

@@ -12,7 +12,7 @@ import pytest
 from conftest import (assert_curves_match, assert_params_match, compiled_forward,
                       initial_params)
 from uspsjax import population
-from uspsjax.population import cpu_lane_limit
+from uspsjax.population import cpu_cache_bytes, cpu_lane_limit
 from uspsjax.models import FC, dropout
 from uspsjax.sweep import environment
 from uspsjax.train import (Hparams, Static, compiler_options, init_member, init_members,
@@ -75,7 +75,8 @@ def test_microbatch_size_keeps_the_whole_batch_where_blocks_would_change_it():
     assert environment()[1]["microbatch"] == microbatch_rule(jax.devices()[0].platform)
     if jax.devices()[0].platform == "cpu":  # the CPU tactics' constants, recorded with a result
         assert environment()[1]["cpu_tactics"] == (
-            f"member chunks within 16 MiB of cache, up to {cpu_lane_limit()} at once; LC forward "
+            f"member chunks within {cpu_cache_bytes() / 2**20:g} MiB of cache, up to "
+            f"{cpu_lane_limit()} at once; LC forward "
             "as summed products up to batch 16, kernel gradient as row products up to batch 16, "
             "patch gradient batch-innermost up to batch 32")
 
