@@ -60,9 +60,9 @@ def make_run(*, robust=True):
         device="cpu: test", versions={"jax": "0.0", "numpy": np.__version__},
         wall_time_s=12.3, programs=2,
         groups=[{"label": "fc", "members": 6, "wall_time_s": 3.2, "chunks": 1,
-                 "device": "cpu: test", "versions": {"jax": "0.0"}},
+                 "device": "cpu: test", "versions": {"jax": "0.0"}, "recorded": True},
                 {"label": "cnn", "members": 6, "wall_time_s": 9.1, "chunks": 2,
-                 "device": "cpu: test", "versions": {"jax": "0.1"}}],
+                 "device": "cpu: test", "versions": {"jax": "0.1"}, "recorded": True}],
         data_sha256="5e" * 32)
 
 
@@ -300,6 +300,37 @@ def test_groups_of_an_older_merged_file_stay_not_recorded(tmp_path):
     back = results.read_metrics(plain / "metrics.h5")
     assert {g["device"] for g in back.groups} == {run.device}
     assert all(g["versions"] == run.versions for g in back.groups)
+
+
+def test_a_kept_group_shows_its_versions_only_where_its_run_recorded_them(tmp_path):
+    # The CNN trained with jax 0.1, then the FC again with jax 0.2 and merged beside it: the
+    # report shows each network's own versions. A file from before the `recorded` mark may
+    # hold the newest run's values for a kept group (as some merges wrote): not recorded.
+    from uspsjax import report
+    fc = [i for i, s in enumerate(make_run().settings) if s["network"] == "fc"]
+
+    def only_fc(run, jax_version):
+        versions = {"jax": jax_version}
+        return replace(run, settings=[run.settings[i] for i in fc], curves=run.curves[fc],
+                       diverged=run.diverged[fc], test_probs=run.test_probs[fc],
+                       robust=run.robust[fc], groups=[dict(run.groups[0], versions=versions)],
+                       programs=1, versions=versions)
+
+    first = replace(make_run(), versions={"jax": "0.1"},
+                    groups=[dict(g, versions={"jax": "0.1"}) for g in make_run().groups])
+    written = results.read_metrics(results.write_results(tmp_path / "a", first) / "metrics.h5")
+    merged = results.merge_runs(written, only_fc(make_run(), "0.2"), defaults={})
+    folder = results.write_results(tmp_path / "b", merged)
+    study = report.Study(results.read_metrics(folder / "metrics.h5"))
+    assert [g["recorded"] for g in study.run.groups] == [True, True]
+    assert report.provenance(study, "cnn")[1] == {"jax": "0.1"}
+    assert report.provenance(study, "fc")[1] == {"jax": "0.2"}
+    with h5py.File(folder / "metrics.h5", "r+") as f:
+        del f["groups/recorded"]
+    study = report.Study(results.read_metrics(folder / "metrics.h5"))
+    assert [g["recorded"] for g in study.run.groups] == [False, True]
+    assert report.provenance(study, "cnn")[1] is None
+    assert report.provenance(study, "fc")[1] == {"jax": "0.2"}
 
 
 def test_setting_values_compare_by_value():

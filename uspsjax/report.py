@@ -710,15 +710,15 @@ def origin(run: results.Run, net: str) -> tuple[str, bool]:
 def provenance(study: Study, net: str) -> tuple[str, dict | None, float]:
     """(device, versions or None where not recorded, wall time in s) of `net`'s rows.
 
-    Versions are shown only for the rows the file's newest run trained. A merge writes the kept
-    rows' group values back as it read them, and a file written before groups recorded their own
-    gives every group its root values (the newest run's), so a kept row's recorded versions may
-    be another run's: they count as not recorded."""
+    Versions are shown for the rows the file's newest run trained, and for rows a merge kept
+    whose groups are marked `recorded` (their values the run's that trained them). Files written
+    before that mark may give a kept group another run's values: they count as not recorded."""
     device, kept = origin(study.run, net)
     run = study.run
     groups = [run.groups[g] for g in dict.fromkeys(
         s["group"] for s in run.settings if s["network"] == net)]
-    versions = None if kept else groups[0]["versions"]
+    recorded = not kept or all(g["recorded"] for g in groups)
+    versions = groups[0]["versions"] if recorded else None
     return device, versions, sum(g["wall_time_s"] for g in groups)
 
 

@@ -170,7 +170,7 @@ def write_metrics(path: Path, run: Run) -> None:
             _write_column(settings, key, [s[key] for s in run.settings])
         groups = f.create_group("groups", track_order=True)
         kinds = (("label", str), ("members", int), ("wall_time_s", float), ("chunks", int),
-                 ("device", str), ("versions", str))
+                 ("device", str), ("versions", str), ("recorded", bool))
         for key, kind in kinds:
             _write_column(groups, key, [kind(_group_value(run, g, key)) for g in run.groups])
         a = f.attrs
@@ -195,6 +195,8 @@ def write_metrics(path: Path, run: Run) -> None:
 def _group_value(run: Run, group: dict, key: str):
     # A group's device and versions default to the run's; None (not recorded: a group kept
     # from an older merged file) is stored as "" and JSON null. Versions are JSON text.
+    # `recorded`: whether they are the values of the run that trained the group (False where
+    # a group does not say).
     value = group.get(key, getattr(run, key) if key in ("device", "versions") else None)
     if key == "versions":
         return json.dumps(value, sort_keys=True)
@@ -260,10 +262,14 @@ def read_metrics(path: Path) -> Run:
         groups = {k: _read_column(ds) for k, ds in f["groups"].items()}
         r["groups"] = [dict(zip(groups, row)) for row in zip(*groups.values())]
     # Files from before per-group records: a group ran on the file's (newest) device with its
-    # versions, unless a merge kept it from an earlier run (then: not recorded, None).
+    # versions, unless a merge kept it from an earlier run (then: not recorded, None). Files
+    # from before the `recorded` mark: a kept group's values may be another run's (some merges
+    # wrote the file's own values for every group), so only the newest run's groups count as
+    # recorded.
     kept = r["overrides"].get("merged", {}).get("networks", [])
     for g in r["groups"]:
         earlier = g["label"].split()[0] in kept
+        g["recorded"] = bool(g.get("recorded", not earlier))
         if "device" not in g:
             g["device"] = None if earlier else r["device"].split("; ")[-1]
         g["device"] = g["device"] or None

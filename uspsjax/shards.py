@@ -171,7 +171,7 @@ def _combine(runs: dict[int, "Run"], total: int) -> "Run":
                        "wall_time_s": sum(g["wall_time_s"] for g in parts),
                        "chunks": sum(g["chunks"] for g in parts),
                        "device": "; ".join(dict.fromkeys(g["device"] for g in parts)),
-                       "versions": parts[0]["versions"]})
+                       "versions": parts[0]["versions"], "recorded": True})
     settings = [dict(s, group=labels.index(g["label"])) for s, g in zip(settings, group_of)]
     ordered = [runs[i] for i in sorted(runs)]
     return dataclasses.replace(

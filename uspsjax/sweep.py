@@ -294,7 +294,8 @@ def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True
                     f"{len(idx)} members done in {walls[g]:.1f} s on process {owners[g]}")
     group_info = [{"label": describe_group(static), "members": len(idx),
                    "wall_time_s": float(walls[g]), "chunks": int(chunks[g]), "device": device,
-                   "versions": versions} for g, (static, idx) in enumerate(groups.items())]
+                   "versions": versions, "recorded": True}
+                  for g, (static, idx) in enumerate(groups.items())]
     settings = []
     for g, (static, idx) in enumerate(groups.items()):
         for i in idx:
