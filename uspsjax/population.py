@@ -14,6 +14,8 @@ epoch with identical results. The devices may belong to several processes (`dist
 member axis then spans all of them, and every process gets the same numpy results back.
 """
 
+import hashlib
+import json
 import os
 import re
 import shutil
@@ -48,6 +50,11 @@ CPU_CACHE_MAX_BYTES = 16 * 2**20
 # 16, 8 CNN members 1.07x (two chunks at once; NOTES §24).
 CPU_CACHE_MEASURED = {("6/167", 480 * 2**20): 32 * 2**20}
 CHECKPOINTS_KEPT = 2  # epochs kept per chunk: the latest, and the one before in case it is damaged
+# Every checkpoint epoch's files by SHA-256, written beside them once orbax has finished: an
+# epoch is restored only if every byte is as saved. Orbax would otherwise read a damaged file
+# part way, fail, and leave its other reads to finish on a closed event loop (tracebacks at
+# exit), or decode a changed byte that its compression does not check into other numbers.
+MANIFEST = "uspsjax-sha256.json"
 
 
 @dataclass(frozen=True)
@@ -296,20 +303,53 @@ def _checkpoints(folder: Path, processes: list[int]):
         multiprocessing_options=sync, create=False))
 
 
-def _save_epoch(manager, epoch: int, state, curves) -> None:
-    """Checkpoint a chunk after `epoch` epochs: its state and its curves so far. Arrays sharded
-    over several processes are saved shard by shard; those on one process's devices go as numpy
-    (orbax refuses such host-local arrays when there are several processes)."""
+def _file_hashes(folder: Path) -> dict[str, str]:
+    """The SHA-256 of every file under `folder` but the manifest, by path relative to it."""
+    hashes = {}
+    for path in sorted(folder.rglob("*")):
+        if path.is_file() and not path.name.startswith(MANIFEST):
+            with path.open("rb") as f:
+                hashes[path.relative_to(folder).as_posix()] = hashlib.file_digest(
+                    f, "sha256").hexdigest()
+    return hashes
+
+
+def _check_manifest(folder: Path) -> None:
+    """ValueError, naming the first file that differs, unless every file the manifest of the
+    epoch `folder` lists is there with the bytes it was saved with."""
+    try:
+        listed = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"no readable {MANIFEST} ({_one_line(e)})") from None
+    found = _file_hashes(folder)
+    for name, digest in listed.items():
+        if found.get(name) != digest:
+            raise ValueError(f"{name}: " + ("missing" if name not in found
+                                            else "not the bytes saved (SHA-256 differs)"))
+
+
+def _save_epoch(manager, epoch: int, state, curves, primary: bool) -> None:
+    """Checkpoint a chunk after `epoch` epochs: its state and its curves so far, then (by the
+    `primary` process) the manifest of its files. Arrays sharded over several processes are
+    saved shard by shard; those on one process's devices go as numpy (orbax refuses such
+    host-local arrays when there are several processes)."""
     import orbax.checkpoint as ocp
     state = jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable else x,
                          distributed.raw_keys(state))
     manager.save(epoch, args=ocp.args.StandardSave({"state": state, "curves": curves}))
     manager.wait_until_finished()
+    if primary:
+        folder = Path(manager.directory) / str(epoch)
+        temporary = folder / f"{MANIFEST}.tmp"
+        temporary.write_text(json.dumps(_file_hashes(folder), indent=0))
+        os.replace(temporary, folder / MANIFEST)
 
 
 def _restore_epoch(manager, step: int, state, curves):
-    """A chunk's checkpoint after epoch `step`, laid out (sharded) as `state`, and its curves."""
+    """A chunk's checkpoint after epoch `step`, laid out (sharded) as `state`, and its curves;
+    ValueError if a file of it is not as saved (`_check_manifest`)."""
     import orbax.checkpoint as ocp
+    _check_manifest(Path(manager.directory) / str(step))
     raw = distributed.raw_keys(state)
     template = {"state": jax.tree.map(
         lambda x: np.empty(x.shape, x.dtype) if x.is_fully_addressable
@@ -329,9 +369,16 @@ def _restore_latest(folder: Path, processes: list[int], state, curves, warn: Cal
     epoch (any file of it truncated, missing or overwritten) is said in one line to `warn`,
     removed, and the one before is tried, each with a fresh manager (a failed restore can leave
     orbax's in a state that refuses the next); InputError, naming the folder, when none
-    restores. A chunk that has no checkpoint yet is returned as it is."""
+    restores. An epoch whose save was cut short is removed unsaid. A chunk that has no
+    checkpoint yet is returned as it is."""
     steps = []
     try:
+        if jax.process_index() == processes[0]:
+            # An epoch whose save a stop cut short: nothing of it to keep.
+            for unfinished in folder.glob("*.orbax-checkpoint-tmp*"):
+                shutil.rmtree(unfinished, ignore_errors=True)
+        if len(processes) > 1:
+            distributed.barrier(f"{folder} unfinished epochs removed")
         manager = _checkpoints(folder, processes)
         steps = sorted(manager.all_steps(), reverse=True)
         for step in steps:
@@ -345,7 +392,8 @@ def _restore_latest(folder: Path, processes: list[int], state, curves, warn: Cal
                 manager.close()
                 if jax.process_index() == processes[0]:
                     shutil.rmtree(folder / str(step), ignore_errors=True)
-                distributed.barrier(f"{folder}/{step} removed")
+                if len(processes) > 1:
+                    distributed.barrier(f"{folder}/{step} removed")
                 manager = _checkpoints(folder, processes)
     except Exception as e:  # orbax reading its own metadata: any damage at all
         raise InputError(f"{folder}: the checkpoint is damaged ({_one_line(e)}); remove "
@@ -544,7 +592,8 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
             lane["curves"][:, epoch] = distributed.to_host(metrics)
             lane["epoch"] = epoch + 1
             if lane["manager"]:
-                _save_epoch(lane["manager"], epoch + 1, state, lane["curves"])
+                _save_epoch(lane["manager"], epoch + 1, state, lane["curves"],
+                            jax.process_index() == processes[0])
             if on_epoch:
                 leaf = jax.tree.leaves(state.params)[0]
                 on_epoch({"epoch": epoch + 1, "epochs": static.epochs,
