@@ -341,7 +341,7 @@ def _save_epoch(manager, epoch: int, state, curves, primary: bool) -> None:
     if primary:
         folder = Path(manager.directory) / str(epoch)
         temporary = folder / f"{MANIFEST}.tmp"
-        temporary.write_text(json.dumps(_file_hashes(folder), indent=0))
+        temporary.write_text(json.dumps(_file_hashes(folder), indent=1))
         os.replace(temporary, folder / MANIFEST)
 
 
