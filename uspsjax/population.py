@@ -303,15 +303,10 @@ def _checkpoints(folder: Path, processes: list[int]):
         multiprocessing_options=sync, create=False))
 
 
-def _file_hashes(folder: Path) -> dict[str, str]:
-    """The SHA-256 of every file under `folder` but the manifest, by path relative to it."""
-    hashes = {}
-    for path in sorted(folder.rglob("*")):
-        if path.is_file() and not path.name.startswith(MANIFEST):
-            with path.open("rb") as f:
-                hashes[path.relative_to(folder).as_posix()] = hashlib.file_digest(
-                    f, "sha256").hexdigest()
-    return hashes
+def _sha256(path: Path) -> str:
+    """The SHA-256 of the file `path`, in hex."""
+    with path.open("rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _check_manifest(folder: Path) -> None:
@@ -321,11 +316,20 @@ def _check_manifest(folder: Path) -> None:
         listed = json.loads((folder / MANIFEST).read_text())
     except (OSError, ValueError) as e:
         raise ValueError(f"no readable {MANIFEST} ({_one_line(e)})") from None
-    found = _file_hashes(folder)
     for name, digest in listed.items():
-        if found.get(name) != digest:
-            raise ValueError(f"{name}: " + ("missing" if name not in found
-                                            else "not the bytes saved (SHA-256 differs)"))
+        if not (folder / name).is_file():
+            raise ValueError(f"{name}: missing")
+        if _sha256(folder / name) != digest:
+            raise ValueError(f"{name}: not the bytes saved (SHA-256 differs)")
+
+
+def _remove(paths, processes: list[int], name: str) -> None:
+    """Remove the folders `paths` by the first of `processes`; the others wait until it has."""
+    if jax.process_index() == processes[0]:
+        for path in paths:
+            shutil.rmtree(path, ignore_errors=True)
+    if len(processes) > 1:
+        distributed.barrier(name)
 
 
 def _save_epoch(manager, epoch: int, state, curves, primary: bool) -> None:
@@ -341,7 +345,9 @@ def _save_epoch(manager, epoch: int, state, curves, primary: bool) -> None:
     if primary:
         folder = Path(manager.directory) / str(epoch)
         temporary = folder / f"{MANIFEST}.tmp"
-        temporary.write_text(json.dumps(_file_hashes(folder), indent=1))
+        files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != temporary.name)
+        temporary.write_text(json.dumps({p.relative_to(folder).as_posix(): _sha256(p)
+                                         for p in files}, indent=1))
         os.replace(temporary, folder / MANIFEST)
 
 
@@ -373,12 +379,9 @@ def _restore_latest(folder: Path, processes: list[int], state, curves, warn: Cal
     checkpoint yet is returned as it is."""
     steps = []
     try:
-        if jax.process_index() == processes[0]:
-            # An epoch whose save a stop cut short: nothing of it to keep.
-            for unfinished in folder.glob("*.orbax-checkpoint-tmp*"):
-                shutil.rmtree(unfinished, ignore_errors=True)
-        if len(processes) > 1:
-            distributed.barrier(f"{folder} unfinished epochs removed")
+        # An epoch whose save a stop cut short: nothing of it to keep.
+        _remove(list(folder.glob("*.orbax-checkpoint-tmp*")), processes,
+                f"{folder} unfinished epochs removed")
         manager = _checkpoints(folder, processes)
         steps = sorted(manager.all_steps(), reverse=True)
         for step in steps:
@@ -390,10 +393,7 @@ def _restore_latest(folder: Path, processes: list[int], state, curves, warn: Cal
                      f"({_one_line(e)}); " + (f"resuming from epoch {before[0]}" if before
                                               else "no earlier epoch is kept"))
                 manager.close()
-                if jax.process_index() == processes[0]:
-                    shutil.rmtree(folder / str(step), ignore_errors=True)
-                if len(processes) > 1:
-                    distributed.barrier(f"{folder}/{step} removed")
+                _remove([folder / str(step)], processes, f"{folder}/{step} removed")
                 manager = _checkpoints(folder, processes)
     except Exception as e:  # orbax reading its own metadata: any damage at all
         raise InputError(f"{folder}: the checkpoint is damaged ({_one_line(e)}); remove "
