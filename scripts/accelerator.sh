@@ -37,9 +37,9 @@ fi
 
 # Cheapest first, so that a short lease still brings whole sweeps back. The minutes are the
 # scaling estimate's for one H100 (results/bench/scaling.md), rounded up. (`dropout` has no LC:
-# the study's dropout task is for FC and CNN; the LC rows of `l1` and `bagging` are committed at
-# full scale, trained as CPU shards.)
-for entry in batchnorm:8 adversarial:9; do
+# the study's dropout task is for FC and CNN; the LC rows of `l1`, `bagging` and `batchnorm` are
+# committed at full scale, trained as CPU shards.)
+for entry in adversarial:9; do
     sweep=${entry%%:*} need=$(( ${entry##*:} * 60 ))
     left=$(( end - SECONDS ))
     if (( left < need )); then

@@ -122,7 +122,11 @@ def test_every_section_calls_a_planted_within_noise_difference_undecided(tmp_pat
     for folder in sorted((ROOT / "results").glob("*/metrics.h5")):
         out = tmp_path / folder.parent.name / "metrics.h5"
         out.parent.mkdir()
-        results.write_metrics(out, plant(results.read_metrics(folder)))
+        run = plant(results.read_metrics(folder))
+        if folder.parent.name == "batchnorm":  # as if its LC had run 1 of its 20 epochs
+            run = replace(run, settings=[dict(s, epochs=1) if s["network"] == "lc" else s
+                                         for s in run.settings])
+        results.write_metrics(out, run)
     text = report.build_report(tmp_path)
     sections = text.split("\n## ")[2:]  # past the header and the coverage table
     assert len(sections) == len(report.SECTIONS)

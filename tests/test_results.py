@@ -281,6 +281,20 @@ def test_merge_keeps_the_networks_the_new_run_did_not_train(tmp_path):
             "(overrides epochs=4).") in (folder / "summary.md").read_text()
 
 
+def test_a_merge_of_merges_names_where_each_kept_network_ran():
+    # An LC run merged into a file whose CNN had been rerun (cpu-a, then cpu-b) beside an FC
+    # kept from a GPU run: each kept network is named with its own run's device and overrides,
+    # never the earlier file's (cpu-a trained nothing that is kept).
+    overrides = {"networks": ["lc"], "merged": {
+        "networks": ["cnn", "fc"], "device": "gpu; cpu-a; cpu-b", "overrides": {
+            "networks": ["cnn"], "merged": {"networks": ["fc"], "device": "gpu",
+                                            "overrides": {"networks": ["fc", "cnn"]}}}}}
+    assert results.describe_overrides(overrides) == (
+        "networks=['lc'], merged with the earlier cnn members from cpu-b (overrides "
+        "networks=['cnn']) and fc members from gpu (overrides networks=['fc', 'cnn'])")
+    assert results.merge_origin(overrides, "cpu-c", "lc") == ("cpu-c", {"networks": ["lc"]}, False)
+
+
 def test_groups_of_an_older_merged_file_stay_not_recorded(tmp_path):
     # A file from before per-group devices and versions: its groups ran on its device, unless
     # it was merged from runs on several; a later merge must not record a guess as a fact.

@@ -696,15 +696,10 @@ PARTNERS = {"momentum": ("lr",), "beyond": ("beyond-final", "baseline")}
 
 
 def origin(run: results.Run, net: str) -> tuple[str, bool]:
-    """(the device `net`'s rows ran on, whether a `--merge` kept them from an earlier run).
-
-    Follows the chain of merge records: `overrides["merged"]` names the networks kept from the
-    earlier run and that run's device and overrides (which may hold its own merge record). A
-    merged run's `device` is its devices joined with "; ", the newest last."""
-    device, overrides, kept = run.device, run.overrides, False
-    while (merged := overrides.get("merged")) and net in merged["networks"]:
-        device, overrides, kept = merged["device"], merged["overrides"], True
-    return (device.split("; ")[-1] if "merged" in overrides else device), kept
+    """(the device `net`'s rows ran on, whether a `--merge` kept them from an earlier run):
+    `results.merge_origin` of the run."""
+    device, _, kept = results.merge_origin(run.overrides, run.device, net)
+    return device, kept
 
 
 def provenance(study: Study, net: str) -> tuple[str, dict | None, float]:

@@ -416,15 +416,33 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return [line(header), "|" + "---|" * len(header), *map(line, rows), ""]
 
 
+def merge_origin(overrides: dict, device: str, net: str) -> tuple[str, dict, bool]:
+    """(the device `net`'s members ran on, the overrides they ran with, whether a `--merge` kept
+    them from an earlier run) for a run with `overrides` on `device`.
+
+    Follows the chain of merge records: `overrides["merged"]` names the networks kept from the
+    earlier run, that run's device and its overrides (which may hold its own merge record). A
+    merged run's device is its devices joined with "; ", the newest (its own run's) last."""
+    kept = False
+    while (merged := overrides.get("merged")) and net in merged["networks"]:
+        device, overrides, kept = merged["device"], merged["overrides"], True
+    own = {k: v for k, v in overrides.items() if k != "merged"}
+    return (device.split("; ")[-1] if "merged" in overrides else device), own, kept
+
+
 def describe_overrides(overrides: dict) -> str:
-    """Command-line overrides as `key=value` text; a merge names the networks it kept and the
-    device and overrides they ran with (the earlier sweep text stays in metrics.h5 only)."""
+    """Command-line overrides as `key=value` text; a merge names the networks it kept, each with
+    the device and overrides of the run that trained it (the earlier sweep text stays in
+    metrics.h5 only)."""
     parts = [f"{k}={v}" for k, v in overrides.items() if k != "merged"]
     if "merged" in overrides:
-        m = overrides["merged"]
-        parts.append(f"merged with the earlier {', '.join(m['networks'])} members from "
-                     f"{m['device']}" + (f" (overrides {describe_overrides(m['overrides'])})"
-                                         if m["overrides"] else ""))
+        origins = {}
+        for net in overrides["merged"]["networks"]:
+            device, own, _ = merge_origin(overrides, "", net)
+            origins.setdefault((device, describe_overrides(own)), []).append(net)
+        parts.append("merged with the earlier " + " and ".join(
+            f"{', '.join(nets)} members from {device}" + (f" (overrides {text})" if text else "")
+            for (device, text), nets in origins.items()))
     return ", ".join(parts)
 
 
