@@ -14,8 +14,9 @@ import numpy as np
 import pytest
 
 from conftest import assert_curves_match
+from test_faults import damage
 from test_population import env as population_env, saved_epochs
-from uspsjax import data, distributed, grid, results, sweep
+from uspsjax import data, distributed, grid, population, results, sweep
 from uspsjax.errors import InputError
 
 # Batch 8: epochs long enough to kill a process between two (~1-2 s on the full training set,
@@ -95,13 +96,23 @@ def sweep_file(folder, epochs: int = 3):
     return path
 
 
-def wait_for_checkpoint(ck, procs) -> None:
-    """Wait until the first epoch of the sweep's chunk is checkpointed, the processes alive."""
+def wait_for_checkpoint(chunk, procs, epochs: int = 1) -> None:
+    """Wait until `epochs` epochs of the chunk folder `chunk` are checkpointed, the processes
+    alive."""
     start_s = time.time()
-    while saved_epochs(ck / "spread" / "group0" / "chunk0") < 1:
+    while saved_epochs(chunk) < epochs:
         assert all(p.poll() is None for p in procs), "the sweep ended before it was killed"
         assert time.time() - start_s < 300, "no checkpoint appeared"
-        time.sleep(0.1)
+        time.sleep(0.05)
+
+
+def damage_newest(chunk) -> int:
+    """Flip a bit in the newest epoch of `chunk` whose save finished (its manifest written; a
+    kill may have cut the next one short): that epoch, which a resume must then skip."""
+    newest = max(int(p.parent.name) for p in chunk.glob(f"*/{population.MANIFEST}"))
+    assert newest >= 2, "no earlier epoch to resume from"
+    damage(chunk / str(newest), "flipped")
+    return newest
 
 
 def read(folder):
@@ -176,8 +187,9 @@ def slurm_env(data, task: int, job: int) -> dict:
 
 def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path, subset_h5):
     # The three ways processes find each other: the uninterrupted run launched as Slurm
-    # launches it, the interrupted one by flags, its resume by JAX's variables.
-    # 8 epochs of 128 steps on the subset: 7 left to be killed in once the first is saved.
+    # launches it, the interrupted one by flags, its resume by JAX's variables. The newest
+    # epoch of the chunk, whose members span both processes, is damaged before the resume.
+    # 8 epochs of 128 steps on the subset: 5 left to be killed in once 3 are saved.
     path = sweep_file(tmp_path, epochs=8)
     job = next(j for j in random.sample(range(2**12), 64) if port_is_free(61440 + j))
     whole = finish([subprocess.Popen(
@@ -190,13 +202,15 @@ def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path
     ck = tmp_path / "ck"
     outs = [tmp_path / "out0", tmp_path / "out1"]
     procs = launch(subset_h5, path, outs, ck)
-    wait_for_checkpoint(ck, procs)
+    chunk = ck / "spread" / "group0" / "chunk0"
+    wait_for_checkpoint(chunk, procs, epochs=3)
     procs[1].send_signal(signal.SIGKILL)
     # The survivor stops by itself once the runtime misses process 1's heartbeats
     # (--heartbeat-timeout); a scheduler ends the whole job at once, as here.
     procs[0].send_signal(signal.SIGKILL)
     finish(procs)
     assert not (outs[0] / "spread").exists()
+    damaged = damage_newest(chunk)
     # Resumed as a launcher that sets JAX's variables instead of flags would.
     port = free_port()
     resumed = finish([subprocess.Popen(
@@ -206,8 +220,41 @@ def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i, out in enumerate(outs)])
     assert [r[0] for r in resumed] == [0, 0], resumed[0][2] + resumed[1][2]
     assert "epoch 1/8" not in resumed[0][2]  # it went on from the checkpoint
+    said = resumed[0][2]
+    assert f"the checkpoint of epoch {damaged} is damaged" in said and "Traceback" not in said
+    assert own(resumed[1][1]) == [] and "Traceback" not in resumed[1][2]
     # The same program on the same machine, resumed from a checkpoint: bit for bit.
     a, b = read(tmp_path / "whole0"), read(outs[0])
+    np.testing.assert_array_equal(a.curves, b.curves)
+    np.testing.assert_array_equal(a.test_probs, b.test_probs)
+
+
+def test_a_damaged_epoch_of_a_group_on_one_process_resumes_without_the_other(tmp_path,
+                                                                          subset_h5):
+    # Whole groups placed on processes: batch 16 trains on process 1 alone, which removes its
+    # damaged epoch and resumes from the one before without waiting on process 0 (a wait that
+    # process 0 would never join). 12 epochs of 64 steps: 9 left to be killed in.
+    path = sweep_file(tmp_path, epochs=12)
+    path.write_text(path.read_text().replace("lr = [0.003, 0.001]", "batch_size = [8, 16]"))
+    whole = finish(launch(subset_h5, path, [tmp_path / "whole0", tmp_path / "whole1"],
+                          tmp_path / "ck_whole", "--placement", "groups"))
+    assert [r[0] for r in whole] == [0, 0], whole[0][2] + whole[1][2]
+    ck, outs = tmp_path / "ck", [tmp_path / "out0", tmp_path / "out1"]
+    procs = launch(subset_h5, path, outs, ck, "--placement", "groups")
+    chunk = ck / "spread" / "group1" / "chunk0"
+    wait_for_checkpoint(chunk, procs, epochs=3)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    finish(procs)
+    damaged = damage_newest(chunk)
+    resumed = finish(launch(subset_h5, path, outs, ck, "--placement", "groups", "--resume"))
+    assert [r[0] for r in resumed] == [0, 0], resumed[0][2] + resumed[1][2]
+    said = [line for r in resumed for line in r[2].splitlines() if "is damaged" in line]
+    assert len(said) == 1 and f"group1/chunk0/{damaged}: the checkpoint of epoch" in said[0]
+    assert not [r for r in resumed if "Traceback" in r[2]]
+    # The same program on the same machine, resumed from a checkpoint: bit for bit.
+    a, b = read(tmp_path / "whole0"), read(outs[0])
+    assert a.settings == b.settings
     np.testing.assert_array_equal(a.curves, b.curves)
     np.testing.assert_array_equal(a.test_probs, b.test_probs)
 
@@ -311,7 +358,7 @@ def test_a_killed_process_stops_the_others_within_the_heartbeat_timeout(tmp_path
     port = free_port()
     procs = [start(shared_h5, path, tmp_path / f"out{i}", ck, port, 2, i,
                    "--heartbeat-timeout", 5) for i in range(2)]
-    wait_for_checkpoint(ck, procs)
+    wait_for_checkpoint(ck / "spread" / "group0" / "chunk0", procs)
     procs[1].send_signal(signal.SIGKILL)
     killed = time.time()
     code, _, _ = finish(procs[:1], timeout=120)[0]

@@ -55,6 +55,7 @@ CHECKPOINTS_KEPT = 2  # epochs kept per chunk: the latest, and the one before in
 # part way, fail, and leave its other reads to finish on a closed event loop (tracebacks at
 # exit), or decode a changed byte that its compression does not check into other numbers.
 MANIFEST = "uspsjax-sha256.json"
+UNFINISHED = ".unfinished"  # an epoch folder being written (orbax's: ".orbax-checkpoint-tmp")
 
 
 @dataclass(frozen=True)
@@ -289,18 +290,60 @@ def chunk_sizes(n_members: int, size: int, n_devices: int) -> list[int]:
 
 
 def _checkpoints(folder: Path, processes: list[int]):
-    """An orbax manager of a chunk's per-epoch checkpoints in `folder` (the latest two kept, so
-    that a damaged latest one leaves the one before), saved by the `processes` that hold its
-    devices, each its own shards. Orbax writes each epoch to a temporary folder and renames it
-    when complete, so an interrupted save leaves the previous epoch intact."""
+    """The manager of a chunk's per-epoch checkpoints in `folder` (the latest two kept, so that a
+    damaged latest one leaves the one before), saved by the `processes` that hold its devices,
+    each its own shards: orbax's, or where one process of several holds the chunk,
+    `OneProcessCheckpoints` (orbax writes a host's own arrays from the job's first process
+    only). Both write each epoch to a temporary folder and rename it when complete, so an
+    interrupted save leaves the previous epoch intact."""
+    folder.mkdir(parents=True, exist_ok=True)  # orbax leaves that to us with active_processes
+    if len(processes) == 1 and jax.process_count() > 1:
+        return OneProcessCheckpoints(folder)
     import orbax.checkpoint as ocp
     sync = ocp.options.MultiprocessingOptions(
         primary_host=processes[0], active_processes=set(processes),
         barrier_sync_key_prefix=re.sub(r"\W", "_", str(folder)))
-    folder.mkdir(parents=True, exist_ok=True)  # orbax leaves that to us with active_processes
     return ocp.CheckpointManager(folder.absolute(), options=ocp.CheckpointManagerOptions(
         max_to_keep=CHECKPOINTS_KEPT, enable_async_checkpointing=False,
         multiprocessing_options=sync, create=False))
+
+
+class OneProcessCheckpoints:
+    """A chunk's per-epoch checkpoints kept by the one process of a multi-process run that holds
+    it, with the part of orbax's `CheckpointManager` that `population` uses: each epoch one
+    `state.npz` of the checkpointed tree's leaves in `directory/EPOCH/`."""
+
+    def __init__(self, directory: Path):
+        self.directory = directory
+
+    def all_steps(self) -> list[int]:
+        """The epochs saved, in no order."""
+        return [int(p.name) for p in self.directory.iterdir() if p.name.isdigit()]
+
+    def save(self, epoch: int, tree) -> None:
+        """Write `tree` (numpy leaves) as epoch `epoch`, then drop all but the latest
+        `CHECKPOINTS_KEPT` epochs."""
+        temporary = self.directory / f"{epoch}{UNFINISHED}"
+        shutil.rmtree(temporary, ignore_errors=True)
+        temporary.mkdir()
+        with open(temporary / "state.npz", "wb") as f:
+            np.savez(f, *jax.tree.leaves(tree))
+        shutil.rmtree(self.directory / str(epoch), ignore_errors=True)
+        os.replace(temporary, self.directory / str(epoch))
+        for old in sorted(self.all_steps())[:-CHECKPOINTS_KEPT]:
+            shutil.rmtree(self.directory / str(old))
+
+    def restore(self, step: int, template):
+        """Epoch `step`, shaped as `template`; ValueError if its leaves do not fit it."""
+        leaves, tree = jax.tree.flatten(template)
+        with np.load(self.directory / str(step) / "state.npz") as f:
+            saved = [f[f"arr_{i}"] for i in range(len(f.files))]
+        if [(a.shape, a.dtype) for a in saved] != [(np.shape(x), x.dtype) for x in leaves]:
+            raise ValueError("its arrays are not those of this chunk")
+        return jax.tree.unflatten(tree, saved)
+
+    def close(self) -> None:
+        """Nothing to release (orbax's manager has threads to stop)."""
 
 
 def _sha256(path: Path) -> str:
@@ -337,11 +380,15 @@ def _save_epoch(manager, epoch: int, state, curves, primary: bool) -> None:
     `primary` process) the manifest of its files. Arrays sharded over several processes are
     saved shard by shard; those on one process's devices go as numpy (orbax refuses such
     host-local arrays when there are several processes)."""
-    import orbax.checkpoint as ocp
     state = jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable else x,
                          distributed.raw_keys(state))
-    manager.save(epoch, args=ocp.args.StandardSave({"state": state, "curves": curves}))
-    manager.wait_until_finished()
+    tree = {"state": state, "curves": curves}
+    if isinstance(manager, OneProcessCheckpoints):
+        manager.save(epoch, tree)
+    else:
+        import orbax.checkpoint as ocp
+        manager.save(epoch, args=ocp.args.StandardSave(tree))
+        manager.wait_until_finished()
     if primary:
         folder = Path(manager.directory) / str(epoch)
         temporary = folder / f"{MANIFEST}.tmp"
@@ -354,13 +401,16 @@ def _save_epoch(manager, epoch: int, state, curves, primary: bool) -> None:
 def _restore_epoch(manager, step: int, state, curves):
     """A chunk's checkpoint after epoch `step`, laid out (sharded) as `state`, and its curves;
     ValueError if a file of it is not as saved (`_check_manifest`)."""
-    import orbax.checkpoint as ocp
     _check_manifest(Path(manager.directory) / str(step))
     raw = distributed.raw_keys(state)
     template = {"state": jax.tree.map(
         lambda x: np.empty(x.shape, x.dtype) if x.is_fully_addressable
         else jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), raw), "curves": curves}
-    saved = manager.restore(step, args=ocp.args.StandardRestore(template))
+    if isinstance(manager, OneProcessCheckpoints):
+        saved = manager.restore(step, template)
+    else:
+        import orbax.checkpoint as ocp
+        saved = manager.restore(step, args=ocp.args.StandardRestore(template))
     placed = jax.tree.map(lambda r, x: jax.device_put(r, x.sharding) if x.is_fully_addressable
                           else r, saved["state"], raw)
     return distributed.typed_keys(placed, state), np.array(saved["curves"])
@@ -380,8 +430,8 @@ def _restore_latest(folder: Path, processes: list[int], state, curves, warn: Cal
     steps = []
     try:
         # An epoch whose save a stop cut short: nothing of it to keep.
-        _remove(list(folder.glob("*.orbax-checkpoint-tmp*")), processes,
-                f"{folder} unfinished epochs removed")
+        _remove([*folder.glob(f"*{UNFINISHED}*"), *folder.glob("*.orbax-checkpoint-tmp*")],
+                processes, f"{folder} unfinished epochs removed")
         manager = _checkpoints(folder, processes)
         steps = sorted(manager.all_steps(), reverse=True)
         for step in steps:
@@ -465,11 +515,14 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
     With `checkpoint` (a folder on a file system every process sees), each chunk's state is
     saved after every epoch and a run that finds one resumes from it; a finished chunk keeps only
     its results, written by the first of the processes that trained it. A damaged checkpoint is
-    said to `warn` in one line and the epoch before is resumed (`_restore_latest`).
+    said to `warn` in one line, by the first of the processes that train the group, and the
+    epoch before is resumed (`_restore_latest`).
     """
     devices = devices or jax.devices()
-    # The processes whose devices train this group; the first writes its finished chunks.
+    # The processes whose devices train this group; the first writes its finished chunks and
+    # says what it finds damaged (every one of them finds it).
     processes = sorted({d.process_index for d in devices})
+    say = warn if jax.process_index() == processes[0] else lambda message: None
     n_members = keys.shape[MEMBER_AXIS]
     n_train = data.x_train.shape[0]
     budget = memory_budget or device_memory(jax.local_devices()[0])
@@ -519,7 +572,7 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         or None where it finished before (its results kept)."""
         lo, hi = c * size, min((c + 1) * size, n_members)
         done_path = checkpoint / f"chunk{c}.done.npz" if checkpoint else None
-        done = _load_done(done_path, warn) if done_path and done_path.exists() else None
+        done = _load_done(done_path, say) if done_path and done_path.exists() else None
         if done is not None:
             results[c] = done
             return None
@@ -533,7 +586,7 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
         manager = None
         if checkpoint:
             manager, state, curves = _restore_latest(checkpoint / f"chunk{c}", processes,
-                                                     state, curves, warn)
+                                                     state, curves, say)
         if padded not in compiled:  # ahead, so that an epoch's clock times training only
             compiled[padded] = train.compile_program(epoch_fn, state, hp_chunk, data,
                                                      jnp.int32(every), platform=devices[0].platform)

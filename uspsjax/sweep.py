@@ -181,7 +181,8 @@ def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True
     stamped with `plan.fingerprint`, and `plan.resume` continues from there (skipping finished
     groups). Progress goes to `log`: a line per epoch and, with `live`, one at least every
     `LIVE_SECONDS` inside long epochs (in a run over several processes, of the groups that
-    process 0 trains); a damaged checkpoint is said to `warn` (default: stderr). A shard's run
+    process 0 trains); a damaged checkpoint is said to `warn` (default: stderr) by the first
+    process of its group. A shard's run
     records which members it trained. `data_hash` is the dataset's `data.content_hash`,
     computed here when not given.
     """
@@ -780,7 +781,9 @@ def execute(options: Options) -> tuple[int, list[Path]]:
     writer = distributed.is_writer()
     quiet = args.quiet or not writer
     log = cli.silent if quiet else cli.say
-    warn = cli.say if writer else cli.silent
+    # Every process warns: a group placed on one process of several finds its own faults
+    # (`population.run_group` has one process of each group say them).
+    warn = cli.say
     refusal, locks = None, []
     try:
         try:
