@@ -257,6 +257,25 @@ def test_a_damaged_epoch_of_a_group_on_one_process_resumes_without_the_other(tmp
     assert a.settings == b.settings
     np.testing.assert_array_equal(a.curves, b.curves)
     np.testing.assert_array_equal(a.test_probs, b.test_probs)
+    # Every kept epoch of process 1's group damaged: process 1 refuses, and process 0 stops with
+    # it as soon as its own group is trained, not when JAX gives up waiting (minutes).
+    ck, outs = tmp_path / "ck2", [tmp_path / "again0", tmp_path / "again1"]
+    procs = launch(subset_h5, path, outs, ck, "--placement", "groups")
+    chunk = ck / "spread" / "group1" / "chunk0"
+    wait_for_checkpoint(chunk, procs, epochs=3)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    finish(procs)
+    for epoch in chunk.glob(f"*/{population.MANIFEST}"):
+        damage(epoch.parent, "flipped")
+    begun = time.time()
+    (code0, _, err0), (code1, _, err1) = finish(launch(subset_h5, path, outs, ck, "--placement",
+                                                       "groups", "--resume"))
+    assert time.time() - begun < 90
+    assert (code0, code1) == (2, 2), err0 + err1
+    assert own(err1)[-1].startswith("error: ") and "no checkpoint restores" in own(err1)[-1]
+    assert err0.splitlines()[-1] == "error: process 1 of 2 refused its input", err0
+    assert "Traceback" not in err0 + err1 and not (outs[0] / "spread").exists()
 
 
 def test_a_refusal_on_one_process_stops_every_process(tmp_path, shared_h5):

@@ -228,6 +228,9 @@ def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True
     walls, chunks = np.zeros(len(groups)), np.zeros(len(groups), np.int32)
     device, versions = environment()
     t_start = time.perf_counter()
+    # Whole groups on several processes: a refusal of one process's own group (a checkpoint of
+    # it that no longer restores) is raised at the gather below, which every process joins.
+    apart, refusal = bool(owners) and jax.process_count() > 1, None
     for g, (static, idx) in enumerate(groups.items()):
         if owners and owners[g] != jax.process_index():
             continue
@@ -263,10 +266,16 @@ def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True
         ckpt = ckpt_root / f"group{g}" if ckpt_root else None
         if ckpt:
             ckpt.mkdir(parents=True, exist_ok=True)
-        res = population.run_group(static, keys, hps, data, devices=devices,
-                                   memory_budget=plan.memory_budget, evaluation=evaluation,
-                                   checkpoint=ckpt, on_epoch=progress,
-                                   on_step=progress if live else None, warn=warn)
+        try:
+            res = population.run_group(static, keys, hps, data, devices=devices,
+                                       memory_budget=plan.memory_budget, evaluation=evaluation,
+                                       checkpoint=ckpt, on_epoch=progress,
+                                       on_step=progress if live else None, warn=warn)
+        except InputError as e:
+            if not apart:
+                raise
+            refusal = str(e)
+            break
         wall = time.perf_counter() - t0
         if res.chunks > 1:
             log(f"  [{g + 1}/{len(groups)}] {label}: ran as {res.chunks} chunks of "
@@ -279,7 +288,8 @@ def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True
             robust[idx] = res.robust
         walls[g], chunks[g] = wall, res.chunks
         log(f"  [{g + 1}/{len(groups)}] {label}: {len(idx)} members done in {wall:.1f} s")
-    if owners and jax.process_count() > 1:
+    if apart:
+        distributed.agree(refusal)
         # Each process holds its own groups' rows: take every group's from its owner.
         mine = {"curves": curves, "diverged": diverged, "probs": probs, "robust": robust,
                 "walls": walls, "chunks": chunks}
