@@ -182,9 +182,8 @@ def run_sweep(plan: Plan, dataset, *, devices=None, log=print, live: bool = True
     groups). Progress goes to `log`: a line per epoch and, with `live`, one at least every
     `LIVE_SECONDS` inside long epochs (in a run over several processes, of the groups that
     process 0 trains); a damaged checkpoint is said to `warn` (default: stderr) by the first
-    process of its group. A shard's run
-    records which members it trained. `data_hash` is the dataset's `data.content_hash`,
-    computed here when not given.
+    process of its group. A shard's run records which members it trained. `data_hash` is the
+    dataset's `data.content_hash`, computed here when not given.
     """
     import jax
     from uspsjax import attacks, data as data_mod, population, train
