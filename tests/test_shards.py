@@ -2,6 +2,7 @@
 unsharded run, and one-line refusals of a missing, duplicated or foreign shard."""
 
 import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -98,11 +99,20 @@ def test_vmapped_members_split_into_shards_agree_to_float32_rounding(tmp_path, c
     for i in range(2):
         code, err = cli(capsys, path, "--shard", f"{i}/2", *common(tmp_path, subset_h5))
         assert code == 0, err
+    # Shard 1 as if trained from other code on another host: the one group, split between the
+    # shards, records both.
+    folder = tmp_path / "out" / "pop.shards" / "1-of-2"
+    other = read(folder.parent, "1-of-2")
+    ours = other.groups[0]["versions"]
+    results.write_metrics(folder / "metrics.h5", replace(other, groups=[dict(
+        other.groups[0], versions={**ours, "source": "0123456789abcdef", "malloc": "tuned"})]))
     code, err = cli(capsys, path, "--gather", "--out", tmp_path / "out", "--quiet")
     assert code == 0, err
     a, b = read(tmp_path / "whole", "pop"), read(tmp_path / "out", "pop")
     assert a.settings == b.settings
     assert_curves_match(a.curves, b.curves, n_test=256)
+    assert b.groups[0]["versions"] == {**ours, "source": f"{ours['source']} / 0123456789abcdef",
+                                       "malloc": f"{ours['malloc']} / tuned"}
 
 
 def refuse(capsys, split, tmp_path, change, fragment):

@@ -145,6 +145,16 @@ def gather(folder: Path, sweep_name: str, sweep_text: str) -> "Run":
     return _combine(runs, total)
 
 
+def _versions(parts: list[dict]) -> dict:
+    """One group's versions over the shards that trained it: each entry's distinct values,
+    joined with " / " in shard order. The shards share those that decide the numbers
+    (`SAME_VERSIONS`); the code's own hash or a host's CPU tactics may differ between them."""
+    keys = dict.fromkeys(k for g in parts for k in g["versions"] or {})
+    return {k: " / ".join(dict.fromkeys(str(g["versions"][k]) for g in parts
+                                       if g["versions"] and k in g["versions"]))
+            for k in keys}
+
+
 def _combine(runs: dict[int, "Run"], total: int) -> "Run":
     """One run from shards whose member rows are `run.shard["members"]` of `total`."""
     first = runs[0]
@@ -171,7 +181,7 @@ def _combine(runs: dict[int, "Run"], total: int) -> "Run":
                        "wall_time_s": sum(g["wall_time_s"] for g in parts),
                        "chunks": sum(g["chunks"] for g in parts),
                        "device": "; ".join(dict.fromkeys(g["device"] for g in parts)),
-                       "versions": parts[0]["versions"], "recorded": True})
+                       "versions": _versions(parts), "recorded": True})
     settings = [dict(s, group=labels.index(g["label"])) for s, g in zip(settings, group_of)]
     ordered = [runs[i] for i in sorted(runs)]
     return dataclasses.replace(
