@@ -275,6 +275,43 @@ def test_a_full_disk_keeps_the_earlier_result_and_the_training(tmp_path, subset_
     assert_same(arrays(tmp_path / "out"), whole)
 
 
+@pytest.mark.parametrize("when", ["before", "midway"])
+def test_a_full_disk_while_checkpointing_stops_in_one_line_and_resumes(tmp_path, subset_h5, capsys,
+                                                                      monkeypatch, whole, when):
+    # The disk fills as epoch 3 is checkpointed: seen before writing (too little space free),
+    # or by orbax part way through its write (tensorstore's error, a temporary folder left).
+    (tmp_path / "faulty.toml").write_text(SWEEP)
+    chunk = tmp_path / "ck" / os.path.join(*CHUNK)
+    if when == "before":
+        usage = shutil.disk_usage
+
+        def filling(path):  # room for the first two epochs only
+            full = len(list(chunk.glob(f"*/{population.MANIFEST}"))) >= 2
+            return usage(path)._replace(free=0) if full else usage(path)
+
+        monkeypatch.setattr(shutil, "disk_usage", filling)
+    else:
+        save = population._save_epoch
+
+        def midway(manager, epoch, *rest):
+            if epoch == 3:
+                (chunk / "3.orbax-checkpoint-tmp" / "default").mkdir(parents=True)
+                raise ValueError("RESOURCE_EXHAUSTED: Error writing ...: No space left on device")
+            save(manager, epoch, *rest)
+
+        monkeypatch.setattr(population, "_save_epoch", midway)
+    code, err = run(capsys, argv(tmp_path, subset_h5))
+    assert code == 1
+    one_error(err, "chunk0: cannot write the checkpoint of epoch 3")
+    assert "No space left on device" in err and "--resume" in err
+    assert sorted(p.name for p in chunk.iterdir() if p.name.isdigit()) == ["1", "2"]
+    assert not (tmp_path / "out" / "faulty").exists()
+    monkeypatch.undo()
+    code, err = run(capsys, argv(tmp_path, subset_h5, "--resume"))
+    assert code == 0 and err == "", err
+    assert_same(arrays(tmp_path / "out"), whole)
+
+
 def test_resume_with_other_versions_is_refused(terminated, tmp_path, subset_h5, capsys):
     stamp = tmp_path / "ck" / "faulty" / "sweep.json"
     record = json.loads(stamp.read_text())

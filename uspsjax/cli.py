@@ -68,7 +68,8 @@ def check_out(out: Path) -> None:
 
 def command(main):
     """Decorate an entry point `main(argv=None) -> int` so that an InputError raised anywhere in
-    it (a bad flag included) prints `error: MESSAGE` as one line on stderr and returns 2."""
+    it (a bad flag included) prints `error: MESSAGE` as one line on stderr and returns its
+    status (2; 1 for a WriteError)."""
 
     @functools.wraps(main)
     def run(argv=None) -> int:
@@ -76,7 +77,7 @@ def command(main):
             return main(argv)
         except InputError as e:
             print(f"error: {' '.join(str(e).split())}", file=sys.stderr)
-            return 2
+            return e.status
 
     return run
 

@@ -14,6 +14,7 @@ epoch with identical results. The devices may belong to several processes (`dist
 member axis then spans all of them, and every process gets the same numpy results back.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -32,7 +33,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from uspsjax import attacks, distributed, machine, train
-from uspsjax.errors import InputError
+from uspsjax.errors import InputError, WriteError
 from uspsjax.train import Data, Hparams, Static
 
 MEMBER_AXIS = 0
@@ -383,6 +384,13 @@ def _save_epoch(manager, epoch: int, state, curves, primary: bool) -> None:
     state = jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable else x,
                          distributed.raw_keys(state))
     tree = {"state": state, "curves": curves}
+    # Refused before a byte is written: orbax, failing part way, leaves tracebacks from its
+    # threads behind, and the epoch it was writing would be lost anyway.
+    need = sum(x.nbytes for x in jax.tree.leaves(tree))
+    free = shutil.disk_usage(manager.directory).free
+    if free < need:
+        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {need:,} bytes needed, "
+                                    f"{free:,} free")
     if isinstance(manager, OneProcessCheckpoints):
         manager.save(epoch, tree)
     else:
@@ -645,8 +653,14 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
             lane["curves"][:, epoch] = distributed.to_host(metrics)
             lane["epoch"] = epoch + 1
             if lane["manager"]:
-                _save_epoch(lane["manager"], epoch + 1, state, lane["curves"],
-                            jax.process_index() == processes[0])
+                try:
+                    _save_epoch(lane["manager"], epoch + 1, state, lane["curves"],
+                                jax.process_index() == processes[0])
+                except Exception as e:  # the file system, orbax, tensorstore: a full disk
+                    raise WriteError(
+                        f"{checkpoint}/chunk{lane['c']}: cannot write the checkpoint of epoch "
+                        f"{epoch + 1} ({_one_line(e)}); the epochs before it are kept: free "
+                        "space, then run the same command with --resume") from None
             if on_epoch:
                 leaf = jax.tree.leaves(state.params)[0]
                 on_epoch({"epoch": epoch + 1, "epochs": static.epochs,
