@@ -275,14 +275,25 @@ def test_a_full_disk_keeps_the_earlier_result_and_the_training(tmp_path, subset_
     assert_same(arrays(tmp_path / "out"), whole)
 
 
-@pytest.mark.parametrize("when", ["before", "midway"])
+@pytest.mark.parametrize("when, said", [
+    ("before", "chunk0: cannot write the checkpoint of epoch 3"),
+    ("midway", "chunk0: cannot write the checkpoint of epoch 3"),
+    ("finished", "chunk0.done.npz: cannot write")])
 def test_a_full_disk_while_checkpointing_stops_in_one_line_and_resumes(tmp_path, subset_h5, capsys,
-                                                                      monkeypatch, whole, when):
+                                                                      monkeypatch, whole, when,
+                                                                      said):
     # The disk fills as epoch 3 is checkpointed: seen before writing (too little space free),
-    # or by orbax part way through its write (tensorstore's error, a temporary folder left).
+    # or by orbax part way through its write (tensorstore's error, a temporary folder left);
+    # or as the finished chunk's results replace its checkpoints.
     (tmp_path / "faulty.toml").write_text(SWEEP)
     chunk = tmp_path / "ck" / os.path.join(*CHUNK)
-    if when == "before":
+    if when == "finished":
+        def full(file, **arrays):
+            file.write(b"PK\x03\x04")  # what was written before the disk filled
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+        monkeypatch.setattr(population.np, "savez", full)
+    elif when == "before":
         usage = shutil.disk_usage
 
         def filling(path):  # room for the first two epochs only
@@ -302,10 +313,11 @@ def test_a_full_disk_while_checkpointing_stops_in_one_line_and_resumes(tmp_path,
         monkeypatch.setattr(population, "_save_epoch", midway)
     code, err = run(capsys, argv(tmp_path, subset_h5))
     assert code == 1
-    one_error(err, "chunk0: cannot write the checkpoint of epoch 3")
+    one_error(err, said)
     assert "No space left on device" in err and "--resume" in err
-    assert sorted(p.name for p in chunk.iterdir() if p.name.isdigit()) == ["1", "2"]
-    assert not (tmp_path / "out" / "faulty").exists()
+    kept = ["2", "3"] if when == "finished" else ["1", "2"]
+    assert sorted(p.name for p in chunk.iterdir() if p.name.isdigit()) == kept
+    assert not list(chunk.parent.glob("*.tmp")) and not (tmp_path / "out" / "faulty").exists()
     monkeypatch.undo()
     code, err = run(capsys, argv(tmp_path, subset_h5, "--resume"))
     assert code == 0 and err == "", err

@@ -616,9 +616,15 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
             lane["manager"].close()
             if jax.process_index() == processes[0]:
                 tmp = done_path.with_name(done_path.name + ".tmp")
-                with open(tmp, "wb") as f:
-                    np.savez(f, **out)
-                os.replace(tmp, done_path)
+                try:
+                    with open(tmp, "wb") as f:
+                        np.savez(f, **out)
+                    os.replace(tmp, done_path)
+                except OSError as e:
+                    tmp.unlink(missing_ok=True)
+                    raise WriteError(f"{done_path}: cannot write ({_one_line(e)}); the chunk's "
+                                     "checkpoints are kept: free space, then run the same "
+                                     "command with --resume") from None
                 shutil.rmtree(checkpoint / f"chunk{c}")
             if len(processes) > 1:
                 distributed.barrier(f"{checkpoint}/chunk{c} done")
