@@ -18,7 +18,7 @@ import h5py
 import numpy as np
 import pytest
 
-from uspsjax import population, results, sweep
+from uspsjax import lock as lock_module, population, results, sweep
 from uspsjax.lock import Lock
 
 # A damaged checkpoint is said in one line: an exception that orbax's threads leave behind
@@ -322,6 +322,20 @@ def test_a_full_disk_while_checkpointing_stops_in_one_line_and_resumes(tmp_path,
     code, err = run(capsys, argv(tmp_path, subset_h5, "--resume"))
     assert code == 0 and err == "", err
     assert_same(arrays(tmp_path / "out"), whole)
+
+
+def test_a_full_disk_before_anything_runs_is_refused_in_one_line(tmp_path, subset_h5, capsys,
+                                                                 monkeypatch):
+    (tmp_path / "faulty.toml").write_text(SWEEP)
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(lock_module.os, "write", full)
+    code, err = run(capsys, argv(tmp_path, subset_h5))
+    assert code == 2
+    one_error(err, "cannot write its lock")
+    assert "No space left on device" in err and not (tmp_path / "out" / "faulty").exists()
 
 
 def test_resume_with_other_versions_is_refused(terminated, tmp_path, subset_h5, capsys):

@@ -9,7 +9,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from uspsjax.errors import InputError
+from uspsjax.errors import InputError, WriteError
 
 
 class Lock:
@@ -17,8 +17,11 @@ class Lock:
     holds it. Release with `release()` (or by exiting the process)."""
 
     def __init__(self, path: Path, what: str):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise WriteError(f"{what}: cannot write its lock {path} ({e.strerror})") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
@@ -26,8 +29,12 @@ class Lock:
             os.close(self.fd)
             raise InputError(f"{what}: another run (pid {holder}) is writing it now; wait for "
                              f"it to finish or stop it (lock: {path})") from None
-        os.ftruncate(self.fd, 0)
-        os.write(self.fd, f"{os.getpid()}\n".encode())
+        try:
+            os.ftruncate(self.fd, 0)
+            os.write(self.fd, f"{os.getpid()}\n".encode())
+        except OSError as e:  # a full disk: the lock holds, but say so before anything runs
+            self.release()
+            raise WriteError(f"{what}: cannot write its lock {path} ({e.strerror})") from None
 
     def release(self) -> None:
         """Let the next run in."""

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from uspsjax import cli, distributed, shards
-from uspsjax.errors import InputError
+from uspsjax.errors import InputError, WriteError
 from uspsjax.lock import Lock
 from uspsjax.grid import (SETTING_DEFAULTS, STUDY_ORDER, Member, Sweep, cpu_limits, describe_group,
                           expand, group_members, list_sweeps, load_sweep, member_settings)
@@ -388,8 +388,12 @@ def _prepare_checkpoints(root: Path, expected: dict, resume: bool) -> None:
             for path in root.iterdir():
                 if path.name != LOCK:
                     shutil.rmtree(path) if path.is_dir() else path.unlink()
-        root.mkdir(parents=True, exist_ok=True)
-        (root / STAMP).write_text(json.dumps(expected, sort_keys=True))
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            (root / STAMP).write_text(json.dumps(expected, sort_keys=True))
+        except OSError as e:
+            raise WriteError(f"{root / STAMP}: cannot write ({e.strerror}); nothing has "
+                             "trained") from None
     distributed.barrier(f"{root} prepared")
 
 
