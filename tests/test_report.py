@@ -55,10 +55,25 @@ def test_stale_running_averages_are_blamed_only_when_stale():
     assert report.stale_running_averages(report.Study(run), "cnn") == []
 
 
-def test_report_errors_are_one_line(tmp_path, capsys):
+def test_report_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert report.main(["--results", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
+    # A full disk: the earlier report stays, no temporary file is left.
+    (tmp_path / "REPORT.md").write_text("earlier")
+    write = Path.write_text
+
+    def full(path, text, *args, **kwargs):
+        write(path, text[:10])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert report.main(["--results", str(tmp_path)]) == 1
+    monkeypatch.undo()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "No space left" in err
+    assert [p.name for p in tmp_path.iterdir()] == ["REPORT.md"]
+    assert (tmp_path / "REPORT.md").read_text() == "earlier"
 
 
 def test_committed_report_matches_committed_results():

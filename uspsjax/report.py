@@ -21,7 +21,7 @@ import numpy as np
 
 from uspsjax import cli, results
 from uspsjax.attacks import ATTACKS
-from uspsjax.errors import InputError
+from uspsjax.errors import InputError, WriteError
 from uspsjax.grid import SETTING_DEFAULTS, STUDY_ORDER
 from uspsjax.models import NETWORKS
 
@@ -814,7 +814,8 @@ def _epochs_note(study: Study) -> str:
 
 @cli.command
 def main(argv=None) -> int:
-    """Write RESULTS/REPORT.md atomically; exit status 2 with a one-line error on bad input."""
+    """Write RESULTS/REPORT.md atomically; a one-line error and exit status 2 on bad input, 1
+    when the write fails (the earlier report untouched)."""
     parser = cli.Parser(prog="python -m uspsjax.report", description=__doc__.split("\n")[0])
     parser.add_argument("--results", default="results",
                         help="the results folder (default results/)")
@@ -828,8 +829,13 @@ def main(argv=None) -> int:
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"{root}: cannot read the results ({e})") from None
     tmp = root / "REPORT.md.tmp"
-    tmp.write_text(text)
-    os.replace(tmp, root / "REPORT.md")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, root / "REPORT.md")
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{root / 'REPORT.md'}: cannot write ({e.strerror}); the earlier "
+                         "report is untouched") from None
     print(root / "REPORT.md")
     return 0
 
