@@ -59,7 +59,7 @@ def test_report_errors_are_one_line(tmp_path, capsys, monkeypatch):
     assert report.main(["--results", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and err.count("\n") == 1
-    # A full disk: the earlier report stays, no temporary file is left.
+    # A full disk: the earlier report stays, no temporary file is left (`cli.write_text`).
     (tmp_path / "REPORT.md").write_text("earlier")
     write = Path.write_text
 

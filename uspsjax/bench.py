@@ -492,9 +492,9 @@ def main(argv=None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     stem = result["device"] + ("" if args.dtype == "float32" else f"-{args.dtype}")
-    (out / f"{stem}.json").write_text(json.dumps(result, indent=1))
     report = markdown(result)
-    (out / f"{stem}.md").write_text(report)
+    cli.write_text(out / f"{stem}.json", json.dumps(result, indent=1))
+    cli.write_text(out / f"{stem}.md", report)
     print(report)
     log(f"bench: {result['wall_time_s']:.0f} s; wrote {out / stem}.json and .md")
     return 0

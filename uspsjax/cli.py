@@ -15,7 +15,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from uspsjax.errors import InputError
+from uspsjax.errors import InputError, WriteError
 
 
 class Parser(argparse.ArgumentParser):
@@ -64,6 +64,20 @@ def check_out(out: Path) -> None:
             pass
     except OSError as e:
         raise InputError(f"{out}: the output folder is not writable ({e.strerror})") from None
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write the file `path` whole or not at all: a temporary file beside it, renamed over it.
+    When the write fails (a full disk) the temporary goes, `path` is as it was, and WriteError
+    says so in one line."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise WriteError(f"{path}: cannot write ({e.strerror}); the earlier file is "
+                         "untouched") from None
 
 
 def command(main):

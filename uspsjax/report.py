@@ -11,7 +11,6 @@ the report is byte-for-byte reproducible from `results/`.
 
 import json
 import math
-import os
 import sys
 import tomllib
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 
 from uspsjax import cli, results
 from uspsjax.attacks import ATTACKS
-from uspsjax.errors import InputError, WriteError
+from uspsjax.errors import InputError
 from uspsjax.grid import SETTING_DEFAULTS, STUDY_ORDER
 from uspsjax.models import NETWORKS
 
@@ -828,14 +827,7 @@ def main(argv=None) -> int:
         text = build_report(root)
     except (OSError, ValueError, KeyError) as e:
         raise InputError(f"{root}: cannot read the results ({e})") from None
-    tmp = root / "REPORT.md.tmp"
-    try:
-        tmp.write_text(text)
-        os.replace(tmp, root / "REPORT.md")
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise WriteError(f"{root / 'REPORT.md'}: cannot write ({e.strerror}); the earlier "
-                         "report is untouched") from None
+    cli.write_text(root / "REPORT.md", text)
     print(root / "REPORT.md")
     return 0
 
