@@ -107,12 +107,14 @@ def wait_for_checkpoint(chunk, procs, epochs: int = 1) -> None:
 
 
 def damage_newest(chunk) -> int:
-    """Flip a bit in the newest epoch of `chunk` whose save finished (its manifest written; a
-    kill may have cut the next one short): that epoch, which a resume must then skip."""
-    newest = max(int(p.parent.name) for p in chunk.glob(f"*/{population.MANIFEST}"))
-    assert newest >= 2, "no earlier epoch to resume from"
-    damage(chunk / str(newest), "flipped")
-    return newest
+    """The newest epoch kept in `chunk`, damaged: a bit flipped in it, unless the kill cut its
+    save short (no manifest yet, which a resume treats as damaged too). A resume must skip it
+    for the one before, which is always whole."""
+    kept = sorted(int(p.name) for p in chunk.iterdir() if p.name.isdigit())
+    assert len(kept) >= 2, kept  # (three when the kill came before the oldest was dropped)
+    if (chunk / str(kept[-1]) / population.MANIFEST).exists():
+        damage(chunk / str(kept[-1]), "flipped")
+    return kept[-1]
 
 
 def read(folder):
