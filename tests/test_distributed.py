@@ -231,6 +231,18 @@ def test_a_killed_process_then_both_resumed_equal_the_uninterrupted_run(tmp_path
     np.testing.assert_array_equal(a.test_probs, b.test_probs)
 
 
+def killed_in_groups(data, path, outs, ck):
+    """Two processes with whole groups placed on them, both killed once process 1's group has
+    checkpointed 3 epochs: that group's chunk folder."""
+    procs = launch(data, path, outs, ck, "--placement", "groups")
+    chunk = ck / "spread" / "group1" / "chunk0"
+    wait_for_checkpoint(chunk, procs, epochs=3)
+    for p in procs:
+        p.send_signal(signal.SIGKILL)
+    finish(procs)
+    return chunk
+
+
 def test_a_damaged_epoch_of_a_group_on_one_process_resumes_without_the_other(tmp_path,
                                                                           subset_h5):
     # Whole groups placed on processes: batch 16 trains on process 1 alone, which removes its
@@ -242,12 +254,7 @@ def test_a_damaged_epoch_of_a_group_on_one_process_resumes_without_the_other(tmp
                           tmp_path / "ck_whole", "--placement", "groups"))
     assert [r[0] for r in whole] == [0, 0], whole[0][2] + whole[1][2]
     ck, outs = tmp_path / "ck", [tmp_path / "out0", tmp_path / "out1"]
-    procs = launch(subset_h5, path, outs, ck, "--placement", "groups")
-    chunk = ck / "spread" / "group1" / "chunk0"
-    wait_for_checkpoint(chunk, procs, epochs=3)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-    finish(procs)
+    chunk = killed_in_groups(subset_h5, path, outs, ck)
     damaged = damage_newest(chunk)
     resumed = finish(launch(subset_h5, path, outs, ck, "--placement", "groups", "--resume"))
     assert [r[0] for r in resumed] == [0, 0], resumed[0][2] + resumed[1][2]
@@ -262,12 +269,7 @@ def test_a_damaged_epoch_of_a_group_on_one_process_resumes_without_the_other(tmp
     # Every kept epoch of process 1's group damaged: process 1 refuses, and process 0 stops with
     # it as soon as its own group is trained, not when JAX gives up waiting (minutes).
     ck, outs = tmp_path / "ck2", [tmp_path / "again0", tmp_path / "again1"]
-    procs = launch(subset_h5, path, outs, ck, "--placement", "groups")
-    chunk = ck / "spread" / "group1" / "chunk0"
-    wait_for_checkpoint(chunk, procs, epochs=3)
-    for p in procs:
-        p.send_signal(signal.SIGKILL)
-    finish(procs)
+    chunk = killed_in_groups(subset_h5, path, outs, ck)
     for epoch in chunk.glob(f"*/{population.MANIFEST}"):
         damage(epoch.parent, "flipped")
     begun = time.time()
