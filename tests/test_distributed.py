@@ -282,6 +282,36 @@ def test_a_damaged_epoch_of_a_group_on_one_process_resumes_without_the_other(tmp
     assert "Traceback" not in err0 + err1 and not (outs[0] / "spread").exists()
 
 
+def test_a_failed_write_of_a_finished_chunk_stops_every_process(tmp_path, subset_h5):
+    # The chunk spans both processes; process 0, which writes its results, cannot (a folder
+    # stands where the file's temporary goes: the disk refuses the write, as a full one would).
+    # Both stop in one line each, process 1 without waiting for process 0 at the chunk's end
+    # until the runtime gives up (minutes); the checkpoints are kept, and a resume finishes.
+    path = sweep_file(tmp_path, epochs=8)  # 7 left to block the write in once 1 is saved
+    ck, outs = tmp_path / "ck", [tmp_path / "out0", tmp_path / "out1"]
+    procs = launch(subset_h5, path, outs, ck)
+    chunk = ck / "spread" / "group0" / "chunk0"
+    wait_for_checkpoint(chunk, procs)
+    blocker = chunk.parent / "chunk0.done.npz.tmp"
+    blocker.mkdir()
+    begun = time.time()
+    (code0, _, err0), (code1, _, err1) = finish(procs, timeout=240)
+    assert time.time() - begun < 90
+    assert (code0, code1) == (1, 1), err0 + err1
+    assert own(err0)[-1].startswith(f"error: {chunk.parent / 'chunk0.done.npz'}: cannot write "
+                                    "(IsADirectoryError"), err0
+    assert own(err1)[-1] == ("error: process 0 of 2 could not write chunk0.done.npz; its "
+                             "checkpoints are kept: free space, then run the same command "
+                             "with --resume"), err1
+    assert "Traceback" not in err0 + err1 and not (outs[0] / "spread").exists()
+    assert saved_epochs(chunk) == 8
+    blocker.rmdir()
+    resumed = finish(launch(subset_h5, path, outs, ck, "--resume"))
+    assert [r[0] for r in resumed] == [0, 0], resumed[0][2] + resumed[1][2]
+    assert "epoch 1/8" not in resumed[0][2]  # it went on from the checkpoint
+    assert not np.isnan(read(outs[0]).curves).any() and not ck.exists()
+
+
 def test_a_refusal_on_one_process_stops_every_process(tmp_path, shared_h5):
     path = sweep_file(tmp_path)
     port = free_port()

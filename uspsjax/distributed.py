@@ -155,14 +155,16 @@ def barrier(name: str) -> None:
         multihost_utils.sync_global_devices(name)
 
 
-def agree(error: str | None) -> None:
-    """Raise InputError on every process when any process has an `error` (its own message, or a
-    line naming the first process that refused), so that all refuse alike before training."""
+def agree(error: str | None, kind: type[Exception] = InputError,
+          failed: str = "refused its input") -> None:
+    """Raise `kind` on every process when any process has an `error` (its own message, or a
+    line naming the first process that `failed`), so that all stop alike rather than wait on
+    the one that stopped at their next collective."""
     refused = gather(np.int32(error is not None))
     if error is None and refused.any():
-        error = f"process {int(np.argmax(refused))} of {refused.size} refused its input"
+        error = f"process {int(np.argmax(refused))} of {refused.size} {failed}"
     if error is not None:
-        raise InputError(error)
+        raise kind(error)
 
 
 def agree_on(parts: dict) -> None:

@@ -14,6 +14,7 @@ epoch with identical results. The devices may belong to several processes (`dist
 member axis then spans all of them, and every process gets the same numpy results back.
 """
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -376,11 +377,24 @@ def _remove(paths, processes: list[int], name: str) -> None:
         distributed.barrier(name)
 
 
-def _save_epoch(manager, epoch: int, state, curves, primary: bool) -> None:
+def _together(processes: list[int], error: str | None, kind: type[Exception],
+              failed: str) -> None:
+    """Raise `kind(error)` where this process has an `error`; where a chunk is held by several
+    `processes`, raise on the others too (a line naming the one that `failed`), so that none
+    waits for it at the next collective until the runtime gives up (minutes)."""
+    if len(processes) > 1:
+        distributed.agree(error, kind, failed)
+    elif error is not None:
+        raise kind(error)
+
+
+def _save_epoch(manager, epoch: int, state, curves, processes: list[int]) -> None:
     """Checkpoint a chunk after `epoch` epochs: its state and its curves so far, then (by the
-    `primary` process) the manifest of its files. Arrays sharded over several processes are
-    saved shard by shard; those on one process's devices go as numpy (orbax refuses such
-    host-local arrays when there are several processes)."""
+    first of the `processes` that hold it) the manifest of its files. Arrays sharded over
+    several processes are saved shard by shard; those on one process's devices go as numpy
+    (orbax refuses such host-local arrays when there are several processes). OSError (or
+    orbax's own error) where a write fails; a lack of room or a failed manifest on one of
+    several processes raises on all."""
     state = jax.tree.map(lambda x: np.asarray(x) if x.is_fully_addressable else x,
                          distributed.raw_keys(state))
     tree = {"state": state, "curves": curves}
@@ -388,22 +402,26 @@ def _save_epoch(manager, epoch: int, state, curves, primary: bool) -> None:
     # threads behind, and the epoch it was writing would be lost anyway.
     need = sum(x.nbytes for x in jax.tree.leaves(tree))
     free = shutil.disk_usage(manager.directory).free
-    if free < need:
-        raise OSError(errno.ENOSPC, f"{os.strerror(errno.ENOSPC)}: {need:,} bytes needed, "
-                                    f"{free:,} free")
+    _together(processes, f"{os.strerror(errno.ENOSPC)}: {need:,} bytes needed, {free:,} free"
+              if free < need else None, OSError, "has no room for it")
     if isinstance(manager, OneProcessCheckpoints):
         manager.save(epoch, tree)
     else:
         import orbax.checkpoint as ocp
         manager.save(epoch, args=ocp.args.StandardSave(tree))
         manager.wait_until_finished()
-    if primary:
+    error = None
+    if jax.process_index() == processes[0]:
         folder = Path(manager.directory) / str(epoch)
         temporary = folder / f"{MANIFEST}.tmp"
         files = sorted(p for p in folder.rglob("*") if p.is_file() and p.name != temporary.name)
-        temporary.write_text(json.dumps({p.relative_to(folder).as_posix(): _sha256(p)
-                                         for p in files}, indent=1))
-        os.replace(temporary, folder / MANIFEST)
+        try:
+            temporary.write_text(json.dumps({p.relative_to(folder).as_posix(): _sha256(p)
+                                             for p in files}, indent=1))
+            os.replace(temporary, folder / MANIFEST)
+        except OSError as e:
+            error = _one_line(e)
+    _together(processes, error, OSError, "could not write its manifest")
 
 
 def _restore_epoch(manager, step: int, state, curves):
@@ -422,6 +440,22 @@ def _restore_epoch(manager, step: int, state, curves):
     placed = jax.tree.map(lambda r, x: jax.device_put(r, x.sharding) if x.is_fully_addressable
                           else r, saved["state"], raw)
     return distributed.typed_keys(placed, state), np.array(saved["curves"])
+
+
+def _write_done(path: Path, out: dict) -> str | None:
+    """Write a finished chunk's results `out` to `path` (whole or not at all): None, or the
+    one-line error that says why it could not."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "wb") as f:
+            np.savez(f, **out)
+        os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        return (f"{path}: cannot write ({_one_line(e)}); the chunk's checkpoints are kept: "
+                "free space, then run the same command with --resume")
+    return None
 
 
 def _one_line(e: BaseException) -> str:
@@ -612,22 +646,15 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
                   (("diverged", lane["state"].diverged), ("test_probs", probs),
                    ("robust", robust))}}
         if lane["done_path"]:
-            done_path = lane["done_path"]
+            done_path, error = lane["done_path"], None
             lane["manager"].close()
             if jax.process_index() == processes[0]:
-                tmp = done_path.with_name(done_path.name + ".tmp")
-                try:
-                    with open(tmp, "wb") as f:
-                        np.savez(f, **out)
-                    os.replace(tmp, done_path)
-                except OSError as e:
-                    tmp.unlink(missing_ok=True)
-                    raise WriteError(f"{done_path}: cannot write ({_one_line(e)}); the chunk's "
-                                     "checkpoints are kept: free space, then run the same "
-                                     "command with --resume") from None
-                shutil.rmtree(checkpoint / f"chunk{c}")
-            if len(processes) > 1:
-                distributed.barrier(f"{checkpoint}/chunk{c} done")
+                error = _write_done(done_path, out)
+                if error is None:
+                    shutil.rmtree(checkpoint / f"chunk{c}")
+            _together(processes, error, WriteError,
+                      f"could not write {done_path.name}; its checkpoints are kept: free space, "
+                      "then run the same command with --resume")
         results[c] = out
 
     # Chunks in order, `lanes` at a time: each round trains one epoch of every running chunk
@@ -660,8 +687,7 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
             lane["epoch"] = epoch + 1
             if lane["manager"]:
                 try:
-                    _save_epoch(lane["manager"], epoch + 1, state, lane["curves"],
-                                jax.process_index() == processes[0])
+                    _save_epoch(lane["manager"], epoch + 1, state, lane["curves"], processes)
                 except Exception as e:  # the file system, orbax, tensorstore: a full disk
                     raise WriteError(
                         f"{checkpoint}/chunk{lane['c']}: cannot write the checkpoint of epoch "
