@@ -340,6 +340,21 @@ def test_an_unreachable_coordinator_fails_with_one_line_in_bounded_time(tmp_path
     assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
 
 
+def test_distributed_with_no_launcher_says_what_to_give(tmp_path, shared_h5):
+    # Outside any cluster launcher JAX finds nothing to join: one line naming the flags.
+    launchers = ("SLURM_", "OMPI_", "PMI_", "TPU_", *distributed.ENV.values())
+    bare = {k: v for k, v in env(shared_h5, 2).items() if not k.startswith(launchers)}
+    run = subprocess.run(sweep_cmd(sweep_file(tmp_path), tmp_path / "out", tmp_path / "ck",
+                                   "--distributed"),
+                         env=bare, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert run.stderr == ("error: --distributed: no cluster launcher found (Slurm, Open MPI, a "
+                          "Cloud TPU); give --coordinator HOST:PORT, --num-processes and "
+                          "--process-id (or JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES, "
+                          "JAX_PROCESS_ID)\n"), run.stderr
+    assert not (tmp_path / "out").exists() and not (tmp_path / "ck").exists()
+
+
 def test_launch_settings_from_flags_and_environment():
     env_launch = {"JAX_COORDINATOR_ADDRESS": "10.0.0.1:1234", "JAX_NUM_PROCESSES": "4",
                   "JAX_PROCESS_ID": "3"}

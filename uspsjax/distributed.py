@@ -106,6 +106,10 @@ def initialize(launch: Launch) -> None:
                                    initialization_timeout=launch.timeout_s,
                                    heartbeat_timeout_seconds=launch.heartbeat_s)
     except (RuntimeError, ValueError) as e:
+        if launch.coordinator is None:  # JAX found no cluster (Slurm, Open MPI, ...) to join
+            raise InputError("--distributed: no cluster launcher found (Slurm, Open MPI, a "
+                             "Cloud TPU); give --coordinator HOST:PORT, --num-processes and "
+                             "--process-id (or " + ", ".join(ENV.values()) + ")") from None
         raise InputError(f"--distributed: {' '.join(str(e).split())}") from None
 
 
