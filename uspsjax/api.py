@@ -45,8 +45,10 @@ def run(sweep, **options) -> Run:
     resume and atomic results.
 
     InputError for bad input (an unknown option included), before anything trains;
-    RuntimeError when the run stopped without a result (a failed write, Ctrl-C or SIGTERM:
-    its message says how to go on)."""
+    `errors.WriteError` (an InputError) when a checkpoint could not be written as it trained
+    (a full disk: the epochs before it kept); RuntimeError when the run stopped without a
+    result (its result could not be written, Ctrl-C or SIGTERM: its message says how to go
+    on)."""
     from uspsjax import sweep as sweep_mod
     known = [f.name for f in fields(sweep_mod.Options) if f.name != "sweep"]
     unknown = sorted(set(options) - set(known))

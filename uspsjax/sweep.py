@@ -776,8 +776,9 @@ def main(argv=None) -> int:
 
 def execute(options: Options) -> tuple[int, list[Path]]:
     """Run `options` (the command line's, or the Python API's): (the exit status, the result
-    folders written). InputError for bad input. The status is 0, 1 when a result cannot be
-    written, 130 after Ctrl-C and 143 after SIGTERM (the checkpoint kept).
+    folders written). InputError for bad input; WriteError when a checkpoint cannot be written
+    as it trains. The status is 0, 1 when a result cannot be written, 130 after Ctrl-C and 143
+    after SIGTERM (the checkpoint kept).
 
     Every check runs before anything trains or is written (`_plan`), then the run locks its
     result and checkpoint folders. With `--distributed` the processes first join, then refuse
