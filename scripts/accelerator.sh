@@ -35,11 +35,13 @@ if timeout -s INT $(( end - SECONDS )) "$py" -m uspsjax.bench --quick --out "$be
     done_paths+=($(cd "$bench_out" && printf 'results/bench/%s ' *)) && pack
 fi
 
-# Cheapest first, so that a short lease still brings whole sweeps back. The minutes are the
-# scaling estimate's for one H100 (results/bench/scaling.md), rounded up. (`dropout` has no LC:
-# the study's dropout task is for FC and CNN; the LC rows of `l1`, `bagging` and `batchnorm` are
-# committed at full scale, trained as CPU shards.)
-for entry in adversarial:9; do
+# The study's LC sweeps missing at full scale, cheapest first, as SWEEP:MINUTES (the scaling
+# estimate's for one H100, results/bench/scaling.md, rounded up), so that a short lease still
+# brings whole sweeps back. None is missing now: the LC rows of `l1`, `bagging`, `batchnorm` and
+# `adversarial` are committed at full scale, trained as CPU shards, and `dropout` has no LC (the
+# study's dropout task is for FC and CNN). A sweep whose LC rows are found reduced goes here.
+missing=()
+for entry in ${missing[@]+"${missing[@]}"}; do
     sweep=${entry%%:*} need=$(( ${entry##*:} * 60 ))
     left=$(( end - SECONDS ))
     if (( left < need )); then
