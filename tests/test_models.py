@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from conftest import compiled_forward, initial_params
-from uspsjax.models import (FEW_ROWS, LC_LOWERING_NAMES, NETWORKS, OUTER_SUM_ROWS,
+from uspsjax.models import (ELEMENTWISE_FEATURES, FEW_ROWS, LC_LOWERING_NAMES, NETWORKS,
+                            OUTER_SUM_ROWS,
                             PRODUCT_FORWARD_ROWS, LocallyConnected1D, conv2d, count_params,
                             draw_kernel, lc_lowering_name, locally_connected,
                             locally_connected_reference, locally_connected_sliced,
@@ -113,15 +114,16 @@ def assert_close_to(ours, ref):
 
 
 @pytest.mark.parametrize("channels", [1, 6])
-# Every path of the forward and the backward: batch 4 takes the row-product forward and kernel
-# gradient (up to PRODUCT_FORWARD_ROWS, OUTER_SUM_ROWS), 24 the dots, 40 the other layout of the
+# Every path of the forward and the backward: batch 4 with ELEMENTWISE_FEATURES features takes the
+# summed-products forward and row-product kernel gradient (up to PRODUCT_FORWARD_ROWS,
+# OUTER_SUM_ROWS), with fewer features the dots, as does batch 24; 40 the other layout of the
 # input gradient (FEW_ROWS).
-@pytest.mark.parametrize("batch", [4, 24, 40])
-def test_sliced_lowering_equals_conv_general_dilated_local(channels, batch):
+@pytest.mark.parametrize("batch, features", [(4, ELEMENTWISE_FEATURES), (4, 5), (24, 5), (40, 5)])
+def test_sliced_lowering_equals_conv_general_dilated_local(channels, batch, features):
     assert 4 <= min(OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS)
     assert max(OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS) < 24 <= FEW_ROWS < 40
     x = jax.random.normal(jax.random.key(0), (18, batch, channels))  # (L, B, C)
-    kernel = jax.random.normal(jax.random.key(1), (16, channels * 3, 5))
+    kernel = jax.random.normal(jax.random.key(1), (16, channels * 3, features))
     loss = lambda layer: lambda x, k: jnp.sum(jnp.sin(layer(x, k, 3)))
     assert_close_to(locally_connected_sliced(x, kernel, 3),
                     locally_connected_reference(x, kernel, 3))

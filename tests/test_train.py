@@ -77,8 +77,8 @@ def test_microbatch_size_keeps_the_whole_batch_where_blocks_would_change_it():
         assert environment()[1]["cpu_tactics"] == (
             f"member chunks within {cpu_cache_bytes() / 2**20:g} MiB of cache, up to "
             f"{cpu_lane_limit()} at once; LC forward "
-            "as summed products up to batch 16, kernel gradient as row products up to batch 16, "
-            "patch gradient batch-innermost up to batch 32")
+            "as summed products up to batch 16, kernel gradient as row products up to batch 16 "
+            "(both for layers of 128+ features), patch gradient batch-innermost up to batch 32")
 
 
 def test_same_seed_is_bit_identical(small):

@@ -139,10 +139,11 @@ def cpu_tactics() -> str:
     within (half this machine's last-level cache, capped: `population.cpu_cache_bytes`), how
     many train at once (`population.cpu_lane_limit`), and up to which batch
     size the LC's forward and gradients take their few-rows forms (measured on two machine
-    types, results/bench/NOTES.md §16, §17, §19)."""
-    from uspsjax.models import FEW_ROWS, OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS
+    types, results/bench/NOTES.md §16, §17, §19, §26)."""
+    from uspsjax.models import ELEMENTWISE_FEATURES, FEW_ROWS, OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS
     from uspsjax.population import cpu_cache_bytes, cpu_lane_limit
     return (f"member chunks within {cpu_cache_bytes() / 2**20:g} MiB of cache, up to "
             f"{cpu_lane_limit()} at once; LC forward as "
             f"summed products up to batch {PRODUCT_FORWARD_ROWS}, kernel gradient as row products "
-            f"up to batch {OUTER_SUM_ROWS}, patch gradient batch-innermost up to batch {FEW_ROWS}")
+            f"up to batch {OUTER_SUM_ROWS} (both for layers of {ELEMENTWISE_FEATURES}+ features), "
+            f"patch gradient batch-innermost up to batch {FEW_ROWS}")

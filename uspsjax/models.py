@@ -160,6 +160,10 @@ OUTER_SUM_ROWS = 16
 # Up to this batch size the forward is products summed over the patch axis (`_forward`): XLA:CPU
 # runs the batched dot with so few rows on one thread (NOTES §19).
 PRODUCT_FORWARD_ROWS = 16
+# Both elementwise forms only for layers with at least this many features (the LC's first two):
+# on the smaller layers the dot on one thread is the faster, and a step at batch 16 runs 1.10x
+# with the dots there (NOTES §26).
+ELEMENTWISE_FEATURES = 128
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -171,8 +175,9 @@ def locally_connected_sliced(x: jax.Array, kernel: jax.Array, kernel_size: int) 
 
 def _forward(patches: jax.Array, kernel: jax.Array) -> jax.Array:
     """`patches (L_out, B, C*k) . kernel (L_out, C*k, F)` per position: a batched dot, or with
-    few rows products summed over the patch axis, which XLA:CPU spreads over every core."""
-    if patches.shape[1] <= PRODUCT_FORWARD_ROWS:
+    few rows and many features products summed over the patch axis, which XLA:CPU spreads over
+    every core."""
+    if patches.shape[1] <= PRODUCT_FORWARD_ROWS and kernel.shape[-1] >= ELEMENTWISE_FEATURES:
         return jnp.sum(patches[:, :, :, None] * kernel[:, None], axis=2)
     return jax.lax.dot_general(patches, kernel, _FORWARD)
 
@@ -196,11 +201,11 @@ def _outer_sum(patches: jax.Array, g: jax.Array) -> jax.Array:
 
 def _sliced_bwd(kernel_size, residuals, g):
     patches, kernel = residuals
-    l_out, batch, _ = g.shape
-    if batch > OUTER_SUM_ROWS:
-        dk = jax.lax.dot_general(patches, g, _KERNEL_GRAD)
-    else:
+    l_out, batch, features = g.shape
+    if batch <= OUTER_SUM_ROWS and features >= ELEMENTWISE_FEATURES:
         dk = _outer_sum(patches, g)
+    else:
+        dk = jax.lax.dot_general(patches, g, _KERNEL_GRAD)
     if batch <= FEW_ROWS:
         dpatches = jax.lax.dot_general(kernel, g, _PATCH_GRAD)  # (L_out, C*k, B)
         dpatches = dpatches.reshape(l_out, -1, kernel_size, batch)
