@@ -7,11 +7,10 @@ import pytest
 
 from conftest import compiled_forward, initial_params
 from uspsjax.models import (ELEMENTWISE_FEATURES, FEW_ROWS, LC_LOWERING_NAMES, NETWORKS,
-                            OUTER_SUM_ROWS,
-                            PRODUCT_FORWARD_ROWS, LocallyConnected1D, conv2d, count_params,
-                            draw_kernel, lc_lowering_name, locally_connected,
-                            locally_connected_reference, locally_connected_sliced,
-                            max_pool_2x2, parse_init, valid_patches)
+                            OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS, LocallyConnected1D, bernoulli,
+                            conv2d, count_params, draw_kernel, lc_lowering_name,
+                            locally_connected, locally_connected_reference,
+                            locally_connected_sliced, max_pool_2x2, parse_init, valid_patches)
 from uspsjax.train import Static, forward, init_params, make_hparams
 
 # The study's Keras summaries, layer by layer.
@@ -194,6 +193,21 @@ def test_max_pool_gradient_equals_the_derived_one_with_ties():
     loss = lambda pool: lambda v: jnp.sum(jnp.sin(pool(v)) * jnp.arange(4))
     np.testing.assert_array_equal(jax.jit(jax.grad(loss(max_pool_2x2)))(x),
                                   jax.jit(jax.grad(loss(derived)))(x))
+
+
+@pytest.mark.parametrize("shape", [(16, 6, 6, 64), (3, 128), (1,)])
+def test_dropout_masks_are_jax_bernoulli_bit_for_bit(shape):
+    # The one-pass hash draws JAX's bits: the same masks, so the same numbers as before it.
+    draw = jax.jit(bernoulli, static_argnums=2)
+    for key in (jax.random.key(7), jax.random.PRNGKey(8), jax.random.fold_in(jax.random.key(9), 3)):
+        for p in (0.5, 0.75, 0.1234567, 0.0, 1.0):
+            np.testing.assert_array_equal(draw(key, jnp.float32(p), shape),
+                                          jax.random.bernoulli(key, jnp.float32(p), shape))
+    keys, ps = jax.random.split(jax.random.key(3), 4), jnp.array([0.5, 0.6, 0.7, 0.8], jnp.float32)
+    np.testing.assert_array_equal(
+        jax.jit(jax.vmap(lambda k, p: bernoulli(k, p, shape)))(keys, ps),
+        jax.vmap(lambda k, p: jax.random.bernoulli(k, p, shape))(keys, ps))
+    assert draw(jax.random.key(0), jnp.float32(0.5), shape).dtype == bool
 
 
 def test_parse_init():
