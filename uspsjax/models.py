@@ -55,7 +55,7 @@ def bernoulli(key: jax.Array, p: jax.Array, shape: tuple) -> jax.Array:
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
     k1, k2 = jax.random.key_data(key)
-    # The counts are the mask's flat indices, as 64-bit numbers split in two words.
+    # The counts are the mask's flat indices as two uint32 words, the high one 0 below 2**32.
     counts = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
     bits = jnp.bitwise_xor(*_threefry2x32(k1, k2, jnp.zeros_like(counts), counts))
     # jax.random.uniform's float: 23 random mantissa bits under the exponent of 1.0, minus 1.
