@@ -1,6 +1,7 @@
 """The benchmark: analytic FLOP counts, a small end-to-end run, and bad flags."""
 
 import json
+import re
 
 import pytest
 
@@ -112,15 +113,27 @@ def test_profile_lists_the_step_operations_with_their_sources(shared_h5, capsys)
             "--data", str(shared_h5)]
     assert profile.main(argv) == 0
     out = capsys.readouterr().out.splitlines()
-    step_ms = float(out[0].split(": ")[1].split(" ms per step")[0])
-    in_ops = float(out[0].split(", ")[-1].split(" ms in XLA")[0])
-    assert 0 < in_ops <= step_ms
+    step_ms, in_ops, busy, together = map(float, re.fullmatch(
+        r"fc batch 16, 2 member\(s\): (\S+) ms per step \(traced\), (\S+) ms in XLA operations; "
+        r"(\S+) ms with one or more running, (\S+) ms with two or more", out[0]).groups())
+    # Operations running side by side: their sum exceeds the time any runs by at least the
+    # time two or more do (to the printed rounding).
+    assert 0 < busy <= step_ms and 0 <= together <= busy
+    assert in_ops - busy >= together - 0.15
     rows = [line.split(" | ") for line in out[3:]]
     assert len(rows) == 5
     times = [float(r[0].lstrip("| ")) for r in rows]
     assert times == sorted(times, reverse=True) and times[0] > 0
     # Every listed operation is named in the compiled HLO, with its shape.
     assert all(r[3].startswith(("f32[", "s32[", "pred[", "(")) for r in rows)
+
+
+def test_concurrency_counts_time_covered_once_and_overlaps():
+    from uspsjax.profile import concurrency
+    assert concurrency([]) == (0, 0)
+    # 0-10 and 5-20 overlap on 5-10; 30-40 alone; 32-35 inside it.
+    assert concurrency([(5, 20), (0, 10), (30, 40), (32, 35)]) == (30, 8)
+    assert concurrency([(0, 10), (10, 20)]) == (20, 0)
 
 
 def test_hlo_ops_reads_names_types_and_sources():

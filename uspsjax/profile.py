@@ -46,21 +46,38 @@ def hlo_ops(hlo_text: str) -> dict[str, tuple[str, str]]:
             for name, (shape, source) in ops.items()}
 
 
-def op_times(trace_dir: Path, names) -> collections.Counter:
-    """Microseconds spent in each operation of `names`, summed over a perfetto trace's events."""
+def op_times(trace_dir: Path, names) -> tuple[collections.Counter, list[tuple[float, float]]]:
+    """Microseconds spent in each operation of `names`, summed over a perfetto trace's events,
+    and each event's (start, end) in microseconds."""
     trace_file = next(trace_dir.glob("**/perfetto_trace.json.gz"))
     events = json.loads(gzip.decompress(trace_file.read_bytes()))
     events = events["traceEvents"] if isinstance(events, dict) else events
-    totals = collections.Counter()
+    totals, spans = collections.Counter(), []
     for e in events:
         if e.get("ph") == "X" and e.get("name") in names:
             totals[e["name"]] += e.get("dur", 0)
-    return totals
+            spans.append((e["ts"], e["ts"] + e.get("dur", 0)))
+    return totals, spans
+
+
+def concurrency(spans) -> tuple[float, float]:
+    """How long at least one of the (start, end) spans runs, and how long two or more run at
+    once: XLA:CPU runs independent operations side by side, so their summed times overlap."""
+    edges = sorted([(start, 1) for start, _ in spans] + [(end, -1) for _, end in spans])
+    busy = together = 0.0
+    running, last = 0, None
+    for time_, change in edges:
+        if last is not None:
+            busy += (time_ - last) * (running >= 1)
+            together += (time_ - last) * (running >= 2)
+        running, last = running + change, time_
+    return busy, together
 
 
 def profile(network: str, batch_size: int, population: int, steps: int, dtype: str, data):
     """Profile one configuration. Returns (wall seconds of the traced call, [(op, seconds per
-    step, output type, source)] from slowest to fastest)."""
+    step, output type, source)] from slowest to fastest, (seconds per step with at least one
+    operation running, with two or more))."""
     static, hparams = bench.bench_setup(network, batch_size, dtype)
     compiled, state, hp, _, _ = bench.build_population(static, hparams, data, population, steps)
     batches = bench.member_batches(data.x_train.shape[0], population, steps, batch_size)
@@ -71,9 +88,9 @@ def profile(network: str, batch_size: int, population: int, steps: int, dtype: s
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
             jax.block_until_ready(compiled(state, hp, batches, data)[0])
         wall = time.perf_counter() - t0
-        totals = op_times(Path(tmp), ops)
+        totals, spans = op_times(Path(tmp), ops)
     rows = [(name, us / 1e6 / steps, *ops[name]) for name, us in totals.most_common()]
-    return wall, rows
+    return wall, rows, tuple(us / 1e6 / steps for us in concurrency(spans))
 
 
 @cli.command
@@ -89,12 +106,13 @@ def main(argv=None) -> int:
     p.add_argument("--data", help="the USPS h5 file (default: as `uspsjax.sweep`)")
     args = p.parse_args(argv)
     data = bench.load_data(args.data, [args.batch_size], "--batch-size")
-    wall, rows = profile(args.network, args.batch_size, args.population, args.steps,
-                         args.dtype, data)
+    wall, rows, (busy, together) = profile(args.network, args.batch_size, args.population,
+                                           args.steps, args.dtype, data)
     step = wall / args.steps
     print(f"{args.network} batch {args.batch_size}, {args.population} member(s): "
           f"{1e3 * step:.1f} ms per step (traced), {1e3 * sum(r[1] for r in rows):.1f} ms in "
-          f"XLA operations")
+          f"XLA operations; {1e3 * busy:.1f} ms with one or more running, {1e3 * together:.1f} "
+          f"ms with two or more")
     print("| ms/step | % of step | operation | output | from |\n|---:|---:|---|---|---|")
     for name, seconds, shape, source in rows[:args.top]:
         print(f"| {1e3 * seconds:.2f} | {100 * seconds / step:.1f} | {name} | {shape} | "
