@@ -52,8 +52,6 @@ def bernoulli(key: jax.Array, p: jax.Array, shape: tuple) -> jax.Array:
     if (str(jax.random.key_impl(key)) != "threefry2x32" or not jax.config.jax_threefry_partitionable
             or jnp.result_type(p) != jnp.float32 or math.prod(shape) >= 2**32):
         return jax.random.bernoulli(key, p, shape)
-    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        key = jax.random.wrap_key_data(key)
     k1, k2 = jax.random.key_data(key)
     # The counts are the mask's flat indices as two uint32 words, the high one 0 below 2**32.
     counts = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
