@@ -70,9 +70,10 @@ def env(shared_h5) -> dict:
             "USPSJAX_DATA": str(shared_h5)}
 
 
-def test_the_wheel_ships_every_sweep_file(wheel):
+def test_the_wheel_ships_every_sweep_file_and_the_kernels_source(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert SHIPPED and all(f"uspsjax/sweeps/{n}.toml" in names for n in SHIPPED)
+    assert "uspsjax/kernels.c" in names
 
 
 def test_uspsjax_is_imported_from_the_wheel(venv_python, tmp_path, env):
@@ -97,3 +98,11 @@ def test_a_sweep_runs_from_another_directory(venv_python, tmp_path, env):
         ("fc", 1e-6), ("fc", 1e-3), ("fc", 50.0)]
     assert run_.curves.shape == (3, 1, 4)
     assert np.all(np.isfinite(run_.curves[:2])) and run_.diverged[2] == 1
+
+
+@pytest.mark.skipif(shutil.which(os.environ.get("CC", "cc")) is None, reason="no C compiler")
+def test_the_installed_package_builds_its_kernels_into_the_cache(venv_python, tmp_path, env):
+    proc = run([venv_python, "-c", "from uspsjax import kernels; print(kernels.status())"],
+               cwd=tmp_path, env={**env, "XDG_CACHE_HOME": str(tmp_path / "cache")})
+    assert proc.stdout.startswith("C kernels (")
+    assert len(list((tmp_path / "cache" / "uspsjax").glob("kernels-*.so"))) == 1

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from conftest import compiled_forward, initial_params
+from uspsjax import kernels
 from uspsjax.models import (ELEMENTWISE_FEATURES, FEW_ROWS, LC_LOWERING_NAMES, NETWORKS,
                             OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS, LocallyConnected1D, bernoulli,
                             conv2d, count_params, draw_kernel, lc_lowering_name,
@@ -113,20 +114,25 @@ def assert_close_to(ours, ref):
 
 
 @pytest.mark.parametrize("channels", [1, 6])
-# Every path of the forward and the backward: batch 4 with ELEMENTWISE_FEATURES features takes the
-# summed-products forward and row-product kernel gradient (up to PRODUCT_FORWARD_ROWS,
-# OUTER_SUM_ROWS), with fewer features the dots, as does batch 24; 40 the other layout of the
-# input gradient (FEW_ROWS).
-@pytest.mark.parametrize("batch, features", [(4, ELEMENTWISE_FEATURES), (4, 5), (24, 5), (40, 5)])
-def test_sliced_lowering_equals_conv_general_dilated_local(channels, batch, features):
-    assert 4 <= min(OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS)
-    assert max(OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS) < 24 <= FEW_ROWS < 40
+# Every path of the forward and the backward. XLA's dots (use_kernels False): batch 4 with
+# ELEMENTWISE_FEATURES features takes the summed-products forward and the row-product kernel
+# gradient (up to PRODUCT_FORWARD_ROWS, OUTER_SUM_ROWS), 24 the dot forward and row products,
+# with fewer features the dots, 40 the other layout of the input gradient (FEW_ROWS). The C
+# kernels (use_kernels True) where batch or features are multiples of their vectors (8 or 16):
+# at batch 4 the forward, at 32 all three products, at 48 the forward and kernel gradient.
+@pytest.mark.parametrize("batch, features, use_kernels", [
+    (4, ELEMENTWISE_FEATURES, False), (4, 5, False), (24, ELEMENTWISE_FEATURES, False),
+    (40, 5, False), (4, ELEMENTWISE_FEATURES, True), (32, 16, True), (48, 16, True)])
+def test_sliced_lowering_equals_conv_general_dilated_local(channels, batch, features,
+                                                           use_kernels):
+    assert 4 <= min(OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS) and PRODUCT_FORWARD_ROWS < 24
+    assert 32 <= min(OUTER_SUM_ROWS, FEW_ROWS) and max(OUTER_SUM_ROWS, FEW_ROWS) < 40
     x = jax.random.normal(jax.random.key(0), (18, batch, channels))  # (L, B, C)
     kernel = jax.random.normal(jax.random.key(1), (16, channels * 3, features))
+    sliced = lambda x, k, size: locally_connected_sliced(x, k, size, use_kernels)
     loss = lambda layer: lambda x, k: jnp.sum(jnp.sin(layer(x, k, 3)))
-    assert_close_to(locally_connected_sliced(x, kernel, 3),
-                    locally_connected_reference(x, kernel, 3))
-    for ours, ref in zip(jax.grad(loss(locally_connected_sliced), (0, 1))(x, kernel),
+    assert_close_to(sliced(x, kernel, 3), locally_connected_reference(x, kernel, 3))
+    for ours, ref in zip(jax.grad(loss(sliced), (0, 1))(x, kernel),
                          jax.grad(loss(locally_connected_reference), (0, 1))(x, kernel)):
         assert_close_to(ours, ref)
 
@@ -142,11 +148,12 @@ def test_lc_network_lowerings_agree_in_value_and_gradient():
         return jnp.sum(jnp.sin(logits)) + penalty, logits
 
     results = {lowering: jax.jit(jax.grad(loss, (0, 1), has_aux=True), static_argnums=2)(
-        params, x, lowering) for lowering in ("reference", "sliced")}
-    (grads, logits), (ref_grads, ref_logits) = results["sliced"], results["reference"]
-    assert_close_to(logits, ref_logits)
-    for ours, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
-        assert_close_to(ours, ref)
+        params, x, lowering) for lowering in ("reference", "sliced", "kernels")}
+    ref_grads, ref_logits = results["reference"]
+    for grads, logits in (results["sliced"], results["kernels"]):
+        assert_close_to(logits, ref_logits)
+        for ours, ref in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+            assert_close_to(ours, ref)
     # The kernel layout every saved result and initialization was made with.
     assert params["LocallyConnected1D_1"]["kernel"].shape == (252, 768, 128)
     assert count_params(params) == STUDY_TOTAL["lc"]
@@ -170,7 +177,12 @@ def test_lc_lowering_is_platform_dependent_and_recorded():
         x, kernel).as_text()
     assert jax.devices()[0].platform != "cpu" or "convolution" not in hlo("auto")
     assert "convolution" in hlo("reference") and "convolution" not in hlo("sliced")
-    assert lc_lowering_name("auto", "cpu") == LC_LOWERING_NAMES["sliced"]
+    fits = jnp.ones((10, 16, 4)), jnp.ones((8, 12, 16))  # batch and features that fit the kernels
+    calls = lambda lowering: jax.jit(lambda x, k: locally_connected(x, k, 3, lowering)).lower(
+        *fits).as_text().count("uspsjax_lc_forward")
+    assert calls("sliced") == 0 and calls("kernels") == int(kernels.built())
+    assert lc_lowering_name("auto", "cpu") == LC_LOWERING_NAMES[
+        "kernels" if kernels.built() else "sliced"]
     assert lc_lowering_name("auto", "gpu") == LC_LOWERING_NAMES["reference"]
     assert lc_lowering_name("reference", "cpu") == LC_LOWERING_NAMES["reference"]
     assert lc_lowering_name("sliced", "tpu") == LC_LOWERING_NAMES["sliced"]

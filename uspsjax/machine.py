@@ -96,11 +96,12 @@ def describe(record: dict) -> str:
 
 @functools.cache
 def source_hash() -> str:
-    """A digest of uspsjax's own Python source: the code that trains, whatever its version
-    number says (a resume continues only the same code). Read once per process, so that it
-    names the code that process runs even if the files change while it does."""
+    """A digest of uspsjax's own source, Python and C: the code that trains, whatever its
+    version number says (a resume continues only the same code). Read once per process, so that
+    it names the code that process runs even if the files change while it does."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    folder = Path(__file__).parent
+    for path in sorted([*folder.glob("*.py"), *folder.glob("*.c")]):
         digest.update(path.name.encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()[:16]
 
@@ -137,13 +138,16 @@ def environment() -> tuple[str, dict]:
 def cpu_tactics() -> str:
     """The CPU tactics a CPU run used: the cache the chunks of members training at once keep
     within (half this machine's last-level cache, capped: `population.cpu_cache_bytes`), how
-    many train at once (`population.cpu_lane_limit`), and up to which batch
-    size the LC's forward and gradients take their few-rows forms (measured on two machine
-    types, results/bench/NOTES.md §16, §17, §19, §26)."""
+    many train at once (`population.cpu_lane_limit`), what runs the LC's products
+    (`kernels.status`), and up to which batch size the LC's forward and gradients take their
+    few-rows forms (measured on two machine types, results/bench/NOTES.md §16, §17, §19, §26,
+    §29)."""
+    from uspsjax import kernels
     from uspsjax.models import ELEMENTWISE_FEATURES, FEW_ROWS, OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS
     from uspsjax.population import cpu_cache_bytes, cpu_lane_limit
     return (f"member chunks within {cpu_cache_bytes() / 2**20:g} MiB of cache, up to "
-            f"{cpu_lane_limit()} at once; LC forward as "
-            f"summed products up to batch {PRODUCT_FORWARD_ROWS}, kernel gradient as row products "
-            f"up to batch {OUTER_SUM_ROWS} (both for layers of {ELEMENTWISE_FEATURES}+ features), "
-            f"patch gradient batch-innermost up to batch {FEW_ROWS}")
+            f"{cpu_lane_limit()} at once; LC products by {kernels.status()}; LC forward as "
+            f"summed products up to batch {PRODUCT_FORWARD_ROWS} where the kernels do not run it, "
+            f"kernel gradient as row products up to batch {OUTER_SUM_ROWS} (both for layers of "
+            f"{ELEMENTWISE_FEATURES}+ features), patch gradient batch-innermost up to batch "
+            f"{FEW_ROWS}")

@@ -23,6 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 import flax.linen as nn
 
+from uspsjax import kernels
+
 BATCHNORM = ("none", "before", "after")
 L1_AT = ("none", "hidden", "last")
 
@@ -142,17 +144,21 @@ def _shift_sum(parts: jax.Array, window: tuple, lead: int = 1) -> jax.Array:
 
 # How the LC layer lowers (the static setting `lc_lowering`): "auto" is
 # `conv_general_dilated_local` everywhere but on CPU, where XLA expands its grouped patch
-# convolution into a dense one (C_in times the work) and the sliced-dots lowering runs instead;
-# "reference" and "sliced" force one (benchmarks, tests).
-LC_LOWERINGS = ("auto", "reference", "sliced")
-LC_LOWERING_NAMES = {"reference": "conv_general_dilated_local", "sliced": "sliced-dots (L,B,C)"}
+# convolution into a dense one (C_in times the work) and the LC runs as products on sliced
+# patches instead, by `uspsjax.kernels` where they are built and a product fits them, else by
+# XLA's dots; "reference", "sliced" (XLA's dots only) and "kernels" force one (benchmarks, tests).
+LC_LOWERINGS = ("auto", "reference", "sliced", "kernels")
+LC_LOWERING_NAMES = {"reference": "conv_general_dilated_local", "sliced": "sliced-dots (L,B,C)",
+                     "kernels": "C kernels on sliced patches (L,B,C)"}
 
 
 def lc_lowering_name(lowering: str, platform: str) -> str:
     """What an LC layer with `lowering` (one of `LC_LOWERINGS`) runs on `platform` ("cpu",
     "gpu", ...): a `LC_LOWERING_NAMES` value, for the record of a result."""
     if lowering == "auto":
-        lowering = "sliced" if platform == "cpu" else "reference"
+        lowering = "kernels" if platform == "cpu" else "reference"
+    if lowering == "kernels" and not (platform == "cpu" and kernels.built()):
+        lowering = "sliced"
     return LC_LOWERING_NAMES[lowering]
 
 
@@ -162,14 +168,17 @@ def locally_connected(x: jax.Array, kernel: jax.Array, kernel_size: int,
     (channel-major middle axis): `(L_out, B, F)`.
 
     Defined by `jax.lax.conv_general_dilated_local` (`locally_connected_reference`); with
-    `lowering="auto"` it runs on CPU as `locally_connected_sliced`, its equal to float32
-    rounding in value and gradient (see `LC_LOWERINGS`).
+    `lowering="auto"` it runs on CPU as `locally_connected_sliced` with the C kernels, its equal
+    to float32 rounding in value and gradient (see `LC_LOWERINGS`).
     """
-    reference = partial(locally_connected_reference, kernel_size=kernel_size)
-    sliced = partial(locally_connected_sliced, kernel_size=kernel_size)
+    lowerings = {
+        "reference": partial(locally_connected_reference, kernel_size=kernel_size),
+        "sliced": lambda x, kernel: locally_connected_sliced(x, kernel, kernel_size, False),
+        "kernels": lambda x, kernel: locally_connected_sliced(x, kernel, kernel_size, True)}
     if lowering == "auto":
-        return jax.lax.platform_dependent(x, kernel, cpu=sliced, default=reference)
-    return {"reference": reference, "sliced": sliced}[lowering](x, kernel)
+        return jax.lax.platform_dependent(x, kernel, cpu=lowerings["kernels"],
+                                          default=lowerings["reference"])
+    return lowerings[lowering](x, kernel)
 
 
 def locally_connected_reference(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
@@ -197,11 +206,13 @@ _PATCH_GRAD = (((2,), (2,)), ((0,), (0,)))   # g . kernel^T
 # one transpose costs less than the strided reads of the other layout. At batch 128 it is 1.4
 # times slower, at 1024 three times (results/bench/NOTES.md, section 7).
 FEW_ROWS = 32
-# Up to this batch size the kernel gradient is a sum of row products (`_outer_sum`): at 16 rows
-# 1.3x a step against the dot, at 32 0.98x (results/bench/NOTES.md §16).
-OUTER_SUM_ROWS = 16
-# Up to this batch size the forward is products summed over the patch axis (`_forward`): XLA:CPU
-# runs the batched dot with so few rows on one thread (NOTES §19).
+# Up to this batch size the kernel gradient is a sum of row products (`_outer_sum`), fused into
+# the update: at 16 rows 1.3x a step against XLA's dot (results/bench/NOTES.md §16); at 32 0.98x
+# against XLA's dot but 1.03x against the C kernel's (§29), which runs where the machine builds it.
+OUTER_SUM_ROWS = 32
+# Up to this batch size, where the C kernels do not run, the forward is products summed over the
+# patch axis (`_forward`): XLA:CPU runs the batched dot with so few rows on one thread (NOTES
+# §19); the kernel's forward runs 1.10x a step at batch 16 against these (§29).
 PRODUCT_FORWARD_ROWS = 16
 # Both elementwise forms only for layers with at least this many features (the LC's first two):
 # on the smaller layers the dot on one thread is the faster, and a step at batch 16 runs 1.10x
@@ -209,25 +220,44 @@ PRODUCT_FORWARD_ROWS = 16
 ELEMENTWISE_FEATURES = 128
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(2,))
-def locally_connected_sliced(x: jax.Array, kernel: jax.Array, kernel_size: int) -> jax.Array:
-    """`locally_connected` as three dots batched over positions on patches cut by slicing
-    (forward, kernel gradient, input gradient), activations `(L, B, C)`."""
-    return _forward(_local_patches(x, kernel_size), kernel)
+@partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def locally_connected_sliced(x: jax.Array, kernel: jax.Array, kernel_size: int,
+                             use_kernels: bool = True) -> jax.Array:
+    """`locally_connected` as three products batched over positions on patches cut by slicing
+    (forward, kernel gradient, input gradient), activations `(L, B, C)`: on a CPU by
+    `uspsjax.kernels` where `use_kernels` and a product fits them, else by XLA's dots."""
+    return _forward(_local_patches(x, kernel_size), kernel, use_kernels)
 
 
-def _forward(patches: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`patches (L_out, B, C*k) . kernel (L_out, C*k, F)` per position: a batched dot, or with
-    few rows and many features products summed over the patch axis, which XLA:CPU spreads over
-    every core."""
-    if patches.shape[1] <= PRODUCT_FORWARD_ROWS and kernel.shape[-1] >= ELEMENTWISE_FEATURES:
+def _kernels_run(use_kernels: bool, x: jax.Array, y: jax.Array, size: int) -> bool:
+    """Whether `uspsjax.kernels` runs a product of `x` and `y` whose result's last axis has
+    `size`: asked for, float32 operands (they compute in nothing else), and a size they take."""
+    return (use_kernels and x.dtype == y.dtype == jnp.float32 and kernels.runs(size))
+
+
+def _product(x: jax.Array, y: jax.Array, dims, kernel_op, use_kernels: bool) -> jax.Array:
+    """`dot_general(x, y, dims)` batched over positions; on a CPU by `kernel_op`, the same
+    product from `uspsjax.kernels` (equal to float32 rounding), where they run it."""
+    dot = partial(jax.lax.dot_general, dimension_numbers=dims)
+    if not _kernels_run(use_kernels, x, y, jax.eval_shape(dot, x, y).shape[-1]):
+        return dot(x, y)
+    return jax.lax.platform_dependent(x, y, cpu=kernel_op, default=dot)
+
+
+def _forward(patches: jax.Array, kernel: jax.Array, use_kernels: bool) -> jax.Array:
+    """`patches (L_out, B, C*k) . kernel (L_out, C*k, F)` per position: a batched product, or
+    where the kernels do not run, with few rows and many features, products summed over the
+    patch axis, which XLA:CPU spreads over every core."""
+    features = kernel.shape[-1]
+    few_rows = patches.shape[1] <= PRODUCT_FORWARD_ROWS and features >= ELEMENTWISE_FEATURES
+    if few_rows and not _kernels_run(use_kernels, patches, kernel, features):
         return jnp.sum(patches[:, :, :, None] * kernel[:, None], axis=2)
-    return jax.lax.dot_general(patches, kernel, _FORWARD)
+    return _product(patches, kernel, _FORWARD, kernels.lc_forward, use_kernels)
 
 
-def _sliced_fwd(x, kernel, kernel_size):
+def _sliced_fwd(x, kernel, kernel_size, use_kernels):
     patches = _local_patches(x, kernel_size)
-    return _forward(patches, kernel), (patches, kernel)
+    return _forward(patches, kernel, use_kernels), (patches, kernel)
 
 
 def _outer_sum(patches: jax.Array, g: jax.Array) -> jax.Array:
@@ -242,15 +272,15 @@ def _outer_sum(patches: jax.Array, g: jax.Array) -> jax.Array:
     return total
 
 
-def _sliced_bwd(kernel_size, residuals, g):
+def _sliced_bwd(kernel_size, use_kernels, residuals, g):
     patches, kernel = residuals
     l_out, batch, features = g.shape
     if batch <= OUTER_SUM_ROWS and features >= ELEMENTWISE_FEATURES:
         dk = _outer_sum(patches, g)
     else:
-        dk = jax.lax.dot_general(patches, g, _KERNEL_GRAD)
-    if batch <= FEW_ROWS:
-        dpatches = jax.lax.dot_general(kernel, g, _PATCH_GRAD)  # (L_out, C*k, B)
+        dk = _product(patches, g, _KERNEL_GRAD, kernels.lc_kernel_grad, use_kernels)
+    if batch <= FEW_ROWS:  # (L_out, C*k, B)
+        dpatches = _product(kernel, g, _PATCH_GRAD, kernels.lc_patch_grad, use_kernels)
         dpatches = dpatches.reshape(l_out, -1, kernel_size, batch)
         return jnp.swapaxes(_shift_sum(dpatches, (kernel_size,), lead=0), 1, 2), dk
     dpatches = jax.lax.dot_general(g, kernel, _PATCH_GRAD).reshape(l_out, batch, -1, kernel_size)

@@ -1,0 +1,130 @@
+"""The LC layer's three products on a CPU as C kernels (uspsjax/kernels.c), compiled for the
+machine at hand and called from XLA through its FFI; XLA's own dots wherever they cannot run.
+
+XLA:CPU's libraries run the LC's products (a position's weights, used by only 16-32 rows) at about
+a third of the machine's matmul peak: each position's weights stall on their first read from
+memory. The kernels prefetch the next position's weights while computing the current one
+(results/bench/NOTES.md §29). They are built once per machine with the system's C compiler
+(`$CC`, else `cc`), `-O3 -march=native`, into the cache directory (`data.cache_dir()`), named by a
+digest of the source, the compiler, the CPU and jaxlib's FFI header, so another CPU or compiler
+builds its own. Without a compiler, or where the build fails, `status()` says why and the LC runs
+XLA's dots: the same products to float32 rounding.
+"""
+
+import ctypes
+import functools
+import hashlib
+import os
+import shlex
+import subprocess
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+from uspsjax import machine
+from uspsjax.data import cache_dir
+
+SOURCE = Path(__file__).with_name("kernels.c")
+TARGETS = ("uspsjax_lc_forward", "uspsjax_lc_kernel_grad", "uspsjax_lc_patch_grad")
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+# USPSJAX_KERNELS=0 runs XLA's dots instead (for comparison; a result records which ran).
+SWITCH = "USPSJAX_KERNELS"
+
+
+def _compiler_version(compiler: list[str]) -> str | None:
+    try:
+        run = subprocess.run([*compiler, "--version"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return run.stdout if run.returncode == 0 else None
+
+
+def build(compiler: list[str], folder: Path) -> tuple[Path | None, str]:
+    """Compile `kernels.c` with `compiler` into `folder` unless a build for this source, compiler,
+    CPU and FFI header is there already. Returns (the shared library or None, why not)."""
+    version = _compiler_version(compiler)
+    if version is None:
+        return None, f"no working C compiler ({shlex.join(compiler)})"
+    include = Path(jax.ffi.include_dir())
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), shlex.join(compiler).encode(), version.encode(),
+                 " ".join(FLAGS).encode(),
+                 (include / "xla/ffi/api/c_api.h").read_bytes(),
+                 repr(sorted(machine._cpuinfo().items())).encode()):
+        digest.update(hashlib.sha256(part).digest())
+    library = folder / f"kernels-{digest.hexdigest()[:16]}.so"
+    if library.exists():
+        return library, ""
+    folder.mkdir(parents=True, exist_ok=True)
+    # Built beside its final name and renamed into place: processes building at once each
+    # finish whole, and none loads a half-written file.
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        partial = Path(tmp) / library.name
+        run = subprocess.run([*compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(partial)],
+                             capture_output=True, text=True)
+        if run.returncode != 0:
+            first = (run.stderr.strip().splitlines() or ["no message"])[0]
+            return None, f"the C kernels did not compile ({first})"
+        os.replace(partial, library)
+    return library, ""
+
+
+@functools.cache
+def _loaded() -> tuple[int, str]:
+    """Build, load and register the kernels once per process: (their vector width in floats,
+    or 0 where XLA's dots run instead; why not)."""
+    if os.environ.get(SWITCH, "1") == "0":
+        return 0, f"{SWITCH}=0"
+    try:
+        library, why = build(shlex.split(os.environ.get("CC", "cc")), cache_dir())
+    except OSError as err:  # an unwritable cache directory
+        return 0, f"the C kernels could not be built ({err})"
+    if library is None:
+        return 0, why
+    lib = ctypes.CDLL(str(library))
+    for name in TARGETS:
+        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
+    return lib.uspsjax_vector_width(), ""
+
+
+def built() -> bool:
+    """Whether the kernels are built and registered in this process."""
+    return bool(_loaded()[0])
+
+
+def runs(size: int) -> bool:
+    """Whether a kernel runs here for a product whose result's last axis (the one it vectorizes
+    over: the features; the batch for the patch gradient) has this size: the kernels are built,
+    and the size is a multiple of their vectors."""
+    width = _loaded()[0]
+    return bool(width) and size % width == 0
+
+
+def status() -> str:
+    """What the LC's sliced lowering runs on this CPU, for the record of a result."""
+    width, why = _loaded()
+    if width:
+        return f"C kernels ({width}-float vectors) where an axis is a multiple of {width}"
+    return f"XLA's dots ({why})"
+
+
+def _call(target: str, x: jax.Array, y: jax.Array, shape: tuple) -> jax.Array:
+    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
+                            vmap_method="broadcast_all")(x, y)
+
+
+def lc_forward(patches: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`patches (L, B, C*k) . kernel (L, C*k, F) -> (L, B, F)` per position."""
+    return _call(TARGETS[0], patches, kernel, (*patches.shape[:-1], kernel.shape[-1]))
+
+
+def lc_kernel_grad(patches: jax.Array, g: jax.Array) -> jax.Array:
+    """`patches (L, B, C*k)^T . g (L, B, F) -> (L, C*k, F)` per position."""
+    return _call(TARGETS[1], patches, g, (patches.shape[0], patches.shape[2], g.shape[2]))
+
+
+def lc_patch_grad(kernel: jax.Array, g: jax.Array) -> jax.Array:
+    """`kernel (L, C*k, F) . g (L, B, F)^T -> (L, C*k, B)` per position."""
+    return _call(TARGETS[2], kernel, g, (*kernel.shape[:-1], g.shape[1]))
