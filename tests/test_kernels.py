@@ -94,3 +94,10 @@ def test_a_build_is_made_once_per_machine_and_compiler(tmp_path):
     assert again == library and library.stat().st_mtime_ns == built_at
     other, _ = kernels.build([COMPILER, "-DUSPSJAX_OTHER_BUILD"], tmp_path / "cache")
     assert other != library and other.is_file()
+
+
+def test_a_damaged_build_is_not_loaded(tmp_path):
+    damaged = tmp_path / "kernels-0123456789abcdef.so"
+    damaged.write_bytes(b"not a shared library")
+    width, why = kernels.load(damaged)
+    assert width == 0 and why.startswith("the C kernels could not be loaded (")

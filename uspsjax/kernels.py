@@ -29,6 +29,8 @@ from uspsjax.data import cache_dir
 SOURCE = Path(__file__).with_name("kernels.c")
 TARGETS = ("uspsjax_lc_forward", "uspsjax_lc_kernel_grad", "uspsjax_lc_patch_grad")
 FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+# What a build for this CPU depends on, of its /proc/cpuinfo fields (not its clock, which moves).
+CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags")
 # USPSJAX_KERNELS=0 runs XLA's dots instead (for comparison; a result records which ran).
 SWITCH = "USPSJAX_KERNELS"
 
@@ -52,7 +54,7 @@ def build(compiler: list[str], folder: Path) -> tuple[Path | None, str]:
     for part in (SOURCE.read_bytes(), shlex.join(compiler).encode(), version.encode(),
                  " ".join(FLAGS).encode(),
                  (include / "xla/ffi/api/c_api.h").read_bytes(),
-                 repr(sorted(machine._cpuinfo().items())).encode()):
+                 repr([machine.cpuinfo().get(field) for field in CPU_FIELDS]).encode()):
         digest.update(hashlib.sha256(part).digest())
     library = folder / f"kernels-{digest.hexdigest()[:16]}.so"
     if library.exists():
@@ -62,8 +64,11 @@ def build(compiler: list[str], folder: Path) -> tuple[Path | None, str]:
     # finish whole, and none loads a half-written file.
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         partial = Path(tmp) / library.name
-        run = subprocess.run([*compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o", str(partial)],
-                             capture_output=True, text=True)
+        try:
+            run = subprocess.run([*compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o",
+                                  str(partial)], capture_output=True, text=True, timeout=300)
+        except subprocess.TimeoutExpired:
+            return None, "the C kernels did not compile within 300 s"
         if run.returncode != 0:
             first = (run.stderr.strip().splitlines() or ["no message"])[0]
             return None, f"the C kernels did not compile ({first})"
@@ -83,10 +88,21 @@ def _loaded() -> tuple[int, str]:
         return 0, f"the C kernels could not be built ({err})"
     if library is None:
         return 0, why
-    lib = ctypes.CDLL(str(library))
-    for name in TARGETS:
-        jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)), platform="cpu")
-    return lib.uspsjax_vector_width(), ""
+    return load(library)
+
+
+def load(library: Path) -> tuple[int, str]:
+    """Load a build of the kernels and register them with XLA: (their vector width, "") or, where
+    the file is not such a build, (0, why)."""
+    try:
+        lib = ctypes.CDLL(str(library))
+        handlers = [jax.ffi.pycapsule(getattr(lib, name)) for name in TARGETS]
+        width = lib.uspsjax_vector_width()
+    except (OSError, AttributeError) as err:
+        return 0, f"the C kernels could not be loaded ({err})"
+    for name, handler in zip(TARGETS, handlers):
+        jax.ffi.register_ffi_target(name, handler, platform="cpu")
+    return width, ""
 
 
 def built() -> bool:

@@ -15,8 +15,9 @@ from pathlib import Path
 CACHE_DIR = Path("/sys/devices/system/cpu/cpu0/cache")
 
 
-def _cpuinfo(path: Path = Path("/proc/cpuinfo")) -> dict:
-    """The first processor's fields of /proc/cpuinfo ({} where there is none)."""
+def cpuinfo(path: Path = Path("/proc/cpuinfo")) -> dict:
+    """The first processor's fields of /proc/cpuinfo ({} where there is none): what a build
+    for this CPU depends on (`uspsjax.kernels`), and what `cpu()` reports."""
     try:
         text = path.read_text()
     except OSError:
@@ -76,7 +77,7 @@ def cpu() -> dict:
     is limited to where XLA_FLAGS limits it: "AVX-512, XLA's generated code limited to AVX2";
     its matmul libraries choose their own), cores usable by this process and cache sizes per
     level."""
-    info = _cpuinfo()
+    info = cpuinfo()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     isa = widest_isa(set(info.get("flags", "").split()))
     limit = xla_isa_limit(os.environ.get("XLA_FLAGS", ""))
