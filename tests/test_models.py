@@ -116,17 +116,17 @@ def assert_close_to(ours, ref):
 @pytest.mark.parametrize("channels", [1, 6])
 # Every path of the forward and the backward. XLA's dots (use_kernels False): batch 4 with
 # ELEMENTWISE_FEATURES features takes the summed-products forward and the row-product kernel
-# gradient (up to PRODUCT_FORWARD_ROWS, OUTER_SUM_ROWS), 24 the dot forward and row products,
-# with fewer features the dots, 40 the other layout of the input gradient (FEW_ROWS). The C
-# kernels (use_kernels True) where batch or features are multiples of their vectors (8 or 16):
-# at batch 4 the forward, at 32 all three products, at 48 the forward and kernel gradient.
+# gradient (up to PRODUCT_FORWARD_ROWS, OUTER_SUM_ROWS), 24 and fewer features the dots, 40 the
+# other layout of the input gradient (FEW_ROWS). The C kernels (use_kernels True) where batch or
+# features are multiples of their vectors (8 or 16): at batch 4 the forward, at 32 all three
+# products, at 48 the forward and kernel gradient.
 @pytest.mark.parametrize("batch, features, use_kernels", [
     (4, ELEMENTWISE_FEATURES, False), (4, 5, False), (24, ELEMENTWISE_FEATURES, False),
     (40, 5, False), (4, ELEMENTWISE_FEATURES, True), (32, 16, True), (48, 16, True)])
 def test_sliced_lowering_equals_conv_general_dilated_local(channels, batch, features,
                                                            use_kernels):
-    assert 4 <= min(OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS) and PRODUCT_FORWARD_ROWS < 24
-    assert 32 <= min(OUTER_SUM_ROWS, FEW_ROWS) and max(OUTER_SUM_ROWS, FEW_ROWS) < 40
+    assert 4 <= min(OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS)
+    assert max(OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS) < 24 and 32 <= FEW_ROWS < 40
     x = jax.random.normal(jax.random.key(0), (18, batch, channels))  # (L, B, C)
     kernel = jax.random.normal(jax.random.key(1), (16, channels * 3, features))
     sliced = lambda x, k, size: locally_connected_sliced(x, k, size, use_kernels)

@@ -5,7 +5,7 @@ XLA:CPU's libraries run the LC's products (a position's weights, used by only 16
 a third of the machine's matmul peak: each position's weights stall on their first read from
 memory. The kernels prefetch the next position's weights while computing the current one
 (results/bench/NOTES.md §29). They are built once per machine with the system's C compiler
-(`$CC`, else `cc`), `-O3 -march=native`, into the cache directory (`data.cache_dir()`), named by a
+(`$CC`, else `cc`), `-O3 -march=native`, multiply-adds fused, into the cache directory (`data.cache_dir()`), named by a
 digest of the source, the compiler, the CPU and jaxlib's FFI header, so another CPU or compiler
 builds its own. Without a compiler, or where the build fails, `status()` says why and the LC runs
 XLA's dots: the same products to float32 rounding.
@@ -28,7 +28,9 @@ from uspsjax.data import cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.c")
 TARGETS = ("uspsjax_lc_forward", "uspsjax_lc_kernel_grad", "uspsjax_lc_patch_grad")
-FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c11")
+# -ffp-contract=fast: multiply-adds fused (ISO C's default keeps them apart, at half the speed
+# of the tiles' inner loop; the LC 1.03-1.20x a step, results/bench/NOTES.md §29).
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
 # What a build for this CPU depends on, of its /proc/cpuinfo fields (not its clock, which moves).
 CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags")
 # USPSJAX_KERNELS=0 runs XLA's dots instead (for comparison; a result records which ran).
@@ -127,6 +129,8 @@ def status() -> str:
 
 
 def _call(target: str, x: jax.Array, y: jax.Array, shape: tuple) -> jax.Array:
+    if not built():  # builds and registers them on first use
+        raise RuntimeError(f"uspsjax's C kernels do not run here: {status()}")
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
                             vmap_method="broadcast_all")(x, y)
 

@@ -207,9 +207,9 @@ _PATCH_GRAD = (((2,), (2,)), ((0,), (0,)))   # g . kernel^T
 # times slower, at 1024 three times (results/bench/NOTES.md, section 7).
 FEW_ROWS = 32
 # Up to this batch size the kernel gradient is a sum of row products (`_outer_sum`), fused into
-# the update: at 16 rows 1.3x a step against XLA's dot (results/bench/NOTES.md §16); at 32 0.98x
-# against XLA's dot but 1.03x against the C kernel's (§29), which runs where the machine builds it.
-OUTER_SUM_ROWS = 32
+# the update: at 16 rows 1.3x a step against XLA's dot (results/bench/NOTES.md §16), 1.14x against
+# the C kernel's (§29); at 32 0.98x against either.
+OUTER_SUM_ROWS = 16
 # Up to this batch size, where the C kernels do not run, the forward is products summed over the
 # patch axis (`_forward`): XLA:CPU runs the batched dot with so few rows on one thread (NOTES
 # §19); the kernel's forward runs 1.10x a step at batch 16 against these (§29).
