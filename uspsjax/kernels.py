@@ -65,16 +65,16 @@ def build(compiler: list[str], folder: Path) -> tuple[Path | None, str]:
     # Built beside its final name and renamed into place: processes building at once each
     # finish whole, and none loads a half-written file.
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        partial = Path(tmp) / library.name
+        building = Path(tmp) / library.name
         try:
             run = subprocess.run([*compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o",
-                                  str(partial)], capture_output=True, text=True, timeout=300)
+                                  str(building)], capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
             return None, "the C kernels did not compile within 300 s"
         if run.returncode != 0:
             first = (run.stderr.strip().splitlines() or ["no message"])[0]
             return None, f"the C kernels did not compile ({first})"
-        os.replace(partial, library)
+        os.replace(building, library)
     return library, ""
 
 
