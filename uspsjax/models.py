@@ -232,7 +232,13 @@ def locally_connected_sliced(x: jax.Array, kernel: jax.Array, kernel_size: int,
 def _kernels_run(use_kernels: bool, x: jax.Array, y: jax.Array, size: int) -> bool:
     """Whether `uspsjax.kernels` runs a product of `x` and `y` whose result's last axis has
     `size`: asked for, float32 operands (they compute in nothing else), and a size they take."""
-    return (use_kernels and x.dtype == y.dtype == jnp.float32 and kernels.runs(size))
+    return use_kernels and x.dtype == y.dtype == jnp.float32 and kernels.runs(size)
+
+
+def _elementwise(rows: int, limit: int, features: int) -> bool:
+    """Whether a layer takes an elementwise form (summed products, row products): up to `limit`
+    rows (`PRODUCT_FORWARD_ROWS`, `OUTER_SUM_ROWS`) and `ELEMENTWISE_FEATURES` features or more."""
+    return rows <= limit and features >= ELEMENTWISE_FEATURES
 
 
 def _product(x: jax.Array, y: jax.Array, dims, kernel_op, use_kernels: bool) -> jax.Array:
@@ -249,8 +255,8 @@ def _forward(patches: jax.Array, kernel: jax.Array, use_kernels: bool) -> jax.Ar
     where the kernels do not run, with few rows and many features, products summed over the
     patch axis, which XLA:CPU spreads over every core."""
     features = kernel.shape[-1]
-    few_rows = patches.shape[1] <= PRODUCT_FORWARD_ROWS and features >= ELEMENTWISE_FEATURES
-    if few_rows and not _kernels_run(use_kernels, patches, kernel, features):
+    if (_elementwise(patches.shape[1], PRODUCT_FORWARD_ROWS, features)
+            and not _kernels_run(use_kernels, patches, kernel, features)):
         return jnp.sum(patches[:, :, :, None] * kernel[:, None], axis=2)
     return _product(patches, kernel, _FORWARD, kernels.lc_forward, use_kernels)
 
@@ -275,7 +281,7 @@ def _outer_sum(patches: jax.Array, g: jax.Array) -> jax.Array:
 def _sliced_bwd(kernel_size, use_kernels, residuals, g):
     patches, kernel = residuals
     l_out, batch, features = g.shape
-    if batch <= OUTER_SUM_ROWS and features >= ELEMENTWISE_FEATURES:
+    if _elementwise(batch, OUTER_SUM_ROWS, features):
         dk = _outer_sum(patches, g)
     else:
         dk = _product(patches, g, _KERNEL_GRAD, kernels.lc_kernel_grad, use_kernels)
