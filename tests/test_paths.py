@@ -84,6 +84,21 @@ def test_pgd_training_reaches_the_cnn_update(small):
     assert max(diff) > 1e-4 and all(np.isfinite(diff))
 
 
+def test_fgsm_training_reaches_the_lc_update(small):
+    # The attack's gradients run through the LC's C kernels on a CPU, which have no derivatives
+    # of their own: the attack is evaluated, never differentiated, and still moves the update.
+    static = Static(network="lc", batch_size=16, adversarial="fgsm")
+    x, y, key = small.x_train[:16], small.y_train[:16], jax.random.key(1)
+    hps = [make_hparams(lr=0.05, adv_eps=e) for e in (0.0, 0.1)]
+    state = init_members(static, jax.random.key(0), hps[0], 512)
+    step = jax.jit(partial(train_step, static))
+    (a, loss_a, _, ok_a), (b, loss_b, _, ok_b) = (step(state, hp, x, y, key) for hp in hps)
+    assert ok_a and ok_b and float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
+    diff = [float(jnp.max(jnp.abs(p - q))) for p, q in
+            zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params))]
+    assert max(diff) > 1e-6 and all(np.isfinite(diff))
+
+
 # --- --merge through the command line -----------------------------------------------------
 
 def test_merge_keeps_the_first_run_byte_for_byte(tmp_path, capsys, subset_h5):

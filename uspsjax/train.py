@@ -273,6 +273,11 @@ def forward(static: Static, params, batch_stats, x, hp: Hparams, *, train: bool,
 def adversarial_batch(static: Static, params, batch_stats, x, y, hp: Hparams, key):
     """The batch `x` attacked at `hp.adv_eps` (FGSM with random start, or PGD) against the
     member's current parameters, in evaluation mode."""
+    # The attack is not differentiated: its result's gradient is stopped anyway, and with the
+    # parameters held constant the attack's own gradients (C kernels on a CPU, which have no
+    # derivatives) are only evaluated.
+    params, batch_stats = jax.lax.stop_gradient((params, batch_stats))
+
     def loss_fn(x_in):
         logits, _, _ = forward(static, params, batch_stats, x_in, hp, train=False)
         return jnp.sum(cross_entropy(logits, y))
