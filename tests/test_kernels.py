@@ -1,6 +1,6 @@
-"""The LC's C kernels: built for this machine, each product equal to XLA's dot to float32
-rounding, a population's members computed exactly as single calls, and a clear reason where they
-cannot be built."""
+"""The C kernels (the LC's products, the CNN's patches and gradients): built for this machine, each
+product equal to the exact one to float32 rounding, a population's members computed exactly as
+single calls, and a clear reason where they cannot be built."""
 
 import os
 import shutil
@@ -70,6 +70,63 @@ def test_members_of_a_population_are_computed_exactly_as_single_calls(op, produc
     for i, (x, y) in enumerate(members):
         np.testing.assert_array_equal(stacked[i], single(x, y))
     np.testing.assert_array_equal(single(*members[0]), single(*members[0]))
+
+
+def float32_bound(n, exact_abs):
+    """How far a float32 sum of n products, in any order, may be from the exact sum."""
+    return n * 2.0**-24 * exact_abs
+
+
+@needs_compiler
+@pytest.mark.parametrize("images, window", [((3, 8, 7, 16), (3, 3)), ((2, 6, 6, 32), (2, 3))])
+def test_convolution_patches_and_gradients_equal_the_exact_ones(images, window):
+    kh, kw = window
+    x, g, w = operands((images, (*images[:-3], images[1] - kh + 1, images[2] - kw + 1, 48),
+                        (48, kh * kw * images[-1])))
+    patches = np.asarray(jax.jit(kernels.patches, static_argnums=(1, 2))(x, kh, kw))
+    # The patches are a copy: pixel (i + dy, j + dx) in row (i, j), offset (dy, dx).
+    xs = np.asarray(x)
+    for dy in range(kh):
+        for dx in range(kw):
+            offset = (dy * kw + dx) * images[-1]
+            np.testing.assert_array_equal(
+                patches[..., offset:offset + images[-1]],
+                xs[:, dy:dy + patches.shape[1], dx:dx + patches.shape[2]])
+    x64, g64, w64 = (np.asarray(v, np.float64) for v in (patches, g, w))
+    # The input gradient: the patch gradients g . w, summed back onto their pixels.
+    dx = np.asarray(jax.jit(kernels.conv_input_grad, static_argnums=(2, 3))(g, w, *images[1:3]))
+    exact, size = np.zeros(images), np.zeros(images)
+    dpatches, dsize = g64 @ w64, np.abs(g64) @ np.abs(w64)
+    for dy in range(kh):
+        for dx_ in range(kw):
+            part = slice((dy * kw + dx_) * images[-1], (dy * kw + dx_ + 1) * images[-1])
+            rows, cols = slice(dy, dy + g.shape[1]), slice(dx_, dx_ + g.shape[2])
+            exact[:, rows, cols] += dpatches[..., part]
+            size[:, rows, cols] += dsize[..., part]
+    assert np.all(np.abs(dx - exact) <= float32_bound(48 * kh * kw, size))
+    # The kernel gradient, summed over every row of every image.
+    rows = x64.reshape(-1, x64.shape[-1])
+    dk = np.asarray(jax.jit(kernels.summed_kernel_grad)(patches.reshape(rows.shape),
+                                                       g.reshape(-1, 48)))
+    g_rows = g64.reshape(-1, 48)
+    assert np.all(np.abs(dk - rows.T @ g_rows) <= float32_bound(len(rows),
+                                                                np.abs(rows.T) @ np.abs(g_rows)))
+
+
+@needs_compiler
+@pytest.mark.parametrize("rows", [200, 1000, 4608])
+def test_a_summed_kernel_gradient_in_parts_is_exact_to_rounding_and_member_wise(rows):
+    # 1000 and 4608 rows are cut in parts, one per thread of XLA's pool (each of 256 rows or
+    # more), added in order; 200 rows stay whole.
+    members = [operands(((rows, 96), (rows, 32)), seed) for seed in range(2)]
+    single = jax.jit(kernels.summed_kernel_grad)
+    for p, g in members:
+        p64, g64 = np.asarray(p, np.float64), np.asarray(g, np.float64)
+        ours = np.asarray(single(p, g))
+        assert np.all(np.abs(ours - p64.T @ g64) <= float32_bound(rows, np.abs(p64.T) @ np.abs(g64)))
+    stacked = jax.jit(jax.vmap(kernels.summed_kernel_grad))(*(np.stack(v) for v in zip(*members)))
+    for i, (p, g) in enumerate(members):
+        np.testing.assert_array_equal(stacked[i], single(p, g))
 
 
 def test_a_missing_compiler_is_named(tmp_path):

@@ -82,16 +82,28 @@ def test_locally_connected_matches_keras_loop(lowering):
                                rtol=1e-5, atol=1e-5)
 
 
-def test_conv2d_gradients_equal_xla_convolution():
-    x = jax.random.normal(jax.random.key(0), (3, 8, 8, 2))
-    kernel = jax.random.normal(jax.random.key(1), (3, 3, 2, 4))
+# Channels (2 -> 4) that XLA's gathers and dots take, and (16 -> 32) that fill the C kernels'
+# vectors where they are built (the CNN's second convolution, 32 -> 64).
+@pytest.mark.parametrize("c_in, c_out", [(2, 4), (16, 32)])
+def test_conv2d_gradients_equal_xla_convolution(c_in, c_out):
+    x = jax.random.normal(jax.random.key(0), (3, 8, 7, c_in))
+    kernel = jax.random.normal(jax.random.key(1), (3, 3, c_in, c_out))
     native = lambda x, k: jax.lax.conv_general_dilated(
         x, k, (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC"))
     loss = lambda conv: lambda x, k: jnp.sum(jnp.sin(conv(x, k)))
-    np.testing.assert_allclose(conv2d(x, kernel), native(x, kernel), rtol=1e-5, atol=1e-6)
-    for ours, ref in zip(jax.grad(loss(conv2d), (0, 1))(x, kernel),
-                         jax.grad(loss(native), (0, 1))(x, kernel)):
-        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(conv2d(x, kernel), native(x, kernel), rtol=1e-5, atol=1e-5)
+    grad = jax.jit(jax.grad(loss(conv2d), (0, 1)))
+    for ours, ref in zip(grad(x, kernel), jax.grad(loss(native), (0, 1))(x, kernel)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    hlo = grad.lower(x, kernel).as_text()
+    by_kernels = kernels.built() and c_in == 16
+    for target in ("uspsjax_patches", "uspsjax_conv_input_grad", "uspsjax_summed_kernel_grad"):
+        assert (target in hlo) == by_kernels
+    # A population's member is computed exactly as the same convolution alone.
+    xs, kernels_ = jnp.stack([x, 2 * x]), jnp.stack([kernel, -kernel])
+    members = jax.jit(jax.vmap(jax.grad(loss(conv2d), (0, 1))))(xs, kernels_)
+    for ours, alone in zip(members, grad(xs[1], kernels_[1])):
+        np.testing.assert_array_equal(ours[1], alone)
 
 
 @pytest.mark.parametrize("shape, window, dims", [((2, 12, 5), (3,), ("NWC", "WIO", "NWC")),
@@ -220,6 +232,18 @@ def test_dropout_masks_are_jax_bernoulli_bit_for_bit(shape):
         jax.jit(jax.vmap(lambda k, p: bernoulli(k, p, shape)))(keys, ps),
         jax.vmap(lambda k, p: jax.random.bernoulli(k, p, shape))(keys, ps))
     assert draw(jax.random.key(0), jnp.float32(0.5), shape).dtype == bool
+
+
+def test_a_block_of_rows_draws_the_whole_masks_rows_bit_for_bit():
+    # A batch trained in blocks drops exactly the units the whole batch would.
+    shape, key, p = (12, 6, 6, 64), jax.random.key(5), jnp.float32(0.75)
+    whole = jax.random.bernoulli(key, p, shape)
+    block = jax.jit(lambda start: bernoulli(key, p, shape, start, 4))
+    for start in (0, 4, 8):
+        np.testing.assert_array_equal(block(start), whole[start:start + 4])
+    old = jax.random.key(5, impl="rbg")  # a PRNG the one-pass form was not written for
+    np.testing.assert_array_equal(bernoulli(old, p, shape, 8, 4),
+                                  jax.random.bernoulli(old, p, shape)[8:])
 
 
 def test_parse_init():

@@ -1,22 +1,28 @@
-/* The locally connected layer's three products on a CPU, as C kernels that XLA calls through its
- * FFI (uspsjax/kernels.py compiles this file for the machine at hand and registers them).
+/* The locally connected layer's three products and a convolution's patches and gradients on a
+ * CPU, as C kernels that XLA calls through its FFI (uspsjax/kernels.py compiles this file for the
+ * machine at hand and registers them).
  *
- * Each is a product per position g, C[g] = A[g] . B[g], B and C row-major, A read through two
- * strides, so that one routine serves the forward (patches . kernel), the kernel gradient
- * (patches^T . g) and the patch gradient (kernel . g^T, written batch-innermost). Leading axes
- * (positions, a population's members) are all positions to it.
+ * Each product is one per position g, C[g] = A[g] . B[g], B and C row-major, A read through two
+ * strides, so that one routine serves the LC's forward (patches . kernel), kernel gradient
+ * (patches^T . g) and patch gradient (kernel . g^T, written batch-innermost). Leading axes
+ * (positions, a population's members) are all positions to it. A position's weights are used by
+ * only a few rows, so a product waits on their first read from memory; the next position's are
+ * prefetched while the current one is computed (results/bench/NOTES.md §29).
  *
- * Each position is computed by one thread, in one fixed order, whatever the number of threads,
- * positions or members: results are the same bit for bit on the same machine and build. A
- * position's weights are used by only a few rows, so a product waits on their first read from
- * memory; the next position's are prefetched while the current one is computed
- * (results/bench/NOTES.md §29).
+ * A convolution's (the CNN's, §30) patches are rows copied whole; its input gradient is computed
+ * one image at a time, the image's patch gradients in the core's cache and summed back onto its
+ * pixels at once; its kernel gradient, a sum over every row of the batch, in a part per thread.
+ *
+ * Each item of work (a position, an image, a part) is computed by one thread in one fixed order,
+ * and the parts of a sum are added in order: results are the same bit for bit on the same machine
+ * and build, and a population's members are computed exactly as single calls.
  */
 #include <sched.h>
 #include <stdatomic.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <string.h>
 
 #include "xla/ffi/api/c_api.h"
 
@@ -30,15 +36,21 @@
 #define WIDEST 2
 #endif
 #define MAX_ROWS 12
+/* The fewest rows a part of a summed kernel gradient takes; and the rows of it summed at a time,
+ * from the cache (a part's rows are read strided, one patch row per term: a chunk's 256 rows of
+ * the CNN's patches, 295 KB, fit any of these machines' L2). */
+#define PART_ROWS 256
+#define DEPTH 256
 typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
 
 /* One product: C[g] (m x n) = A[g] (m x k) . B[g] (k x n) for g < groups, A[i, j] at
  * a[i * a_row + j * a_step]; B[g] given transposed, (n x k), where `transpose_b`. The next
- * position's A (`prefetch_a`) or B, the weights, is prefetched. */
+ * position's A (`prefetch_a`) or B, the weights, is prefetched. The sum over k is cut into
+ * `parts` summed in `partial` (where more than one), each taken `depth` terms at a time (0: all). */
 typedef struct {
   const float *a, *b;
-  float *c;
-  int64_t groups, m, k, n, a_row, a_step;
+  float *c, *partial;
+  int64_t groups, m, k, n, a_row, a_step, parts, depth;
   int transpose_b, prefetch_a;
 } product;
 
@@ -46,10 +58,10 @@ typedef struct {
  * cache lines to fetch into L2 while this tile runs. */
 static inline __attribute__((always_inline)) void tile(
     int rows, int nv, const float *a, int64_t a_row, int64_t a_step, const float *b, int64_t ldb,
-    float *c, int64_t ldc, int64_t k, const char *pf, int64_t pf_lines) {
+    float *c, int64_t ldc, int64_t k, const char *pf, int64_t pf_lines, int add) {
   vf acc[MAX_ROWS][WIDEST];
   for (int r = 0; r < rows; r++)
-    for (int v = 0; v < nv; v++) acc[r][v] = (vf){0};
+    for (int v = 0; v < nv; v++) acc[r][v] = add ? *(vf *)(c + r * ldc + v * VW) : (vf){0};
   for (int64_t j = 0; j < k; j++) {
     if (pf) __builtin_prefetch(pf + 64 * ((j * pf_lines) / k), 0, 2);
     vf bv[WIDEST];
@@ -65,12 +77,12 @@ static inline __attribute__((always_inline)) void tile(
 
 /* The tile for each row count and vector count, compiled with both fixed. */
 typedef void tile_fn(const float *, int64_t, int64_t, const float *, int64_t, float *, int64_t,
-                     int64_t, const char *, int64_t);
+                     int64_t, const char *, int64_t, int);
 #define TILE(R, NV)                                                                             \
   static void tile_##R##_##NV(const float *a, int64_t ar, int64_t as, const float *b,          \
                               int64_t ldb, float *c, int64_t ldc, int64_t k, const char *pf,   \
-                              int64_t pl) {                                                     \
-    tile(R, NV, a, ar, as, b, ldb, c, ldc, k, pf, pl);                                          \
+                              int64_t pl, int add) {                                            \
+    tile(R, NV, a, ar, as, b, ldb, c, ldc, k, pf, pl, add);                                     \
   }
 #define TILES(NV)                                                                               \
   TILE(1, NV) TILE(2, NV) TILE(3, NV) TILE(4, NV) TILE(5, NV) TILE(6, NV) TILE(7, NV)          \
@@ -86,43 +98,65 @@ static tile_fn *const TILE_TABLE[3][MAX_ROWS + 1] = {ROW(1), ROW(2), ROW(4)};
 static tile_fn *const TILE_TABLE[2][MAX_ROWS + 1] = {ROW(1), ROW(2)};
 #endif
 
-/* Position g of `p`; `scratch` holds k x n floats where B comes transposed. */
-static void position(const product *p, int64_t g, float *scratch) {
-  const int64_t m = p->m, k = p->k, n = p->n;
-  const float *a = p->a + g * m * k, *b = p->b + g * k * n;
-  float *c = p->c + g * m * n;
-  if (p->transpose_b) { /* b holds (n, k) */
-    for (int64_t i = 0; i < n; i++)
-      for (int64_t j = 0; j < k; j++) scratch[j * n + i] = b[i * k + j];
-    b = scratch;
-  }
+/* C (m x n) = A (m x k) . B (k x n), A[i, j] at a[i * a_row + j * a_step], B and C row-major,
+ * the sum over k in chunks of `depth` terms; `pf` (or NULL) names `pf_bytes` to fetch into L2
+ * meanwhile. */
+static void multiply(const float *a, int64_t a_row, int64_t a_step, const float *b, float *c,
+                     int64_t m, int64_t k, int64_t n, int64_t depth, const char *pf,
+                     int64_t pf_bytes) {
   const int64_t vectors = n / VW;
   const int nv = (WIDEST >= 4 && vectors % 4 == 0) ? 4 : (vectors % 2 == 0 ? 2 : 1);
   const int width = nv * VW;
   const int rows = ACC / nv < MAX_ROWS ? ACC / nv : MAX_ROWS;
   const int64_t tiles = (n / width) * ((m + rows - 1) / rows);
-  const int64_t weights = p->prefetch_a ? m * k : k * n; /* floats */
-  const char *next = g + 1 < p->groups
-      ? (const char *)((p->prefetch_a ? p->a : p->b) + (g + 1) * weights) : NULL;
-  const int64_t pf_lines = (weights * 4 / 64 + tiles - 1) / tiles;
+  const int64_t pf_lines = (pf_bytes / 64 + tiles - 1) / tiles;
   tile_fn *const *table = TILE_TABLE[nv == 4 ? 2 : nv - 1];
-  int64_t t = 0;
-  for (int64_t j = 0; j < n; j += width)
-    for (int64_t i = 0; i < m; i += rows, t++) {
-      const int r = m - i < rows ? (int)(m - i) : rows;
-      table[r](a + i * p->a_row, p->a_row, p->a_step, b + j, n, c + i * n + j, n, k,
-               next ? next + t * pf_lines * 64 : NULL, pf_lines);
-    }
+  /* Each chunk's rows of A and B are read once from memory into the cache, then by every tile;
+   * the sum's order stays that of one pass. */
+  for (int64_t d = 0; d < k; d += depth) {
+    const int64_t terms = k - d < depth ? k - d : depth;
+    int64_t t = 0;
+    for (int64_t j = 0; j < n; j += width)
+      for (int64_t i = 0; i < m; i += rows, t++) {
+        const int r = m - i < rows ? (int)(m - i) : rows;
+        table[r](a + i * a_row + d * a_step, a_row, a_step, b + d * n + j, n, c + i * n + j, n,
+                 terms, pf && d == 0 ? pf + t * pf_lines * 64 : NULL, pf_lines, d > 0);
+      }
+  }
 }
 
-/* A product shared by the threads of XLA's pool: each claims positions in turn. Held by the
- * caller and by every task scheduled; the last to let go frees it (a task may start after the
- * call has returned, finds nothing left to claim, and touches no buffer). */
+/* Item i of the product at `args`: position i, or where the sum over k is cut into `parts`,
+ * part i % parts of position i / parts, into `partial`; `scratch` holds k x n floats where B
+ * comes transposed. */
+static void position(const void *args, int64_t i, float *scratch) {
+  const product *p = args;
+  const int64_t g = i / p->parts, part = i % p->parts, m = p->m, k = p->k, n = p->n;
+  const int64_t from = part * k / p->parts, to = (part + 1) * k / p->parts;
+  const float *a = p->a + g * m * k + from * p->a_step, *b = p->b + g * k * n + from * n;
+  float *c = p->parts > 1 ? p->partial + i * m * n : p->c + g * m * n;
+  if (p->transpose_b) { /* b holds (n, k) */
+    for (int64_t r = 0; r < n; r++)
+      for (int64_t j = 0; j < k; j++) scratch[j * n + r] = b[r * k + j];
+    b = scratch;
+  }
+  const int64_t weights = p->prefetch_a ? m * k : k * n; /* floats */
+  const char *next = g + 1 < p->groups && p->parts == 1
+      ? (const char *)((p->prefetch_a ? p->a : p->b) + (g + 1) * weights) : NULL;
+  multiply(a, p->a_row, p->a_step, b, c, m, to - from, n, p->depth ? p->depth : k, next,
+           weights * 4);
+}
+
+/* Work shared by the threads of XLA's pool: `items` calls of `item(args, i, scratch)`, each
+ * thread claiming a few items in turn, with `scratch` floats of its own. Held by the caller and
+ * by every task scheduled; the last to let go frees it (a task may start after the call has
+ * returned, finds nothing left to claim, and touches no buffer). */
+typedef void item_fn(const void *args, int64_t i, float *scratch);
 typedef struct {
-  product p;
-  int64_t chunk;
+  item_fn *item;
+  int64_t items, chunk, scratch;
   atomic_int_fast64_t next, done;
   atomic_int holders;
+  max_align_t args[]; /* the item's arguments, copied in */
 } job;
 
 static void release(job *j) {
@@ -131,12 +165,12 @@ static void release(job *j) {
 
 static void work(void *data) {
   job *j = data;
-  float *scratch = j->p.transpose_b ? malloc(sizeof(float) * j->p.k * j->p.n) : NULL;
+  float *scratch = j->scratch ? malloc(sizeof(float) * j->scratch) : NULL;
   for (;;) {
     const int64_t start = atomic_fetch_add(&j->next, j->chunk);
-    if (start >= j->p.groups) break;
-    const int64_t end = start + j->chunk < j->p.groups ? start + j->chunk : j->p.groups;
-    for (int64_t g = start; g < end; g++) position(&j->p, g, scratch);
+    if (start >= j->items) break;
+    const int64_t end = start + j->chunk < j->items ? start + j->chunk : j->items;
+    for (int64_t i = start; i < end; i++) j->item(j->args, i, scratch);
     atomic_fetch_add(&j->done, end - start);
   }
   free(scratch);
@@ -148,22 +182,32 @@ static void ignore(const XLA_FFI_Api *api, XLA_FFI_Error *err) {
   api->XLA_FFI_Error_Destroy(&destroy);
 }
 
-/* Runs `p` on the caller's thread and on as many of XLA's pool as are free. */
-static void run(const XLA_FFI_Api *api, XLA_FFI_ExecutionContext *ctx, product p) {
+/* Runs `items` calls of `item` on the caller's thread and on as many of XLA's pool as are
+ * free; `args` (`size` bytes) is copied for them. */
+/* The threads of XLA's pool (at least 1). */
+static int64_t pool_threads(const XLA_FFI_Api *api, XLA_FFI_ExecutionContext *ctx) {
   int64_t threads = 1;
   XLA_FFI_ThreadPool_NumThreads_Args count = {XLA_FFI_ThreadPool_NumThreads_Args_STRUCT_SIZE,
                                               NULL, ctx, &threads};
   XLA_FFI_Error *err = api->XLA_FFI_ThreadPool_NumThreads(&count);
   if (err != NULL) ignore(api, err), threads = 1;
-  job *j = malloc(sizeof(job));
-  j->p = p;
-  /* Chunks of a few positions, so that a thread that starts late still takes its share. */
-  j->chunk = p.groups / (4 * (threads > 1 ? threads : 1));
+  return threads > 1 ? threads : 1;
+}
+
+static void run(const XLA_FFI_Api *api, XLA_FFI_ExecutionContext *ctx, item_fn *item,
+                const void *args, size_t size, int64_t items, int64_t scratch) {
+  const int64_t threads = pool_threads(api, ctx);
+  XLA_FFI_Error *err;
+  job *j = malloc(sizeof(job) + size);
+  j->item = item, j->items = items, j->scratch = scratch;
+  memcpy(j->args, args, size);
+  /* Chunks of a few items, so that a thread that starts late still takes its share. */
+  j->chunk = items / (4 * threads);
   if (j->chunk < 1) j->chunk = 1;
   atomic_init(&j->next, 0);
   atomic_init(&j->done, 0);
   atomic_init(&j->holders, 2); /* the caller's turn at the work, and its wait below */
-  for (int64_t t = 1; t < threads; t++) {
+  for (int64_t t = 1; t < threads && t < items; t++) {
     atomic_fetch_add(&j->holders, 1);
     XLA_FFI_ThreadPool_Schedule_Args task = {XLA_FFI_ThreadPool_Schedule_Args_STRUCT_SIZE, NULL,
                                              ctx, work, j};
@@ -174,7 +218,7 @@ static void run(const XLA_FFI_Api *api, XLA_FFI_ExecutionContext *ctx, product p
     }
   }
   work(j);
-  while (atomic_load(&j->done) < p.groups) sched_yield();
+  while (atomic_load(&j->done) < items) sched_yield();
   release(j);
 }
 
@@ -205,7 +249,7 @@ static int dims(XLA_FFI_Buffer *buf, int64_t d[3]) {
   return 1;
 }
 
-enum { FORWARD, KERNEL_GRAD, PATCH_GRAD };
+enum { FORWARD, KERNEL_GRAD, PATCH_GRAD, SUMMED_GRAD };
 
 /* One call of `kind`: the operands' shapes checked, the product run. */
 static XLA_FFI_Error *call(XLA_FFI_CallFrame *frame, int kind) {
@@ -219,15 +263,24 @@ static XLA_FFI_Error *call(XLA_FFI_CallFrame *frame, int kind) {
   int64_t s[3][3];
   if (!dims(x, s[0]) || !dims(y, s[1]) || !dims(out, s[2]))
     return error(frame->api, "uspsjax kernels: float32 operands of rank 3 or more expected");
-  product p = {x->data, y->data, out->data, s[0][0], 0, 0, 0, 0, 0, 0, 0};
+  product p = {x->data, y->data, out->data, NULL, s[0][0], 0, 0, 0, 0, 0, 1, 0, 0, 0};
   int ok = s[1][0] == s[0][0] && s[2][0] == s[0][0];
   if (kind == FORWARD) { /* patches (G, M, K) . kernel (G, K, N) -> (G, M, N) */
     ok = ok && s[1][1] == s[0][2] && s[2][1] == s[0][1] && s[2][2] == s[1][2];
     p.m = s[0][1], p.k = s[0][2], p.n = s[1][2], p.a_row = s[0][2], p.a_step = 1;
-  } else if (kind == KERNEL_GRAD) { /* patches (G, M, K)^T . g (G, M, N) -> (G, K, N) */
+  } else if (kind == KERNEL_GRAD || kind == SUMMED_GRAD) {
+    /* patches (G, M, K)^T . g (G, M, N) -> (G, K, N); summed, the M rows in a part per thread
+     * (each at least PART_ROWS), the parts added in order: a layer's weights shared by all
+     * rows, as in a convolution */
     ok = ok && s[1][1] == s[0][1] && s[2][1] == s[0][2] && s[2][2] == s[1][2];
     p.m = s[0][2], p.k = s[0][1], p.n = s[1][2], p.a_row = 1, p.a_step = s[0][2];
-    p.prefetch_a = 1;
+    p.prefetch_a = kind == KERNEL_GRAD;
+    if (kind == SUMMED_GRAD) {
+      const int64_t threads = pool_threads(frame->api, frame->ctx);
+      p.parts = p.k / PART_ROWS < threads ? p.k / PART_ROWS : threads;
+      if (p.parts < 1) p.parts = 1;
+      p.depth = DEPTH;
+    }
   } else { /* kernel (G, K, N) . g (G, M, N)^T -> (G, K, M) */
     ok = ok && s[1][2] == s[0][2] && s[2][1] == s[0][1] && s[2][2] == s[1][1];
     p.m = s[0][1], p.k = s[0][2], p.n = s[1][1], p.a_row = s[0][2], p.a_step = 1;
@@ -235,14 +288,119 @@ static XLA_FFI_Error *call(XLA_FFI_CallFrame *frame, int kind) {
   }
   if (!ok || p.n % VW != 0)
     return error(frame->api, "uspsjax kernels: operand shapes do not fit the product");
-  run(frame->api, frame->ctx, p);
+  const int64_t size = p.m * p.n;
+  if (p.parts > 1 && (p.partial = malloc(sizeof(float) * p.groups * p.parts * size)) == NULL)
+    return error(frame->api, "uspsjax kernels: out of memory");
+  run(frame->api, frame->ctx, position, &p, sizeof p, p.groups * p.parts,
+      p.transpose_b ? p.k * p.n : 0);
+  if (p.parts > 1) {
+    for (int64_t g = 0; g < p.groups; g++) {
+      const float *part = p.partial + g * p.parts * size;
+      float *c = p.c + g * size;
+      memcpy(c, part, sizeof(float) * size);
+      for (int64_t q = 1; q < p.parts; q++)
+        for (int64_t i = 0; i < size; i++) c[i] += part[q * size + i];
+    }
+    free(p.partial);
+  }
+  return NULL;
+}
+
+/* The valid, stride-1 patches of images (G, H, W, C) for a (KH, KW) window, one row per output
+ * pixel, offsets row-major and channels innermost: (G, OH, OW, KH * KW * C); and their
+ * transpose, patch gradients summed back onto the pixels they were read from. A pure copy, and a
+ * sum over offsets in row-major order: the same values as the gathers of `models._patch_rows`
+ * and `_patch_rows_transpose`, computed one image per item. */
+typedef struct {
+  const float *in, *weights;
+  float *out;
+  int64_t h, w, c, kh, kw, f, images_per_weights;
+} window;
+
+static void patches(const void *args, int64_t g, float *scratch) {
+  const window *p = args;
+  const int64_t oh = p->h - p->kh + 1, ow = p->w - p->kw + 1, span = p->kw * p->c;
+  const float *x = p->in + g * p->h * p->w * p->c;
+  float *o = p->out + g * oh * ow * p->kh * span;
+  for (int64_t oy = 0; oy < oh; oy++)
+    for (int64_t ox = 0; ox < ow; ox++)
+      for (int64_t dy = 0; dy < p->kh; dy++, o += span)
+        memcpy(o, x + ((oy + dy) * p->w + ox) * p->c, sizeof(float) * span);
+  (void)scratch;
+}
+
+/* Patch gradients (OH, OW, KH * KW, C) at `d` summed back onto the image's pixels at `o`. */
+static void sum_back(const window *p, const float *d, float *o) {
+  const int64_t oh = p->h - p->kh + 1, ow = p->w - p->kw + 1, c = p->c;
+  for (int64_t y = 0; y < p->h; y++)
+    for (int64_t x = 0; x < p->w; x++, o += c) {
+      for (int64_t i = 0; i < c; i++) o[i] = 0;
+      for (int64_t dy = 0; dy < p->kh; dy++)
+        for (int64_t dx = 0; dx < p->kw; dx++) {
+          const int64_t oy = y - dy, ox = x - dx;
+          if (oy < 0 || oy >= oh || ox < 0 || ox >= ow) continue;
+          const float *s = d + ((oy * ow + ox) * p->kh * p->kw + dy * p->kw + dx) * c;
+          for (int64_t i = 0; i < c; i++) o[i] += s[i];
+        }
+    }
+}
+
+/* A convolution's input gradient for image g: its patch gradients, output gradient (OH * OW, F)
+ * at `in` times the kernel transposed (F, KH * KW * C) at `weights`, into `scratch`, and summed
+ * back onto its pixels: one image's patch gradients at a time, in the core's cache. */
+static void input_grad(const void *args, int64_t g, float *scratch) {
+  const window *p = args;
+  const int64_t pixels = (p->h - p->kh + 1) * (p->w - p->kw + 1), n = p->kh * p->kw * p->c;
+  multiply(p->in + g * pixels * p->f, p->f, 1, p->weights + g / p->images_per_weights * p->f * n,
+           scratch, pixels, p->f, n, p->f, NULL, 0);
+  sum_back(p, scratch, p->out + g * p->h * p->w * p->c);
+}
+
+/* One call of the patches (`grad` 0: images (G, H, W, C) in, patches (G, OH, OW, KH * KW * C)
+ * out) or of the input gradient (1: output gradient (G, OH, OW, F) and the kernel transposed
+ * (G', F, KH * KW * C) in, G' a prefix of G's axes, images out), the window read from the
+ * shapes. */
+static XLA_FFI_Error *window_call(XLA_FFI_CallFrame *frame, int grad) {
+  if (metadata(frame)) return NULL;
+  int ok = frame->args.size == 1 + grad && frame->rets.size == 1 &&
+           frame->rets.types[0] == XLA_FFI_RetType_BUFFER;
+  for (int64_t i = 0; ok && i < frame->args.size; i++)
+    ok = frame->args.types[i] == XLA_FFI_ArgType_BUFFER;
+  if (!ok) return error(frame->api, "uspsjax kernels: buffers expected, one out");
+  XLA_FFI_Buffer *in = frame->args.args[0], *out = frame->rets.rets[0];
+  XLA_FFI_Buffer *weights = grad ? frame->args.args[1] : NULL;
+  XLA_FFI_Buffer *images = grad ? out : in, *rows = grad ? in : out;
+  if (images->dtype != XLA_FFI_DataType_F32 || rows->dtype != XLA_FFI_DataType_F32 ||
+      images->rank < 3 || rows->rank != images->rank ||
+      (grad && (weights->dtype != XLA_FFI_DataType_F32 || weights->rank < 2 ||
+                weights->rank > images->rank - 1)))
+    return error(frame->api, "uspsjax kernels: float32 images and patches of one rank expected");
+  const int64_t r = images->rank, *a = images->dims, *b = rows->dims;
+  int64_t groups = 1;
+  for (int64_t i = 0; i < r - 3; i++) groups *= a[i], ok = ok && a[i] == b[i];
+  window p = {in->data, grad ? weights->data : NULL, out->data, a[r - 3], a[r - 2], a[r - 1],
+              a[r - 3] - b[r - 3] + 1, a[r - 2] - b[r - 2] + 1, b[r - 1], groups};
+  ok = ok && p.kh >= 1 && p.kw >= 1 && p.kh <= p.h && p.kw <= p.w;
+  if (grad) { /* one kernel per leading index it has (a population's members) */
+    const int64_t wr = weights->rank, *d = weights->dims;
+    for (int64_t i = 0; i < wr - 2; i++) p.images_per_weights /= d[i], ok = ok && d[i] == a[i];
+    ok = ok && d[wr - 2] == p.f && d[wr - 1] == p.kh * p.kw * p.c && d[wr - 1] % VW == 0;
+  }
+  else
+    ok = ok && p.f == p.kh * p.kw * p.c;
+  if (!ok) return error(frame->api, "uspsjax kernels: patch shapes do not fit the images");
+  const int64_t scratch = grad ? (p.h - p.kh + 1) * (p.w - p.kw + 1) * p.kh * p.kw * p.c : 0;
+  run(frame->api, frame->ctx, grad ? input_grad : patches, &p, sizeof p, groups, scratch);
   return NULL;
 }
 
 XLA_FFI_Error *uspsjax_lc_forward(XLA_FFI_CallFrame *f) { return call(f, FORWARD); }
 XLA_FFI_Error *uspsjax_lc_kernel_grad(XLA_FFI_CallFrame *f) { return call(f, KERNEL_GRAD); }
 XLA_FFI_Error *uspsjax_lc_patch_grad(XLA_FFI_CallFrame *f) { return call(f, PATCH_GRAD); }
+XLA_FFI_Error *uspsjax_summed_kernel_grad(XLA_FFI_CallFrame *f) { return call(f, SUMMED_GRAD); }
 
 /* Floats in a vector register of this build: the axis a product's result vectorizes over (its
  * last) must be a multiple of it. */
 int uspsjax_vector_width(void) { return VW; }
+XLA_FFI_Error *uspsjax_patches(XLA_FFI_CallFrame *f) { return window_call(f, 0); }
+XLA_FFI_Error *uspsjax_conv_input_grad(XLA_FFI_CallFrame *f) { return window_call(f, 1); }

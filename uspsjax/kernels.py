@@ -1,14 +1,18 @@
-"""The LC layer's three products on a CPU as C kernels (uspsjax/kernels.c), compiled for the
-machine at hand and called from XLA through its FFI; XLA's own dots wherever they cannot run.
+"""The LC layer's three products and the CNN's convolution (its patches, input gradient and
+kernel gradient) on a CPU as C kernels (uspsjax/kernels.c), compiled for the machine at hand and
+called from XLA through its FFI; XLA's own operations wherever they cannot run.
 
 XLA:CPU's libraries run the LC's products (a position's weights, used by only 16-32 rows) at about
 a third of the machine's matmul peak: each position's weights stall on their first read from
 memory. The kernels prefetch the next position's weights while computing the current one
-(results/bench/NOTES.md §29). They are built once per machine with the system's C compiler
-(`$CC`, else `cc`), `-O3 -march=native`, multiply-adds fused, into the cache directory (`data.cache_dir()`), named by a
-digest of the source, the compiler, the CPU and jaxlib's FFI header, so another CPU or compiler
-builds its own. Without a compiler, or where the build fails, `status()` says why and the LC runs
-XLA's dots: the same products to float32 rounding.
+(results/bench/NOTES.md §29). For the CNN, XLA gathers the patches element by element and writes
+every patch gradient out before summing it back onto the pixels; the kernels copy patch rows
+whole and compute the input gradient one image at a time in the core's cache (§30). They are
+built once per machine with the system's C compiler (`$CC`, else `cc`), `-O3 -march=native`,
+multiply-adds fused, into the cache directory (`data.cache_dir()`), named by a digest of the
+source, the compiler, the CPU and jaxlib's FFI header, so another CPU or compiler builds its
+own. Without a compiler, or where the build fails, `status()` says why and XLA's operations run:
+the same results to float32 rounding.
 """
 
 import ctypes
@@ -27,7 +31,8 @@ from uspsjax import machine
 from uspsjax.data import cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.c")
-TARGETS = ("uspsjax_lc_forward", "uspsjax_lc_kernel_grad", "uspsjax_lc_patch_grad")
+TARGETS = ("uspsjax_lc_forward", "uspsjax_lc_kernel_grad", "uspsjax_lc_patch_grad",
+           "uspsjax_patches", "uspsjax_conv_input_grad", "uspsjax_summed_kernel_grad")
 # -ffp-contract=fast: multiply-adds fused (ISO C's default keeps them apart, at half the speed
 # of the tiles' inner loop; the LC 1.03-1.20x a step, results/bench/NOTES.md §29).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
@@ -121,30 +126,53 @@ def runs(size: int) -> bool:
 
 
 def status() -> str:
-    """What the LC's sliced lowering runs on this CPU, for the record of a result."""
+    """What runs the LC's sliced lowering and the CNN's convolutions on this CPU, for the record
+    of a result."""
     width, why = _loaded()
     if width:
         return f"C kernels ({width}-float vectors) where an axis is a multiple of {width}"
-    return f"XLA's dots ({why})"
+    return f"XLA's operations ({why})"
 
 
-def _call(target: str, x: jax.Array, y: jax.Array, shape: tuple) -> jax.Array:
+def _call(target: str, operands: tuple, shape: tuple) -> jax.Array:
     if not built():  # builds and registers them on first use
         raise RuntimeError(f"uspsjax's C kernels do not run here: {status()}")
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
-                            vmap_method="broadcast_all")(x, y)
+                            vmap_method="broadcast_all")(*operands)
 
 
 def lc_forward(patches: jax.Array, kernel: jax.Array) -> jax.Array:
     """`patches (L, B, C*k) . kernel (L, C*k, F) -> (L, B, F)` per position."""
-    return _call(TARGETS[0], patches, kernel, (*patches.shape[:-1], kernel.shape[-1]))
+    return _call(TARGETS[0], (patches, kernel), (*patches.shape[:-1], kernel.shape[-1]))
 
 
 def lc_kernel_grad(patches: jax.Array, g: jax.Array) -> jax.Array:
     """`patches (L, B, C*k)^T . g (L, B, F) -> (L, C*k, F)` per position."""
-    return _call(TARGETS[1], patches, g, (patches.shape[0], patches.shape[2], g.shape[2]))
+    return _call(TARGETS[1], (patches, g), (patches.shape[0], patches.shape[2], g.shape[2]))
 
 
 def lc_patch_grad(kernel: jax.Array, g: jax.Array) -> jax.Array:
     """`kernel (L, C*k, F) . g (L, B, F)^T -> (L, C*k, B)` per position."""
-    return _call(TARGETS[2], kernel, g, (*kernel.shape[:-1], g.shape[1]))
+    return _call(TARGETS[2], (kernel, g), (*kernel.shape[:-1], g.shape[1]))
+
+
+def patches(x: jax.Array, kh: int, kw: int) -> jax.Array:
+    """The valid, stride-1 `(kh, kw)` patches of images `x (..., H, W, C)`, one row per output
+    pixel, offsets row-major and channels innermost: `(..., H-kh+1, W-kw+1, kh*kw*C)`."""
+    *lead, h, w, c = x.shape
+    return _call(TARGETS[3], (x,), (*lead, h - kh + 1, w - kw + 1, kh * kw * c))
+
+
+def conv_input_grad(g: jax.Array, kernel_t: jax.Array, height: int, width: int) -> jax.Array:
+    """A valid, stride-1 convolution's input gradient: `g (..., OH, OW, F) . kernel_t (F,
+    kh*kw*C)`, its patch gradients, summed back onto the pixels they were read from, offsets in
+    row-major order: `(..., height, width, C)`."""
+    *lead, oh, ow, _ = g.shape
+    window = (height - oh + 1) * (width - ow + 1)
+    return _call(TARGETS[4], (g, kernel_t), (*lead, height, width, kernel_t.shape[1] // window))
+
+
+def summed_kernel_grad(patches: jax.Array, g: jax.Array) -> jax.Array:
+    """`patches (M, K)^T . g (M, N) -> (K, N)`, a convolution's kernel gradient:
+    the M rows in as many parts as XLA has threads (each of 256 rows or more), added in order."""
+    return _call(TARGETS[5], (patches[None], g[None]), (1, patches.shape[-1], g.shape[-1]))[0]

@@ -44,19 +44,25 @@ def _threefry2x32(k1: jax.Array, k2: jax.Array, x1: jax.Array, x2: jax.Array):
     return x1, x2
 
 
-def bernoulli(key: jax.Array, p: jax.Array, shape: tuple) -> jax.Array:
-    """`jax.random.bernoulli(key, p, shape)`, bit for bit, computed in one pass.
+def bernoulli(key: jax.Array, p: jax.Array, shape: tuple, start: jax.Array | int = 0,
+              rows: int | None = None) -> jax.Array:
+    """`jax.random.bernoulli(key, p, shape)`, bit for bit, computed in one pass; with `rows`, only
+    its rows `start:start + rows` (along the first axis), computed alone.
 
     XLA:CPU runs JAX's Threefry hash as a loop of five passes over the bits; written out
     elementwise it is one fused pass: the CNN's step at batch 16 1.05x, with dropout in
-    its two places (results/bench/NOTES.md §27). For a key or `p` it was not written for (another
-    PRNG, JAX's older bit layout, not float32) it is `jax.random.bernoulli` itself."""
+    its two places (results/bench/NOTES.md §27). Each bit is hashed from its flat index, so a
+    block of rows draws its own bits and no more (§30). For a key or `p` it was not written for
+    (another PRNG, JAX's older bit layout, not float32) it is `jax.random.bernoulli` itself."""
+    rows = shape[0] if rows is None else rows
     if (str(jax.random.key_impl(key)) != "threefry2x32" or not jax.config.jax_threefry_partitionable
             or jnp.result_type(p) != jnp.float32 or math.prod(shape) >= 2**32):
-        return jax.random.bernoulli(key, p, shape)
+        return jax.lax.dynamic_slice_in_dim(jax.random.bernoulli(key, p, shape), start, rows)
     k1, k2 = jax.random.key_data(key)
     # The counts are the mask's flat indices as two uint32 words, the high one 0 below 2**32.
-    counts = jax.lax.iota(jnp.uint32, math.prod(shape)).reshape(shape)
+    row = math.prod(shape[1:])
+    counts = (jax.lax.iota(jnp.uint32, rows * row).reshape(rows, *shape[1:])
+              + jnp.asarray(start, jnp.uint32) * jnp.uint32(row))
     bits = jnp.bitwise_xor(*_threefry2x32(k1, k2, jnp.zeros_like(counts), counts))
     # jax.random.uniform's float: 23 random mantissa bits under the exponent of 1.0, minus 1.
     uniform = jax.lax.bitcast_convert_type((bits >> jnp.uint32(9)) | jnp.uint32(0x3F800000),
@@ -79,15 +85,11 @@ def dropout(module: nn.Module, x: jax.Array, rate: jax.Array, train: bool,
     keep = 1.0 - rate
     start, batch = rows or (0, x.shape[0])
     key, shape = module.make_rng("dropout"), (batch, *x.shape[1:])
-    if x.shape[0] == batch:
-        # The same bits either way: `bernoulli` where it was measured faster (NOTES §27).
-        mask = jax.lax.platform_dependent(key, keep, cpu=partial(bernoulli, shape=shape),
-                                          default=partial(jax.random.bernoulli, shape=shape))
-    else:
-        # In blocks, JAX's own: XLA computes the whole batch's mask once, outside the blocks'
-        # loop (the one-pass form inside it: the CNN at batch 1024 0.95x).
-        mask = jax.lax.dynamic_slice_in_dim(jax.random.bernoulli(key, keep, shape), start,
-                                            x.shape[0])
+    # The same bits either way: `bernoulli` where it was measured faster (NOTES §27, §30).
+    mask = jax.lax.platform_dependent(
+        key, keep, start, cpu=lambda *args: bernoulli(*args[:2], shape, args[2], x.shape[0]),
+        default=lambda key, keep, start: jax.lax.dynamic_slice_in_dim(
+            jax.random.bernoulli(key, keep, shape), start, x.shape[0]))
     return jnp.where(mask, x / keep, 0.0)
 
 
@@ -311,6 +313,14 @@ def _patch_index(height: int, width: int, kh: int, kw: int) -> tuple[np.ndarray,
     return rows.astype(np.int32), back.astype(np.int32)
 
 
+def _conv_kernels_run(x: jax.Array, kernel: jax.Array) -> bool:
+    """Whether `uspsjax.kernels` cuts a convolution's patches and computes its gradients: built
+    here, float32, and input and output channels that fill whole vectors (the CNN's second
+    convolution; its first, on one channel, stays with XLA)."""
+    return (x.dtype == kernel.dtype == jnp.float32 and kernels.runs(kernel.shape[2])
+            and kernels.runs(kernel.shape[3]))
+
+
 def _patch_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """The valid patches of `x (B, H, W, C)` for an HWIO `kernel`, one row per output pixel,
     features ordered as the rows of `kernel.reshape(-1, C_out)` (offset-major, channel-minor).
@@ -321,7 +331,14 @@ def _patch_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
     n, h, w, c = x.shape
     kh, kw = kernel.shape[:2]
     rows, _ = _patch_index(h, w, kh, kw)
-    return x.reshape(n, h * w, c)[:, rows].reshape(n, h - kh + 1, w - kw + 1, kh * kw * c)
+
+    def gather(x):
+        return x.reshape(n, h * w, c)[:, rows].reshape(n, h - kh + 1, w - kw + 1, kh * kw * c)
+
+    if not _conv_kernels_run(x, kernel):
+        return gather(x)
+    return jax.lax.platform_dependent(x, cpu=partial(kernels.patches, kh=kh, kw=kw),
+                                      default=gather)
 
 
 def _patch_rows_transpose(dpatches: jax.Array, height: int, width: int) -> jax.Array:
@@ -342,7 +359,9 @@ def _patch_rows_transpose(dpatches: jax.Array, height: int, width: int) -> jax.A
 @jax.custom_vjp
 def conv2d(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """Valid, stride-1 2-D convolution, NHWC input and HWIO kernel, as matrix products on
-    patches gathered from `x` (`_patch_rows`), forward and backward.
+    patches gathered from `x` (`_patch_rows`), forward and backward; on a CPU, where the channels
+    fill its vectors, the patches and both gradients by `uspsjax.kernels` (the input gradient
+    one image at a time, its patch gradients never written out; results/bench/NOTES.md §30).
 
     Same values and gradients as `lax.conv_general_dilated`, without XLA:CPU's convolutions: its
     kernel-gradient convolution runs about 50 times slower inside a loop body, and a population
@@ -359,11 +378,27 @@ def _conv2d_fwd(x, kernel):
 def _conv2d_bwd(residuals, g):
     x, kernel = residuals
     kh, kw, c_in, c_out = kernel.shape
-    # g^T . patches, so XLA:CPU transposes the small output gradient, not the 9x larger patches.
+    height, width = x.shape[1:3]
     patches = _patch_rows(x, kernel).reshape(-1, kh * kw * c_in)
-    dk_t = jax.lax.dot_general(g.reshape(-1, c_out), patches, (((0,), (0,)), ((), ())))
-    dpatches = (g @ kernel.reshape(-1, c_out).T).reshape(*g.shape[:3], kh * kw, c_in)
-    return _patch_rows_transpose(dpatches, *x.shape[1:3]), dk_t.T.reshape(kernel.shape)
+    kernel_t = kernel.reshape(-1, c_out).T
+
+    def products(patches, g, kernel_t):
+        # g^T . patches, so XLA:CPU transposes the small output gradient, not the 9x larger
+        # patches.
+        dk = jax.lax.dot_general(g.reshape(-1, c_out), patches, (((0,), (0,)), ((), ()))).T
+        dpatches = (g @ kernel_t).reshape(*g.shape[:3], kh * kw, c_in)
+        return _patch_rows_transpose(dpatches, height, width), dk
+
+    def by_kernels(patches, g, kernel_t):
+        return (kernels.conv_input_grad(g, kernel_t, height, width),
+                kernels.summed_kernel_grad(patches, g.reshape(-1, c_out)))
+
+    if _conv_kernels_run(x, kernel):
+        dx, dk = jax.lax.platform_dependent(patches, g, kernel_t, cpu=by_kernels,
+                                            default=products)
+    else:
+        dx, dk = products(patches, g, kernel_t)
+    return dx, dk.reshape(kernel.shape)
 
 
 conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
