@@ -7,9 +7,9 @@ import pytest
 
 from conftest import compiled_forward, initial_params
 from uspsjax import kernels
-from uspsjax.models import (ELEMENTWISE_FEATURES, FEW_ROWS, LC_LOWERING_NAMES, NETWORKS,
+from uspsjax.models import (DENSE_KERNEL_ROWS, ELEMENTWISE_FEATURES, FEW_ROWS, LC_LOWERING_NAMES, NETWORKS,
                             OUTER_SUM_ROWS, PRODUCT_FORWARD_ROWS, LocallyConnected1D, bernoulli,
-                            conv2d, count_params, draw_kernel, lc_lowering_name,
+                            conv2d, count_params, dense, draw_kernel, lc_lowering_name,
                             locally_connected, locally_connected_reference,
                             locally_connected_sliced, max_pool_2x2, parse_init, valid_patches)
 from uspsjax.train import Static, forward, init_params, make_hparams
@@ -103,6 +103,26 @@ def test_conv2d_gradients_equal_xla_convolution(c_in, c_out):
     xs, kernels_ = jnp.stack([x, 2 * x]), jnp.stack([kernel, -kernel])
     members = jax.jit(jax.vmap(jax.grad(loss(conv2d), (0, 1))))(xs, kernels_)
     for ours, alone in zip(members, grad(xs[1], kernels_[1])):
+        np.testing.assert_array_equal(ours[1], alone)
+
+
+@pytest.mark.parametrize("rows, outputs", [(DENSE_KERNEL_ROWS - 1, 32), (DENSE_KERNEL_ROWS, 32),
+                                           (1024, 10)])
+def test_dense_gradients_equal_xlas(rows, outputs):
+    # From DENSE_KERNEL_ROWS rows, with outputs that fill the kernels' vectors, the kernel
+    # gradient runs in the C kernels where they are built; the same to float32 rounding.
+    x = jax.random.normal(jax.random.key(0), (rows, 48))
+    kernel = jax.random.normal(jax.random.key(1), (48, outputs))
+    loss = lambda f: lambda x, k: jnp.sum(jnp.sin(f(x, k)))
+    grad = jax.jit(jax.grad(loss(dense), (0, 1)))
+    np.testing.assert_array_equal(dense(x, kernel), x @ kernel)
+    for ours, ref in zip(grad(x, kernel), jax.grad(loss(jnp.matmul), (0, 1))(x, kernel)):
+        np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4)
+    by_kernels = kernels.built() and rows >= DENSE_KERNEL_ROWS and outputs % 16 == 0
+    assert ("uspsjax_summed_kernel_grad" in grad.lower(x, kernel).as_text()) == by_kernels
+    members = jax.jit(jax.vmap(jax.grad(loss(dense), (0, 1))))(jnp.stack([x, -x]),
+                                                                jnp.stack([kernel, 2 * kernel]))
+    for ours, alone in zip(members, grad(-x, 2 * kernel)):
         np.testing.assert_array_equal(ours[1], alone)
 
 

@@ -435,6 +435,53 @@ def _max_pool_bwd(residuals, g):
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
+# From this batch size on, a Dense layer's kernel gradient runs in `uspsjax.kernels` (on a CPU,
+# outputs filling whole vectors): its rows cut in parts of 256 or more, one per thread, it spreads
+# over two threads at least; with fewer it runs on one (the CNN's dense layer, in blocks of 32
+# rows: 0.95x a step; results/bench/NOTES.md §31).
+DENSE_KERNEL_ROWS = 512
+
+
+@jax.custom_vjp
+def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
+    """`x (B, in) . kernel (in, out)`; from `DENSE_KERNEL_ROWS` rows its kernel gradient
+    `x^T . g` by `uspsjax.kernels` where they run it (the FC at batch 1024 1.09x a step against
+    XLA's dot; results/bench/NOTES.md §31)."""
+    return x @ kernel
+
+
+def _dense_fwd(x, kernel):
+    return dense(x, kernel), (x, kernel)
+
+
+def _dense_bwd(residuals, g):
+    x, kernel = residuals
+    product = lambda x, g: x.T @ g
+    if (x.dtype == kernel.dtype == g.dtype == jnp.float32 and x.shape[0] >= DENSE_KERNEL_ROWS
+            and kernels.runs(kernel.shape[1])):
+        dk = jax.lax.platform_dependent(x, g, cpu=kernels.summed_kernel_grad, default=product)
+    else:
+        dk = product(x, g)
+    return g @ kernel.T, dk
+
+
+dense.defvjp(_dense_fwd, _dense_bwd)
+
+
+class Dense(nn.Module):
+    """Keras `Dense(features)`: kernel `(in, features)`, bias `(features,)`, as `dense`."""
+
+    features: int
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """Apply the layer to `x` of shape `(batch, in)`."""
+        kernel = self.param("kernel", nn.initializers.zeros, (x.shape[-1], self.features),
+                            x.dtype)
+        bias = self.param("bias", nn.initializers.zeros, (self.features,), x.dtype)
+        return dense(x, kernel) + bias
+
+
 class Conv(nn.Module):
     """Keras `Conv2D(features, kernel_size)` with valid padding: kernel `(kh, kw, C_in, F)`,
     bias `(F,)`."""
@@ -495,10 +542,10 @@ class FC(Network):
         """Logits for `x` of shape `(batch, 256)`; `rates` are (conv, dense) dropout rates,
         `rows` where `x` sits in a larger batch (`dropout`)."""
         for i, width in enumerate(self.widths):
-            x = self.activate(nn.Dense(width)(x), train, last=i == len(self.widths) - 1)
+            x = self.activate(Dense(width)(x), train, last=i == len(self.widths) - 1)
             if self.dropout_at == "dense":
                 x = dropout(self, x, rates[1], train, rows)
-        return nn.Dense(10)(x)
+        return Dense(10)(x)
 
 
 class LC(Network):
@@ -526,7 +573,7 @@ class LC(Network):
         x = jnp.swapaxes(x, 0, 1)
         if self.dropout_at == "conv":
             x = dropout(self, x, rates[0], train, rows)
-        return nn.Dense(10)(x.reshape(x.shape[0], -1))
+        return Dense(10)(x.reshape(x.shape[0], -1))
 
 
 class CNN(Network):
@@ -550,10 +597,10 @@ class CNN(Network):
         x = max_pool_2x2(x)
         if self.dropout_at in ("conv", "both"):
             x = dropout(self, x, rates[0], train, rows)
-        x = self.activate(nn.Dense(128)(x.reshape(x.shape[0], -1)), train, last=True)
+        x = self.activate(Dense(128)(x.reshape(x.shape[0], -1)), train, last=True)
         if self.dropout_at in ("dense", "both"):
             x = dropout(self, x, rates[1], train, rows)
-        return nn.Dense(10)(x)
+        return Dense(10)(x)
 
 
 NETWORKS: dict[str, type[Network]] = {"fc": FC, "lc": LC, "cnn": CNN}
