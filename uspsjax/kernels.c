@@ -240,9 +240,9 @@ static int metadata(XLA_FFI_CallFrame *frame) {
   return 1;
 }
 
-/* A float32 buffer's last two dimensions, and the product of the others into d[0]. */
+/* A float32 buffer's last two dimensions, and the product of the others (1 for none) into d[0]. */
 static int dims(XLA_FFI_Buffer *buf, int64_t d[3]) {
-  if (buf->dtype != XLA_FFI_DataType_F32 || buf->rank < 3) return 0;
+  if (buf->dtype != XLA_FFI_DataType_F32 || buf->rank < 2) return 0;
   d[0] = 1;
   for (int64_t i = 0; i < buf->rank - 2; i++) d[0] *= buf->dims[i];
   d[1] = buf->dims[buf->rank - 2], d[2] = buf->dims[buf->rank - 1];
@@ -262,7 +262,7 @@ static XLA_FFI_Error *call(XLA_FFI_CallFrame *frame, int kind) {
   XLA_FFI_Buffer *x = frame->args.args[0], *y = frame->args.args[1], *out = frame->rets.rets[0];
   int64_t s[3][3];
   if (!dims(x, s[0]) || !dims(y, s[1]) || !dims(out, s[2]))
-    return error(frame->api, "uspsjax kernels: float32 operands of rank 3 or more expected");
+    return error(frame->api, "uspsjax kernels: float32 operands of rank 2 or more expected");
   product p = {x->data, y->data, out->data, NULL, s[0][0], 0, 0, 0, 0, 0, 1, 0, 0, 0};
   int ok = s[1][0] == s[0][0] && s[2][0] == s[0][0];
   if (kind == FORWARD) { /* patches (G, M, K) . kernel (G, K, N) -> (G, M, N) */
