@@ -182,8 +182,6 @@ static void ignore(const XLA_FFI_Api *api, XLA_FFI_Error *err) {
   api->XLA_FFI_Error_Destroy(&destroy);
 }
 
-/* Runs `items` calls of `item` on the caller's thread and on as many of XLA's pool as are
- * free; `args` (`size` bytes) is copied for them. */
 /* The threads of XLA's pool (at least 1). */
 static int64_t pool_threads(const XLA_FFI_Api *api, XLA_FFI_ExecutionContext *ctx) {
   int64_t threads = 1;
@@ -194,6 +192,8 @@ static int64_t pool_threads(const XLA_FFI_Api *api, XLA_FFI_ExecutionContext *ct
   return threads > 1 ? threads : 1;
 }
 
+/* Runs `items` calls of `item` on the caller's thread and on as many of XLA's pool as are
+ * free; `args` (`size` bytes) is copied for them. */
 static void run(const XLA_FFI_Api *api, XLA_FFI_ExecutionContext *ctx, item_fn *item,
                 const void *args, size_t size, int64_t items, int64_t scratch) {
   const int64_t threads = pool_threads(api, ctx);
@@ -306,11 +306,12 @@ static XLA_FFI_Error *call(XLA_FFI_CallFrame *frame, int kind) {
   return NULL;
 }
 
-/* The valid, stride-1 patches of images (G, H, W, C) for a (KH, KW) window, one row per output
- * pixel, offsets row-major and channels innermost: (G, OH, OW, KH * KW * C); and their
- * transpose, patch gradients summed back onto the pixels they were read from. A pure copy, and a
- * sum over offsets in row-major order: the same values as the gathers of `models._patch_rows`
- * and `_patch_rows_transpose`, computed one image per item. */
+/* A convolution's window over images (G, H, W, C): its valid, stride-1 patches for a (KH, KW)
+ * window, one row per output pixel, offsets row-major and channels innermost, (G, OH, OW,
+ * KH * KW * C), a pure copy; and the input gradient from the output gradient (G, OH, OW, F)
+ * and the kernel transposed (F, KH * KW * C), one per `images_per_weights` images, the patch
+ * gradients summed back onto the pixels in row-major order of offsets, as
+ * `models._patch_rows_transpose` adds them. One image per item. */
 typedef struct {
   const float *in, *weights;
   float *out;

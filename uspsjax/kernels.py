@@ -1,5 +1,5 @@
-"""The LC layer's three products and the CNN's convolution (its patches, input gradient and
-kernel gradient) on a CPU as C kernels (uspsjax/kernels.c), compiled for the machine at hand and
+"""The LC layer's three products, the CNN's convolution (its patches, input gradient and kernel
+gradient) and dense layers' kernel gradients on a CPU as C kernels (uspsjax/kernels.c), compiled for the machine at hand and
 called from XLA through its FFI; XLA's own operations wherever they cannot run.
 
 XLA:CPU's libraries run the LC's products (a position's weights, used by only 16-32 rows) at about
@@ -173,6 +173,7 @@ def conv_input_grad(g: jax.Array, kernel_t: jax.Array, height: int, width: int) 
 
 
 def summed_kernel_grad(patches: jax.Array, g: jax.Array) -> jax.Array:
-    """`patches (M, K)^T . g (M, N) -> (K, N)`, a convolution's kernel gradient:
-    the M rows in as many parts as XLA has threads (each of 256 rows or more), added in order."""
+    """`patches (M, K)^T . g (M, N) -> (K, N)`, the kernel gradient of a layer whose weights every
+    row shares (a convolution's, a dense layer's): the M rows in as many parts as XLA has threads
+    (each of 256 rows or more), added in order."""
     return _call(TARGETS[5], (patches, g), (patches.shape[-1], g.shape[-1]))
