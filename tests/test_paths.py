@@ -67,35 +67,34 @@ def test_adversarial_training_gains_robust_accuracy(dataset):
             assert robust[adversarial][i, 1] > robust["none"][i, 1] + 0.15, robust
 
 
-def test_pgd_training_reaches_the_cnn_update(small):
-    # One PGD-7 step of the real CNN, one compiled program: at eps 0 the attacked batch is the
-    # clean one; at eps 0.1 the attacked half of the objective changes the update, while the
-    # reported loss stays the clean one.
-    static = Static(network="cnn", batch_size=32, dropout_at="both", adversarial="pgd")
-    x, y, key = small.x_train[:32], small.y_train[:32], jax.random.key(1)
-    hps = [make_hparams(lr=0.05, adv_eps=e, dropout_conv=0.25, dropout_dense=0.5)
-           for e in (0.0, 0.1)]
+def attacked_update(static, small, **hparams):
+    """One training step of `static` at adversarial eps 0 and 0.1 from the same state, one
+    compiled program: asserts both steps ran and report the same (clean) loss; returns how far
+    each parameter's update moved between them."""
+    batch = static.batch_size
+    x, y, key = small.x_train[:batch], small.y_train[:batch], jax.random.key(1)
+    hps = [make_hparams(lr=0.05, adv_eps=e, **hparams) for e in (0.0, 0.1)]
     state = init_members(static, jax.random.key(0), hps[0], 512)
     step = jax.jit(partial(train_step, static))
     (a, loss_a, _, ok_a), (b, loss_b, _, ok_b) = (step(state, hp, x, y, key) for hp in hps)
     assert ok_a and ok_b and float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
-    diff = [float(jnp.max(jnp.abs(p - q))) for p, q in
+    return [float(jnp.max(jnp.abs(p - q))) for p, q in
             zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params))]
+
+
+def test_pgd_training_reaches_the_cnn_update(small):
+    # One PGD-7 step of the real CNN: at eps 0 the attacked batch is the clean one; at eps 0.1
+    # the attacked half of the objective changes the update, while the reported loss stays the
+    # clean one.
+    diff = attacked_update(Static(network="cnn", batch_size=32, dropout_at="both",
+                                  adversarial="pgd"), small, dropout_conv=0.25, dropout_dense=0.5)
     assert max(diff) > 1e-4 and all(np.isfinite(diff))
 
 
 def test_fgsm_training_reaches_the_lc_update(small):
     # The attack's gradients run through the LC's C kernels on a CPU, which have no derivatives
     # of their own: the attack is evaluated, never differentiated, and still moves the update.
-    static = Static(network="lc", batch_size=16, adversarial="fgsm")
-    x, y, key = small.x_train[:16], small.y_train[:16], jax.random.key(1)
-    hps = [make_hparams(lr=0.05, adv_eps=e) for e in (0.0, 0.1)]
-    state = init_members(static, jax.random.key(0), hps[0], 512)
-    step = jax.jit(partial(train_step, static))
-    (a, loss_a, _, ok_a), (b, loss_b, _, ok_b) = (step(state, hp, x, y, key) for hp in hps)
-    assert ok_a and ok_b and float(loss_a) == pytest.approx(float(loss_b), rel=1e-6)
-    diff = [float(jnp.max(jnp.abs(p - q))) for p, q in
-            zip(jax.tree.leaves(a.params), jax.tree.leaves(b.params))]
+    diff = attacked_update(Static(network="lc", batch_size=16, adversarial="fgsm"), small)
     assert max(diff) > 1e-6 and all(np.isfinite(diff))
 
 

@@ -87,7 +87,8 @@ def dropout(module: nn.Module, x: jax.Array, rate: jax.Array, train: bool,
     key, shape = module.make_rng("dropout"), (batch, *x.shape[1:])
     # The same bits either way: `bernoulli` where it was measured faster (NOTES §27, §30).
     mask = jax.lax.platform_dependent(
-        key, keep, start, cpu=lambda *args: bernoulli(*args[:2], shape, args[2], x.shape[0]),
+        key, keep, start,
+        cpu=lambda key, keep, start: bernoulli(key, keep, shape, start, x.shape[0]),
         default=lambda key, keep, start: jax.lax.dynamic_slice_in_dim(
             jax.random.bernoulli(key, keep, shape), start, x.shape[0]))
     return jnp.where(mask, x / keep, 0.0)
@@ -237,6 +238,14 @@ def _kernels_run(use_kernels: bool, x: jax.Array, y: jax.Array, size: int) -> bo
     return use_kernels and x.dtype == y.dtype == jnp.float32 and kernels.runs(size)
 
 
+def _on_cpu(runs: bool, kernel_op, xla_op, *operands):
+    """`kernel_op(*operands)` from `uspsjax.kernels` on a CPU where they run it (`runs`), else
+    `xla_op(*operands)`, the same values to float32 rounding."""
+    if not runs:
+        return xla_op(*operands)
+    return jax.lax.platform_dependent(*operands, cpu=kernel_op, default=xla_op)
+
+
 def _elementwise(rows: int, limit: int, features: int) -> bool:
     """Whether a layer takes an elementwise form (summed products, row products): up to `limit`
     rows (`PRODUCT_FORWARD_ROWS`, `OUTER_SUM_ROWS`) and `ELEMENTWISE_FEATURES` features or more."""
@@ -247,9 +256,8 @@ def _product(x: jax.Array, y: jax.Array, dims, kernel_op, use_kernels: bool) -> 
     """`dot_general(x, y, dims)` batched over positions; on a CPU by `kernel_op`, the same
     product from `uspsjax.kernels` (equal to float32 rounding), where they run it."""
     dot = partial(jax.lax.dot_general, dimension_numbers=dims)
-    if not _kernels_run(use_kernels, x, y, jax.eval_shape(dot, x, y).shape[-1]):
-        return dot(x, y)
-    return jax.lax.platform_dependent(x, y, cpu=kernel_op, default=dot)
+    runs = _kernels_run(use_kernels, x, y, jax.eval_shape(dot, x, y).shape[-1])
+    return _on_cpu(runs, kernel_op, dot, x, y)
 
 
 def _forward(patches: jax.Array, kernel: jax.Array, use_kernels: bool) -> jax.Array:
@@ -317,8 +325,7 @@ def _conv_kernels_run(x: jax.Array, kernel: jax.Array) -> bool:
     """Whether `uspsjax.kernels` cuts a convolution's patches and computes its gradients: built
     here, float32, and input and output channels that fill whole vectors (the CNN's second
     convolution; its first, on one channel, stays with XLA)."""
-    return (x.dtype == kernel.dtype == jnp.float32 and kernels.runs(kernel.shape[2])
-            and kernels.runs(kernel.shape[3]))
+    return _kernels_run(True, x, kernel, kernel.shape[2]) and kernels.runs(kernel.shape[3])
 
 
 def _patch_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
@@ -335,10 +342,8 @@ def _patch_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
     def gather(x):
         return x.reshape(n, h * w, c)[:, rows].reshape(n, h - kh + 1, w - kw + 1, kh * kw * c)
 
-    if not _conv_kernels_run(x, kernel):
-        return gather(x)
-    return jax.lax.platform_dependent(x, cpu=partial(kernels.patches, kh=kh, kw=kw),
-                                      default=gather)
+    return _on_cpu(_conv_kernels_run(x, kernel), partial(kernels.patches, kh=kh, kw=kw), gather,
+                   x)
 
 
 def _patch_rows_transpose(dpatches: jax.Array, height: int, width: int) -> jax.Array:
@@ -393,11 +398,7 @@ def _conv2d_bwd(residuals, g):
         return (kernels.conv_input_grad(g, kernel_t, height, width),
                 kernels.summed_kernel_grad(patches, g.reshape(-1, c_out)))
 
-    if _conv_kernels_run(x, kernel):
-        dx, dk = jax.lax.platform_dependent(patches, g, kernel_t, cpu=by_kernels,
-                                            default=products)
-    else:
-        dx, dk = products(patches, g, kernel_t)
+    dx, dk = _on_cpu(_conv_kernels_run(x, kernel), by_kernels, products, patches, g, kernel_t)
     return dx, dk.reshape(kernel.shape)
 
 
@@ -459,11 +460,8 @@ def _dense_bwd(residuals, g):
     # Contracted in place, as JAX's own derivative of `x @ kernel` is: `.T` written out would
     # copy the transposes (the CNN's dense layer 9 ms a step at batch 1024).
     product = partial(jax.lax.dot_general, dimension_numbers=(((0,), (0,)), ((), ())))
-    if (x.dtype == kernel.dtype == g.dtype == jnp.float32 and x.shape[0] >= DENSE_KERNEL_ROWS
-            and kernels.runs(kernel.shape[1])):
-        dk = jax.lax.platform_dependent(x, g, cpu=kernels.summed_kernel_grad, default=product)
-    else:
-        dk = product(x, g)
+    runs = x.shape[0] >= DENSE_KERNEL_ROWS and _kernels_run(True, x, g, kernel.shape[1])
+    dk = _on_cpu(runs, kernels.summed_kernel_grad, product, x, g)
     return jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ()))), dk
 
 
