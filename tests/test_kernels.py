@@ -3,6 +3,7 @@ product equal to the exact one to float32 rounding, a population's members compu
 single calls, and a clear reason where they cannot be built."""
 
 import os
+import shlex
 import shutil
 
 import jax
@@ -12,8 +13,8 @@ import pytest
 from uspsjax import kernels
 from uspsjax.models import LC_LOWERING_NAMES, lc_lowering_name
 
-COMPILER = os.environ.get("CC", "cc")
-needs_compiler = pytest.mark.skipif(shutil.which(COMPILER) is None, reason="no C compiler")
+COMPILER = shlex.split(os.environ.get("CC", "cc"))
+needs_compiler = pytest.mark.skipif(shutil.which(COMPILER[0]) is None, reason="no C compiler")
 
 FORWARD, KERNEL_GRAD, PATCH_GRAD = "gmk,gkn->gmn", "gmk,gmn->gkn", "gkn,gmn->gkm"
 # (op, the product as an einsum, the operands' shapes): rows that do not fill a tile (13, 16 and
@@ -136,7 +137,7 @@ def test_a_missing_compiler_is_named(tmp_path):
 
 @needs_compiler
 def test_a_failed_build_says_why_and_leaves_nothing(tmp_path):
-    library, why = kernels.build([COMPILER, "-include", str(tmp_path / "missing.h")], tmp_path)
+    library, why = kernels.build([*COMPILER, "-include", str(tmp_path / "missing.h")], tmp_path)
     assert library is None and why.startswith("the C kernels did not compile (")
     assert "missing.h" in why
     assert list(tmp_path.iterdir()) == []
@@ -144,12 +145,12 @@ def test_a_failed_build_says_why_and_leaves_nothing(tmp_path):
 
 @needs_compiler
 def test_a_build_is_made_once_per_machine_and_compiler(tmp_path):
-    library, why = kernels.build([COMPILER], tmp_path / "cache")
+    library, why = kernels.build(COMPILER, tmp_path / "cache")
     assert why == "" and library.is_file()
     built_at = library.stat().st_mtime_ns
-    again, _ = kernels.build([COMPILER], tmp_path / "cache")
+    again, _ = kernels.build(COMPILER, tmp_path / "cache")
     assert again == library and library.stat().st_mtime_ns == built_at
-    other, _ = kernels.build([COMPILER, "-DUSPSJAX_OTHER_BUILD"], tmp_path / "cache")
+    other, _ = kernels.build([*COMPILER, "-DUSPSJAX_OTHER_BUILD"], tmp_path / "cache")
     assert other != library and other.is_file()
 
 
