@@ -244,12 +244,20 @@ def test_the_cache_budget_is_half_the_last_level_cache_at_most_16_mib_unless_mea
         assert population.cache_budget(family_model, last_level) == budget, family_model
 
 
-def test_the_cpu_record_names_an_isa_limit_set_for_xla(monkeypatch):
-    assert machine.xla_isa_limit("") is None
-    assert machine.xla_isa_limit("--xla_cpu_max_isa=AVX2 --xla_force_host_platform_device_count=2"
-                                 ) == "AVX2"
-    assert machine.xla_isa_limit("--xla_cpu_max_isa=SSE4_2 --xla_cpu_max_isa=AVX") == "AVX"
+def test_the_cpu_record_names_the_isa_limits_set_for_xla(monkeypatch):
+    assert machine.xla_flag("", "--xla_cpu_max_isa") is None
+    assert machine.xla_flag("--xla_cpu_max_isa=AVX2 --xla_force_host_platform_device_count=2",
+                            "--xla_cpu_max_isa") == "AVX2"
+    assert machine.xla_flag("--xla_cpu_max_isa=SSE4_2 --xla_cpu_max_isa=AVX",
+                            "--xla_cpu_max_isa") == "AVX"
+    onednn = "--xla_cpu_experimental_onednn_fusion_type=LIBRARY_FUSION_TYPE_DOT"
+    assert machine.isa_limits({"XLA_FLAGS": onednn}) == []  # oneDNN at its own widest ISA
+    assert machine.isa_limits({"XLA_FLAGS": "", "ONEDNN_MAX_CPU_ISA": "AVX2"}) == []
+    assert machine.isa_limits({"XLA_FLAGS": f"--xla_cpu_max_isa=AVX2 {onednn}",
+                               "ONEDNN_MAX_CPU_ISA": "AVX2"}) == [
+        "XLA's generated code limited to AVX2", "XLA's dots in oneDNN limited to AVX2"]
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_max_isa=AVX2")
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     limited = machine.cpu()
     assert limited["isa"].endswith(", XLA's generated code limited to AVX2")
     assert "generated code limited to AVX2" in machine.describe(limited)

@@ -433,9 +433,11 @@ def build_parser() -> cli.Parser:
                    help="skip configurations whose training step exceeds this many GFLOP "
                         "(keeps a full run on a small CPU to minutes)")
     p.add_argument("--lc-lowering", choices=LC_LOWERINGS, default="auto",
-                   help="how the LC layers run: auto (sliced dots on CPU, "
-                        "conv_general_dilated_local elsewhere), reference "
-                        "(conv_general_dilated_local everywhere) or sliced (everywhere); "
+                   help="how the LC layers run: auto (the C kernels on a CPU where they "
+                        "build, conv_general_dilated_local elsewhere), reference "
+                        "(conv_general_dilated_local everywhere), sliced (XLA's dots on "
+                        "sliced patches everywhere) or kernels (the C kernels on a CPU, "
+                        "sliced elsewhere); "
                         "each LC row records the one it ran")
     p.add_argument("--microbatch", type=int, default=0,
                    help="samples a training step works through at a time (default 0: as the "

@@ -37,15 +37,31 @@ def widest_isa(flags: set[str]) -> str:
     return "AVX2" if "avx2" in flags else "other"
 
 
-def xla_isa_limit(xla_flags: str) -> str | None:
-    """The vector ISA XLA:CPU's code generation is limited to by `--xla_cpu_max_isa` in
-    `xla_flags` (the value of XLA_FLAGS), as given ("AVX2"), or None where it is not limited."""
-    limit = None
-    for flag in xla_flags.split():  # XLA reads its flags in order: the last one counts
-        name, _, value = flag.partition("=")
-        if name == "--xla_cpu_max_isa":
-            limit = value or None
-    return limit
+def xla_flag(xla_flags: str, name: str) -> str | None:
+    """The value of XLA flag `name` ("--xla_cpu_max_isa") in `xla_flags` (the value of
+    XLA_FLAGS), the last one given, as XLA reads them in order; None where it is not set."""
+    value = None
+    for flag in xla_flags.split():
+        flag_name, _, flag_value = flag.partition("=")
+        if flag_name == name:
+            value = flag_value or None
+    return value
+
+
+def isa_limits(environ) -> list[str]:
+    """What the settings in `environ` limit below the CPU's widest ISA, as stand-ins for a
+    narrower CPU: XLA's generated code (`--xla_cpu_max_isa` in XLA_FLAGS) and XLA's dots where
+    XLA_FLAGS gives them to oneDNN, which `ONEDNN_MAX_CPU_ISA` limits. (The C kernels record
+    their own vector width, `kernels.status`; XLA's other dot libraries pick theirs from the CPU
+    and cannot be limited.)"""
+    flags = environ.get("XLA_FLAGS", "")
+    limits = []
+    if code := xla_flag(flags, "--xla_cpu_max_isa"):
+        limits.append(f"XLA's generated code limited to {code}")
+    onednn = xla_flag(flags, "--xla_cpu_experimental_onednn_fusion_type") or ""
+    if "DOT" in onednn and environ.get("ONEDNN_MAX_CPU_ISA"):
+        limits.append(f"XLA's dots in oneDNN limited to {environ['ONEDNN_MAX_CPU_ISA']}")
+    return limits
 
 
 def _caches(folder: Path = CACHE_DIR) -> dict[str, str]:
@@ -73,17 +89,15 @@ def cache_bytes(level: str, folder: Path = CACHE_DIR) -> int | None:
 
 
 def cpu() -> dict:
-    """This machine's CPU: model name, family/model, widest vector ISA (and the one XLA's code
-    is limited to where XLA_FLAGS limits it: "AVX-512, XLA's generated code limited to AVX2";
-    its matmul libraries choose their own), cores usable by this process and cache sizes per
-    level."""
+    """This machine's CPU: model name, family/model, widest vector ISA (and what settings limit
+    below it, `isa_limits`: "AVX-512, XLA's generated code limited to AVX2"), cores usable by
+    this process and cache sizes per level."""
     info = cpuinfo()
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    isa = widest_isa(set(info.get("flags", "").split()))
-    limit = xla_isa_limit(os.environ.get("XLA_FLAGS", ""))
+    isa = ", ".join([widest_isa(set(info.get("flags", "").split())), *isa_limits(os.environ)])
     return {"model_name": info.get("model name") or platform.processor() or platform.machine(),
             "family_model": f"{info.get('cpu family', '?')}/{info.get('model', '?')}",
-            "isa": isa + (f", XLA's generated code limited to {limit}" if limit else ""),
+            "isa": isa,
             "cores": cores, "caches": _caches()}
 
 
