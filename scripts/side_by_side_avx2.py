@@ -10,8 +10,11 @@ uspsjax: XLA's generated code (`--xla_cpu_max_isa=AVX2`), its dots given to oneD
 there (YNNPACK, which picks its kernels from the CPU alone, turned off), and the C kernels
 built without AVX-512 (`CC="cc -mno-avx512f"`: 8-float vectors). The anchor runs as
 side_by_side.py runs it; the bench runs only the anchor's rows, each network's single members
-and its population in separate calls: XLA's oneDNN dot fusion hangs or crashes on some
-population programs (the FC's 64 members at batch 1024, no row of the anchor's).
+and its population in separate calls: XLA's oneDNN dot fusion hangs or crashes on some programs
+(the FC's 64 members at batch 1024, no row of the anchor's; the LC at batch 1024, which it
+corrupts the heap of in most runs, with or without the C kernels). The LC runs without it: its
+products are the C kernels', and its one dot, the 10-way output layer, runs in Eigen at the
+CPU's width.
 """
 import argparse
 import glob
@@ -31,9 +34,11 @@ LIMITS = {
                  "--xla_cpu_experimental_ynn_fusion_type=",
     "ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2", "MKL_ENABLE_INSTRUCTIONS": "AVX2",
     "CC": f"{os.environ.get('CC', 'cc')} -mno-avx512f"}
-# (network, batch sizes, populations) per bench call: the anchor's rows and no others.
-CALLS = [("fc", "16,1024", "1"), ("fc", "16", "64"), ("cnn", "16,1024", "1"), ("cnn", "16", "8"),
-         ("lc", "16,32,1024", "1")]
+LC_XLA_FLAGS = "--xla_cpu_max_isa=AVX2 --xla_cpu_experimental_ynn_fusion_type="
+# (network, batch sizes, populations, XLA_FLAGS) per bench call: the anchor's rows, no others.
+CALLS = [("fc", "16,1024", "1", LIMITS["XLA_FLAGS"]), ("fc", "16", "64", LIMITS["XLA_FLAGS"]),
+         ("cnn", "16,1024", "1", LIMITS["XLA_FLAGS"]), ("cnn", "16", "8", LIMITS["XLA_FLAGS"]),
+         ("lc", "16,32,1024", "1", LC_XLA_FLAGS)]
 # The anchor's own command, as side_by_side.py gives it (its full, not its quick, steps).
 ANCHOR_ARGS = ["--bench", "peak,train,ensemble", "--nets", "FC,CNN,LC", "--batch-sizes",
                "16,32,1024", "--pops", "FC:64,CNN:8", "--repeats", "1", "--epochs", "2",
@@ -58,12 +63,13 @@ def main() -> int:
                         *ANCHOR_ARGS, "--out", str(out / "torch.jsonl")],
                        env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
     ours = {}
-    for net, batches, pops in CALLS:
+    for net, batches, pops, xla_flags in CALLS:
         folder = out / f"uspsjax-{net}-p{pops}"
         with open(folder.with_suffix(".txt"), "w") as log:
             subprocess.run([sys.executable, "-m", "uspsjax.bench", "--networks", net,
                             "--batch-sizes", batches, "--populations", pops, "--out", str(folder)],
-                           env=env, check=True, stdout=log, stderr=subprocess.STDOUT)
+                           env={**env, "XLA_FLAGS": xla_flags}, check=True, stdout=log,
+                           stderr=subprocess.STDOUT)
         for f in glob.glob(str(folder / "*.json")):
             for r in json.load(open(f))["rows"]:
                 ours[(r["network"], r["batch_size"], r["population"])] = r["member_samples_per_s"]
@@ -75,7 +81,8 @@ def main() -> int:
         elif d.get("bench") == "ensemble":
             theirs[(d["net"].lower(), d["batch"], d["P"])] = d["vmap_samples_per_s"]
     print(f"\nmember-samples/s on this machine ({anchor.cpu_line()}), both sides limited to "
-          f"AVX2 ({' '.join(f'{k}={v!r}' for k, v in LIMITS.items())}), one run "
+          f"AVX2 ({' '.join(f'{k}={v!r}' for k, v in LIMITS.items())}; the LC's XLA_FLAGS "
+          f"{LC_XLA_FLAGS!r}), one run "
           f"({time.time() - t0:.0f} s); raw outputs in {out}")
     print("| network | batch | members | PyTorch | uspsjax | uspsjax / PyTorch |")
     print("|---|---:|---:|---:|---:|---:|")
