@@ -101,7 +101,8 @@ def test_a_sweep_runs_from_another_directory(venv_python, tmp_path, env):
     assert np.all(np.isfinite(run_.curves[:2])) and run_.diverged[2] == 1
 
 
-@pytest.mark.skipif(shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None, reason="no C compiler")
+@pytest.mark.skipif(shutil.which(shlex.split(os.environ.get("CC", "cc"))[0]) is None,
+                    reason="no C compiler")
 def test_the_installed_package_builds_its_kernels_into_the_cache(venv_python, tmp_path, env):
     proc = run([venv_python, "-c", "from uspsjax import kernels; print(kernels.status())"],
                cwd=tmp_path, env={**env, "XDG_CACHE_HOME": str(tmp_path / "cache")})
