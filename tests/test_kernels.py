@@ -159,3 +159,14 @@ def test_a_damaged_build_is_not_loaded(tmp_path):
     damaged.write_bytes(b"not a shared library")
     width, why = kernels.load(damaged)
     assert width == 0 and why.startswith("the C kernels could not be loaded (")
+
+
+@needs_compiler
+@pytest.mark.parametrize("shape, kernel_size", [((10, 5, 3), 3), ((2, 8, 4, 16), 3), ((6, 2, 1), 2)])
+def test_the_lc_patches_are_an_exact_copy_of_the_sliced_ones(shape, kernel_size):
+    # Channel-major rows (entry c * k + o from position l + o), leading axes as a population's.
+    x = np.asarray(operands((shape,))[0])
+    ours = np.asarray(jax.jit(kernels.lc_patches, static_argnums=1)(x, kernel_size))
+    l_out = shape[-3] - kernel_size + 1
+    expected = np.stack([x[..., o:o + l_out, :, :] for o in range(kernel_size)], axis=-1)
+    np.testing.assert_array_equal(ours, expected.reshape(*expected.shape[:-2], -1))

@@ -76,7 +76,7 @@ def test_microbatch_size_keeps_the_whole_batch_where_blocks_would_change_it():
     if jax.devices()[0].platform == "cpu":  # the CPU tactics' constants, recorded with a result
         assert environment()[1]["cpu_tactics"] == (
             f"member chunks within {cpu_cache_bytes() / 2**20:g} MiB of cache, up to "
-            f"{cpu_lane_limit()} at once; LC products and CNN convolutions by "
+            f"{cpu_lane_limit()} at once; LC patches and products and CNN convolutions by "
             f"{kernels.status()}; LC forward as "
             "summed products up to batch 16 where the kernels do not run it, kernel gradient as "
             "row products up to batch 16 (both for layers of 128+ features), patch gradient "

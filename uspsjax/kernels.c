@@ -395,6 +395,59 @@ static XLA_FFI_Error *window_call(XLA_FFI_CallFrame *frame, int grad) {
   return NULL;
 }
 
+/* The LC layer's patches of x (G, L, B, C) for a window of K positions: (G, L - K + 1, B, C * K),
+ * channel-major (entry c * K + o of a row is x[l + o, b, c]), the LC kernel's row order: a pure
+ * copy, which XLA's fusion writes element by element at a few GB/s (NOTES §33). One output
+ * position per item. */
+typedef struct {
+  const float *x;
+  float *out;
+  int64_t l, l_out, b, c, k;
+} lc_window;
+
+static void lc_patches(const void *args, int64_t i, float *scratch) {
+  const lc_window *p = args;
+  const int64_t g = i / p->l_out, l = i % p->l_out, c = p->c, k = p->k;
+  const float *x = p->x + (g * p->l + l) * p->b * c;
+  float *o = p->out + i * p->b * c * k;
+  for (int64_t b = 0; b < p->b; b++, o += c * k) {
+    if (k == 3) { /* the study's window, interleaved in vectors */
+      const float *s0 = x + b * c, *s1 = s0 + p->b * c, *s2 = s1 + p->b * c;
+      for (int64_t ch = 0; ch < c; ch++)
+        o[3 * ch] = s0[ch], o[3 * ch + 1] = s1[ch], o[3 * ch + 2] = s2[ch];
+      continue;
+    }
+    for (int64_t off = 0; off < k; off++) {
+      const float *s = x + (off * p->b + b) * c;
+      for (int64_t ch = 0; ch < c; ch++) o[ch * k + off] = s[ch];
+    }
+  }
+  (void)scratch;
+}
+
+static XLA_FFI_Error *lc_patches_call(XLA_FFI_CallFrame *frame) {
+  if (metadata(frame)) return NULL;
+  if (frame->args.size != 1 || frame->rets.size != 1 ||
+      frame->args.types[0] != XLA_FFI_ArgType_BUFFER ||
+      frame->rets.types[0] != XLA_FFI_RetType_BUFFER)
+    return error(frame->api, "uspsjax kernels: one buffer in and one out expected");
+  XLA_FFI_Buffer *x = frame->args.args[0], *out = frame->rets.rets[0];
+  int ok = x->dtype == XLA_FFI_DataType_F32 && out->dtype == XLA_FFI_DataType_F32 &&
+           x->rank >= 3 && out->rank == x->rank;
+  const int64_t r = x->rank, *a = ok ? x->dims : NULL, *b = ok ? out->dims : NULL;
+  int64_t groups = 1;
+  for (int64_t i = 0; ok && i < r - 3; i++) groups *= a[i], ok = a[i] == b[i];
+  lc_window p = {x->data, out->data, 0, 0, 0, 0, 0};
+  if (ok) {
+    p.l = a[r - 3], p.l_out = b[r - 3], p.b = a[r - 2], p.c = a[r - 1], p.k = p.l - p.l_out + 1;
+    ok = p.l_out >= 1 && p.k >= 1 && b[r - 2] == p.b && b[r - 1] == p.c * p.k;
+  }
+  if (!ok) return error(frame->api, "uspsjax kernels: LC patch shapes do not fit the input");
+  run(frame->api, frame->ctx, lc_patches, &p, sizeof p, groups * p.l_out, 0);
+  return NULL;
+}
+
+XLA_FFI_Error *uspsjax_lc_patches(XLA_FFI_CallFrame *f) { return lc_patches_call(f); }
 XLA_FFI_Error *uspsjax_lc_forward(XLA_FFI_CallFrame *f) { return call(f, FORWARD); }
 XLA_FFI_Error *uspsjax_lc_kernel_grad(XLA_FFI_CallFrame *f) { return call(f, KERNEL_GRAD); }
 XLA_FFI_Error *uspsjax_lc_patch_grad(XLA_FFI_CallFrame *f) { return call(f, PATCH_GRAD); }

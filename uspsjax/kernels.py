@@ -1,5 +1,5 @@
-"""The LC layer's three products, the CNN's convolution (its patches, input gradient and kernel
-gradient) and dense layers' kernel gradients on a CPU as C kernels (uspsjax/kernels.c), compiled
+"""The LC layer's patches and three products, the CNN's convolution (its patches, input gradient
+and kernel gradient) and dense layers' kernel gradients on a CPU as C kernels (uspsjax/kernels.c), compiled
 for the machine at hand and called from XLA through its FFI; XLA's own operations wherever they
 cannot run.
 
@@ -33,7 +33,8 @@ from uspsjax.data import cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.c")
 TARGETS = ("uspsjax_lc_forward", "uspsjax_lc_kernel_grad", "uspsjax_lc_patch_grad",
-           "uspsjax_patches", "uspsjax_conv_input_grad", "uspsjax_summed_kernel_grad")
+           "uspsjax_patches", "uspsjax_conv_input_grad", "uspsjax_summed_kernel_grad",
+           "uspsjax_lc_patches")
 # -ffp-contract=fast: multiply-adds fused (ISO C's default keeps them apart, at half the speed
 # of the tiles' inner loop; the LC 1.03-1.20x a step, results/bench/NOTES.md §29).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
@@ -140,6 +141,15 @@ def _call(target: str, operands: tuple, shape: tuple) -> jax.Array:
         raise RuntimeError(f"uspsjax's C kernels do not run here: {status()}")
     return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
                             vmap_method="broadcast_all")(*operands)
+
+
+def lc_patches(x: jax.Array, kernel_size: int) -> jax.Array:
+    """The LC layer's channel-major patch rows of `x (..., L, B, C)` for a window of
+    `kernel_size` positions: `(..., L - kernel_size + 1, B, C * kernel_size)`, entry
+    `c * kernel_size + o` of a row from position `l + o`."""
+    *lead, length, batch, channels = x.shape
+    return _call(TARGETS[6], (x,), (*lead, length - kernel_size + 1, batch,
+                                    channels * kernel_size))
 
 
 def lc_forward(patches: jax.Array, kernel: jax.Array) -> jax.Array:

@@ -153,16 +153,17 @@ def environment() -> tuple[str, dict]:
 def cpu_tactics() -> str:
     """The CPU tactics a CPU run used: the cache the chunks of members training at once keep
     within (half this machine's last-level cache, capped: `population.cpu_cache_bytes`), how
-    many train at once (`population.cpu_lane_limit`), what runs the LC's products and the CNN's
-    second convolution (`kernels.status`), up to which batch size the LC's forward and gradients
-    take their few-rows forms, and from which a dense layer's kernel gradient runs in the kernels
-    (measured on two machine types, results/bench/NOTES.md §16, §17, §19, §26, §29-§31)."""
+    many train at once (`population.cpu_lane_limit`), what runs the LC's patches and products
+    and the CNN's second convolution (`kernels.status`), up to which batch size the LC's forward
+    and gradients take their few-rows forms, and from which a dense layer's kernel gradient runs
+    in the kernels (measured on two machine types, results/bench/NOTES.md §16, §17, §19, §26,
+    §29-§31, §33)."""
     from uspsjax import kernels
     from uspsjax.models import (DENSE_KERNEL_ROWS, ELEMENTWISE_FEATURES, FEW_ROWS, OUTER_SUM_ROWS,
                                 PRODUCT_FORWARD_ROWS)
     from uspsjax.population import cpu_cache_bytes, cpu_lane_limit
     return (f"member chunks within {cpu_cache_bytes() / 2**20:g} MiB of cache, up to "
-            f"{cpu_lane_limit()} at once; LC products and CNN convolutions by "
+            f"{cpu_lane_limit()} at once; LC patches and products and CNN convolutions by "
             f"{kernels.status()}; LC forward as "
             f"summed products up to batch {PRODUCT_FORWARD_ROWS} where the kernels do not run it, "
             f"kernel gradient as row products up to batch {OUTER_SUM_ROWS} (both for layers of "

@@ -191,10 +191,14 @@ def locally_connected_reference(x: jax.Array, kernel: jax.Array, kernel_size: in
         dimension_numbers=("WNC", "WIO", "WNC"))
 
 
-def _local_patches(x: jax.Array, kernel_size: int) -> jax.Array:
-    """Channel-major patch rows of `x (L, B, C)`: `(L_out, B, C * k)`, the kernel's row order."""
-    patches = valid_patches(x, (kernel_size,), lead=0)
-    return patches.reshape(*patches.shape[:2], -1)
+def _local_patches(x: jax.Array, kernel_size: int, use_kernels: bool) -> jax.Array:
+    """Channel-major patch rows of `x (L, B, C)`: `(L_out, B, C * k)`, the kernel's row order;
+    copied by `kernels.lc_patches` on a CPU where `use_kernels` and they run."""
+    def sliced(x):
+        patches = valid_patches(x, (kernel_size,), lead=0)
+        return patches.reshape(*patches.shape[:2], -1)
+    runs = use_kernels and x.dtype == jnp.float32 and kernels.built()
+    return _on_cpu(runs, partial(kernels.lc_patches, kernel_size=kernel_size), sliced, x)
 
 
 # Dots batched over positions (axis 0 of every operand), each written in a layout chosen for its
@@ -229,7 +233,7 @@ def locally_connected_sliced(x: jax.Array, kernel: jax.Array, kernel_size: int,
     """`locally_connected` as three products batched over positions on patches cut by slicing
     (forward, kernel gradient, input gradient), activations `(L, B, C)`: on a CPU by
     `uspsjax.kernels` where `use_kernels` and a product fits them, else by XLA's dots."""
-    return _forward(_local_patches(x, kernel_size), kernel, use_kernels)
+    return _forward(_local_patches(x, kernel_size, use_kernels), kernel, use_kernels)
 
 
 def _kernels_run(use_kernels: bool, x: jax.Array, y: jax.Array, size: int) -> bool:
@@ -272,7 +276,7 @@ def _forward(patches: jax.Array, kernel: jax.Array, use_kernels: bool) -> jax.Ar
 
 
 def _sliced_fwd(x, kernel, kernel_size, use_kernels):
-    patches = _local_patches(x, kernel_size)
+    patches = _local_patches(x, kernel_size, use_kernels)
     return _forward(patches, kernel, use_kernels), (patches, kernel)
 
 
