@@ -1,13 +1,14 @@
-/* The locally connected layer's three products and a convolution's patches and gradients on a
- * CPU, as C kernels that XLA calls through its FFI (uspsjax/kernels.py compiles this file for the
- * machine at hand and registers them).
+/* The locally connected layer's patches and three products and a convolution's patches and
+ * gradients on a CPU, as C kernels that XLA calls through its FFI (uspsjax/kernels.py compiles
+ * this file for the machine at hand and registers them).
  *
  * Each product is one per position g, C[g] = A[g] . B[g], B and C row-major, A read through two
  * strides, so that one routine serves the LC's forward (patches . kernel), kernel gradient
  * (patches^T . g) and patch gradient (kernel . g^T, written batch-innermost). Leading axes
  * (positions, a population's members) are all positions to it. A position's weights are used by
  * only a few rows, so a product waits on their first read from memory; the next position's are
- * prefetched while the current one is computed (results/bench/NOTES.md §29).
+ * prefetched while the current one is computed (results/bench/NOTES.md §29). Its patches, the
+ * window's positions interleaved channel by channel, are copied one position at a time (§33).
  *
  * A convolution's (the CNN's, §30) patches are rows copied whole; its input gradient is computed
  * one image at a time, the image's patch gradients in the core's cache and summed back onto its

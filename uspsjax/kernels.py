@@ -1,7 +1,7 @@
 """The LC layer's patches and three products, the CNN's convolution (its patches, input gradient
-and kernel gradient) and dense layers' kernel gradients on a CPU as C kernels (uspsjax/kernels.c), compiled
-for the machine at hand and called from XLA through its FFI; XLA's own operations wherever they
-cannot run.
+and kernel gradient) and dense layers' kernel gradients on a CPU as C kernels
+(uspsjax/kernels.c), compiled for the machine at hand and called from XLA through its FFI; XLA's
+own operations wherever they cannot run.
 
 XLA:CPU's libraries run the LC's products (a position's weights, used by only 16-32 rows) at about
 a third of the machine's matmul peak: each position's weights stall on their first read from
