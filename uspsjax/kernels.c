@@ -307,27 +307,42 @@ static XLA_FFI_Error *call(XLA_FFI_CallFrame *frame, int kind) {
   return NULL;
 }
 
-/* A convolution's window over images (G, H, W, C): its valid, stride-1 patches for a (KH, KW)
- * window, one row per output pixel, offsets row-major and channels innermost, (G, OH, OW,
- * KH * KW * C), a pure copy; and the input gradient from the output gradient (G, OH, OW, F)
- * and the kernel transposed (F, KH * KW * C), one per `images_per_weights` images, the patch
- * gradients summed back onto the pixels in row-major order of offsets, as
- * `models._patch_rows_transpose` adds them. One image per item. */
+/* A window over images (G, H, W, C): its valid, stride-1 patches for a (KH, KW) window, one row
+ * per output pixel, (G, OH, OW, KH * KW * C), a pure copy, offsets row-major and channels
+ * innermost (a convolution's), or where `channel_major` entry c * KH * KW + offset (the LC's
+ * layout: positions as H, the batch as W, KW = 1), one output row of pixels per item; and a
+ * convolution's input gradient from the output gradient (G, OH, OW, F) and the kernel
+ * transposed (F, KH * KW * C), one per `images_per_weights` images, the patch gradients summed
+ * back onto the pixels in row-major order of offsets, as `models._patch_rows_transpose` adds
+ * them, one image per item. */
 typedef struct {
   const float *in, *weights;
   float *out;
   int64_t h, w, c, kh, kw, f, images_per_weights;
+  int channel_major;
 } window;
 
-static void patches(const void *args, int64_t g, float *scratch) {
+static void patches(const void *args, int64_t i, float *scratch) {
   const window *p = args;
-  const int64_t oh = p->h - p->kh + 1, ow = p->w - p->kw + 1, span = p->kw * p->c;
-  const float *x = p->in + g * p->h * p->w * p->c;
-  float *o = p->out + g * oh * ow * p->kh * span;
-  for (int64_t oy = 0; oy < oh; oy++)
-    for (int64_t ox = 0; ox < ow; ox++)
-      for (int64_t dy = 0; dy < p->kh; dy++, o += span)
-        memcpy(o, x + ((oy + dy) * p->w + ox) * p->c, sizeof(float) * span);
+  const int64_t oh = p->h - p->kh + 1, ow = p->w - p->kw + 1, c = p->c, size = p->kh * p->kw;
+  const int64_t g = i / oh, oy = i % oh;
+  const float *x = p->in + (g * p->h + oy) * p->w * c;
+  float *o = p->out + i * ow * size * c;
+  for (int64_t ox = 0; ox < ow; ox++, o += size * c)
+    for (int64_t dy = 0; dy < p->kh; dy++) {
+      const float *row = x + (dy * p->w + ox) * c;
+      if (!p->channel_major) {
+        memcpy(o + dy * p->kw * c, row, sizeof(float) * p->kw * c);
+      } else if (p->kh == 3 && p->kw == 1) { /* the study's LC window, interleaved in vectors */
+        const float *s0 = x + ox * c, *s1 = s0 + p->w * c, *s2 = s1 + p->w * c;
+        for (int64_t ch = 0; ch < c; ch++)
+          o[3 * ch] = s0[ch], o[3 * ch + 1] = s1[ch], o[3 * ch + 2] = s2[ch];
+        break;
+      } else {
+        for (int64_t dx = 0; dx < p->kw; dx++)
+          for (int64_t ch = 0; ch < c; ch++) o[ch * size + dy * p->kw + dx] = row[dx * c + ch];
+      }
+    }
   (void)scratch;
 }
 
@@ -359,10 +374,10 @@ static void input_grad(const void *args, int64_t g, float *scratch) {
 }
 
 /* One call of the patches (`grad` 0: images (G, H, W, C) in, patches (G, OH, OW, KH * KW * C)
- * out) or of the input gradient (1: output gradient (G, OH, OW, F) and the kernel transposed
- * (G', F, KH * KW * C) in, G' a prefix of G's axes, images out), the window read from the
- * shapes. */
-static XLA_FFI_Error *window_call(XLA_FFI_CallFrame *frame, int grad) {
+ * out, channel-major where `channel_major`) or of the input gradient (1: output gradient (G, OH,
+ * OW, F) and the kernel transposed (G', F, KH * KW * C) in, G' a prefix of G's axes, images
+ * out), the window read from the shapes. */
+static XLA_FFI_Error *window_call(XLA_FFI_CallFrame *frame, int grad, int channel_major) {
   if (metadata(frame)) return NULL;
   int ok = frame->args.size == 1 + grad && frame->rets.size == 1 &&
            frame->rets.types[0] == XLA_FFI_RetType_BUFFER;
@@ -381,7 +396,7 @@ static XLA_FFI_Error *window_call(XLA_FFI_CallFrame *frame, int grad) {
   int64_t groups = 1;
   for (int64_t i = 0; i < r - 3; i++) groups *= a[i], ok = ok && a[i] == b[i];
   window p = {in->data, grad ? weights->data : NULL, out->data, a[r - 3], a[r - 2], a[r - 1],
-              a[r - 3] - b[r - 3] + 1, a[r - 2] - b[r - 2] + 1, b[r - 1], groups};
+              a[r - 3] - b[r - 3] + 1, a[r - 2] - b[r - 2] + 1, b[r - 1], groups, channel_major};
   ok = ok && p.kh >= 1 && p.kw >= 1 && p.kh <= p.h && p.kw <= p.w;
   if (grad) { /* one kernel per leading index it has (a population's members) */
     const int64_t wr = weights->rank, *d = weights->dims;
@@ -392,63 +407,11 @@ static XLA_FFI_Error *window_call(XLA_FFI_CallFrame *frame, int grad) {
     ok = ok && p.f == p.kh * p.kw * p.c;
   if (!ok) return error(frame->api, "uspsjax kernels: patch shapes do not fit the images");
   const int64_t scratch = grad ? (p.h - p.kh + 1) * (p.w - p.kw + 1) * p.kh * p.kw * p.c : 0;
-  run(frame->api, frame->ctx, grad ? input_grad : patches, &p, sizeof p, groups, scratch);
+  if (grad) run(frame->api, frame->ctx, input_grad, &p, sizeof p, groups, scratch);
+  else run(frame->api, frame->ctx, patches, &p, sizeof p, groups * (p.h - p.kh + 1), 0);
   return NULL;
 }
 
-/* The LC layer's patches of x (G, L, B, C) for a window of K positions: (G, L - K + 1, B, C * K),
- * channel-major (entry c * K + o of a row is x[l + o, b, c]), the LC kernel's row order: a pure
- * copy, which XLA's fusion writes element by element at a few GB/s (NOTES §33). One output
- * position per item. */
-typedef struct {
-  const float *x;
-  float *out;
-  int64_t l, l_out, b, c, k;
-} lc_window;
-
-static void lc_patches(const void *args, int64_t i, float *scratch) {
-  const lc_window *p = args;
-  const int64_t g = i / p->l_out, l = i % p->l_out, c = p->c, k = p->k;
-  const float *x = p->x + (g * p->l + l) * p->b * c;
-  float *o = p->out + i * p->b * c * k;
-  for (int64_t b = 0; b < p->b; b++, o += c * k) {
-    if (k == 3) { /* the study's window, interleaved in vectors */
-      const float *s0 = x + b * c, *s1 = s0 + p->b * c, *s2 = s1 + p->b * c;
-      for (int64_t ch = 0; ch < c; ch++)
-        o[3 * ch] = s0[ch], o[3 * ch + 1] = s1[ch], o[3 * ch + 2] = s2[ch];
-      continue;
-    }
-    for (int64_t off = 0; off < k; off++) {
-      const float *s = x + (off * p->b + b) * c;
-      for (int64_t ch = 0; ch < c; ch++) o[ch * k + off] = s[ch];
-    }
-  }
-  (void)scratch;
-}
-
-static XLA_FFI_Error *lc_patches_call(XLA_FFI_CallFrame *frame) {
-  if (metadata(frame)) return NULL;
-  if (frame->args.size != 1 || frame->rets.size != 1 ||
-      frame->args.types[0] != XLA_FFI_ArgType_BUFFER ||
-      frame->rets.types[0] != XLA_FFI_RetType_BUFFER)
-    return error(frame->api, "uspsjax kernels: one buffer in and one out expected");
-  XLA_FFI_Buffer *x = frame->args.args[0], *out = frame->rets.rets[0];
-  int ok = x->dtype == XLA_FFI_DataType_F32 && out->dtype == XLA_FFI_DataType_F32 &&
-           x->rank >= 3 && out->rank == x->rank;
-  const int64_t r = x->rank, *a = ok ? x->dims : NULL, *b = ok ? out->dims : NULL;
-  int64_t groups = 1;
-  for (int64_t i = 0; ok && i < r - 3; i++) groups *= a[i], ok = a[i] == b[i];
-  lc_window p = {x->data, out->data, 0, 0, 0, 0, 0};
-  if (ok) {
-    p.l = a[r - 3], p.l_out = b[r - 3], p.b = a[r - 2], p.c = a[r - 1], p.k = p.l - p.l_out + 1;
-    ok = p.l_out >= 1 && p.k >= 1 && b[r - 2] == p.b && b[r - 1] == p.c * p.k;
-  }
-  if (!ok) return error(frame->api, "uspsjax kernels: LC patch shapes do not fit the input");
-  run(frame->api, frame->ctx, lc_patches, &p, sizeof p, groups * p.l_out, 0);
-  return NULL;
-}
-
-XLA_FFI_Error *uspsjax_lc_patches(XLA_FFI_CallFrame *f) { return lc_patches_call(f); }
 XLA_FFI_Error *uspsjax_lc_forward(XLA_FFI_CallFrame *f) { return call(f, FORWARD); }
 XLA_FFI_Error *uspsjax_lc_kernel_grad(XLA_FFI_CallFrame *f) { return call(f, KERNEL_GRAD); }
 XLA_FFI_Error *uspsjax_lc_patch_grad(XLA_FFI_CallFrame *f) { return call(f, PATCH_GRAD); }
@@ -457,5 +420,6 @@ XLA_FFI_Error *uspsjax_summed_kernel_grad(XLA_FFI_CallFrame *f) { return call(f,
 /* Floats in a vector register of this build: the axis a product's result vectorizes over (its
  * last) must be a multiple of it. */
 int uspsjax_vector_width(void) { return VW; }
-XLA_FFI_Error *uspsjax_patches(XLA_FFI_CallFrame *f) { return window_call(f, 0); }
-XLA_FFI_Error *uspsjax_conv_input_grad(XLA_FFI_CallFrame *f) { return window_call(f, 1); }
+XLA_FFI_Error *uspsjax_patches(XLA_FFI_CallFrame *f) { return window_call(f, 0, 0); }
+XLA_FFI_Error *uspsjax_lc_patches(XLA_FFI_CallFrame *f) { return window_call(f, 0, 1); }
+XLA_FFI_Error *uspsjax_conv_input_grad(XLA_FFI_CallFrame *f) { return window_call(f, 1, 0); }

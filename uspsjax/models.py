@@ -197,7 +197,7 @@ def _local_patches(x: jax.Array, kernel_size: int, use_kernels: bool) -> jax.Arr
     def sliced(x):
         patches = valid_patches(x, (kernel_size,), lead=0)
         return patches.reshape(*patches.shape[:2], -1)
-    runs = use_kernels and x.dtype == jnp.float32 and kernels.built()
+    runs = _kernels_run(use_kernels, x, x, x.shape[-1] * kernel_size)
     return _on_cpu(runs, partial(kernels.lc_patches, kernel_size=kernel_size), sliced, x)
 
 
