@@ -19,12 +19,14 @@ needs_compiler = pytest.mark.skipif(shutil.which(COMPILER[0]) is None, reason="n
 FORWARD, KERNEL_GRAD, PATCH_GRAD = "gmk,gkn->gmn", "gmk,gmn->gkn", "gkn,gmn->gkm"
 # (op, the product as an einsum, the operands' shapes): rows that do not fill a tile (13, 16 and
 # 32 rows against tiles of 6 or 12), one to four vectors across a tile, windows of one channel
-# (the LC's first layer: 3 patch columns) and of many.
+# (the LC's first layer: 3 patch columns) and of many, and a kernel gradient's sum of 600 terms,
+# taken in chunks that fit the L1 cache (16 to 512 terms), the last chunk partial.
 CASES = [
     (kernels.lc_forward, FORWARD, (7, 16, 13), (7, 13, 48)),
     (kernels.lc_forward, FORWARD, (5, 32, 3), (5, 3, 256)),
     (kernels.lc_kernel_grad, KERNEL_GRAD, (7, 32, 13), (7, 32, 16)),
     (kernels.lc_kernel_grad, KERNEL_GRAD, (5, 16, 384), (5, 16, 64)),
+    (kernels.lc_kernel_grad, KERNEL_GRAD, (3, 600, 30), (3, 600, 32)),
     (kernels.lc_patch_grad, PATCH_GRAD, (7, 13, 32), (7, 16, 32)),
     (kernels.lc_patch_grad, PATCH_GRAD, (5, 384, 64), (5, 48, 64)),
 ]

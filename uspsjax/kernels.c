@@ -37,11 +37,11 @@
 #define WIDEST 2
 #endif
 #define MAX_ROWS 12
-/* The fewest rows a part of a summed kernel gradient takes; and the rows of it summed at a time,
- * from the cache (a part's rows are read strided, one patch row per term: a chunk's 256 rows of
- * the CNN's patches, 295 KB, fit any of these machines' L2). */
+#ifndef L1D_BYTES
+#define L1D_BYTES 32768 /* the core's L1 data cache, as the build is told it */
+#endif
+/* The fewest rows a part of a summed kernel gradient takes. */
 #define PART_ROWS 256
-#define DEPTH 256
 typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
 
 /* One product: C[g] (m x n) = A[g] (m x k) . B[g] (k x n) for g < groups, A[i, j] at
@@ -99,29 +99,46 @@ static tile_fn *const TILE_TABLE[3][MAX_ROWS + 1] = {ROW(1), ROW(2), ROW(4)};
 static tile_fn *const TILE_TABLE[2][MAX_ROWS + 1] = {ROW(1), ROW(2)};
 #endif
 
+/* The vectors of B across a tile, for a product n floats wide. */
+static int tile_vectors(int64_t n) {
+  const int64_t vectors = n / VW;
+  return (WIDEST >= 4 && vectors % 4 == 0) ? 4 : (vectors % 2 == 0 ? 2 : 1);
+}
+
+/* The terms of a sum a tile takes at a time where A is read down its columns (a kernel
+ * gradient: each term of a tile's rows one cache line of A, beside a row of B): the most, a power
+ * of two, whose lines of A and rows of B fit the core's L1 data cache, so that the tiles beside
+ * it find them there (the LC's kernel gradient at batch 1024, 1,024 terms, 1.5x faster in chunks
+ * of 128 than in one pass, results/bench/NOTES.md §34). */
+static int64_t l1_terms(int64_t n) {
+  const int64_t bytes_per_term = 64 + 4 * VW * tile_vectors(n);
+  int64_t terms = 16;
+  while (2 * terms * bytes_per_term <= L1D_BYTES) terms *= 2;
+  return terms;
+}
+
 /* C (m x n) = A (m x k) . B (k x n), A[i, j] at a[i * a_row + j * a_step], B and C row-major,
  * the sum over k in chunks of `depth` terms; `pf` (or NULL) names `pf_bytes` to fetch into L2
  * meanwhile. */
 static void multiply(const float *a, int64_t a_row, int64_t a_step, const float *b, float *c,
                      int64_t m, int64_t k, int64_t n, int64_t depth, const char *pf,
                      int64_t pf_bytes) {
-  const int64_t vectors = n / VW;
-  const int nv = (WIDEST >= 4 && vectors % 4 == 0) ? 4 : (vectors % 2 == 0 ? 2 : 1);
+  const int nv = tile_vectors(n);
   const int width = nv * VW;
   const int rows = ACC / nv < MAX_ROWS ? ACC / nv : MAX_ROWS;
-  const int64_t tiles = (n / width) * ((m + rows - 1) / rows);
+  const int64_t tiles = (n / width) * ((m + rows - 1) / rows) * ((k + depth - 1) / depth);
   const int64_t pf_lines = (pf_bytes / 64 + tiles - 1) / tiles;
   tile_fn *const *table = TILE_TABLE[nv == 4 ? 2 : nv - 1];
   /* Each chunk's rows of A and B are read once from memory into the cache, then by every tile;
    * the sum's order stays that of one pass. */
+  int64_t t = 0;
   for (int64_t d = 0; d < k; d += depth) {
     const int64_t terms = k - d < depth ? k - d : depth;
-    int64_t t = 0;
     for (int64_t j = 0; j < n; j += width)
       for (int64_t i = 0; i < m; i += rows, t++) {
         const int r = m - i < rows ? (int)(m - i) : rows;
         table[r](a + i * a_row + d * a_step, a_row, a_step, b + d * n + j, n, c + i * n + j, n,
-                 terms, pf && d == 0 ? pf + t * pf_lines * 64 : NULL, pf_lines, d > 0);
+                 terms, pf ? pf + t * pf_lines * 64 : NULL, pf_lines, d > 0);
       }
   }
 }
@@ -276,11 +293,11 @@ static XLA_FFI_Error *call(XLA_FFI_CallFrame *frame, int kind) {
     ok = ok && s[1][1] == s[0][1] && s[2][1] == s[0][2] && s[2][2] == s[1][2];
     p.m = s[0][2], p.k = s[0][1], p.n = s[1][2], p.a_row = 1, p.a_step = s[0][2];
     p.prefetch_a = kind == KERNEL_GRAD;
+    p.depth = l1_terms(p.n);
     if (kind == SUMMED_GRAD) {
       const int64_t threads = pool_threads(frame->api, frame->ctx);
       p.parts = p.k / PART_ROWS < threads ? p.k / PART_ROWS : threads;
       if (p.parts < 1) p.parts = 1;
-      p.depth = DEPTH;
     }
   } else { /* kernel (G, K, N) . g (G, M, N)^T -> (G, K, M) */
     ok = ok && s[1][2] == s[0][2] && s[2][1] == s[0][1] && s[2][2] == s[1][1];

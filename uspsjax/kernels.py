@@ -38,10 +38,19 @@ TARGETS = ("uspsjax_lc_forward", "uspsjax_lc_kernel_grad", "uspsjax_lc_patch_gra
 # -ffp-contract=fast: multiply-adds fused (ISO C's default keeps them apart, at half the speed
 # of the tiles' inner loop; the LC 1.03-1.20x a step, results/bench/NOTES.md §29).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
+# The L1 data cache a build assumes where the machine does not say (the smallest of these
+# machines'): the kernels take their sums in chunks that fit it.
+DEFAULT_L1D_BYTES = 32 * 2**10
 # What a build for this CPU depends on, of its /proc/cpuinfo fields (not its clock, which moves).
 CPU_FIELDS = ("vendor_id", "cpu family", "model", "model name", "stepping", "flags")
 # USPSJAX_KERNELS=0 runs XLA's dots instead (for comparison; a result records which ran).
 SWITCH = "USPSJAX_KERNELS"
+
+
+def l1d_bytes() -> int:
+    """The L1 data cache per core the kernels are built for: the machine's, else
+    `DEFAULT_L1D_BYTES`."""
+    return machine.cache_bytes("L1d") or DEFAULT_L1D_BYTES
 
 
 def _compiler_version(compiler: list[str]) -> str | None:
@@ -60,8 +69,9 @@ def build(compiler: list[str], folder: Path) -> tuple[Path | None, str]:
         return None, f"no working C compiler ({shlex.join(compiler)})"
     include = Path(jax.ffi.include_dir())
     digest = hashlib.sha256()
+    flags = (*FLAGS, f"-DL1D_BYTES={l1d_bytes()}")
     for part in (SOURCE.read_bytes(), shlex.join(compiler).encode(), version.encode(),
-                 " ".join(FLAGS).encode(),
+                 " ".join(flags).encode(),
                  (include / "xla/ffi/api/c_api.h").read_bytes(),
                  repr([machine.cpuinfo().get(field) for field in CPU_FIELDS]).encode()):
         digest.update(hashlib.sha256(part).digest())
@@ -74,7 +84,7 @@ def build(compiler: list[str], folder: Path) -> tuple[Path | None, str]:
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         building = Path(tmp) / library.name
         try:
-            run = subprocess.run([*compiler, *FLAGS, f"-I{include}", str(SOURCE), "-o",
+            run = subprocess.run([*compiler, *flags, f"-I{include}", str(SOURCE), "-o",
                                   str(building)], capture_output=True, text=True, timeout=300)
         except subprocess.TimeoutExpired:
             return None, "the C kernels did not compile within 300 s"
@@ -132,7 +142,8 @@ def status() -> str:
     of a result."""
     width, why = _loaded()
     if width:
-        return f"C kernels ({width}-float vectors) where an axis is a multiple of {width}"
+        return (f"C kernels ({width}-float vectors, sums in chunks for a "
+                f"{l1d_bytes() // 2**10} KiB L1d) where an axis is a multiple of {width}")
     return f"XLA's operations ({why})"
 
 
