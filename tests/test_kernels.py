@@ -172,3 +172,29 @@ def test_the_lc_patches_are_an_exact_copy_of_the_sliced_ones(shape, kernel_size)
     l_out = shape[-3] - kernel_size + 1
     expected = np.stack([x[..., o:o + l_out, :, :] for o in range(kernel_size)], axis=-1)
     np.testing.assert_array_equal(ours, expected.reshape(*expected.shape[:-2], -1))
+
+
+@needs_compiler
+def test_the_sgd_update_is_one_pass_of_the_optimizer_and_leaves_a_frozen_member_as_it_was():
+    # Per member (rate, momentum, decay, active): trace' = (g + decay p) + momentum trace,
+    # p' = p - rate trace'; the third member is frozen, its trace and parameters kept bit for bit.
+    g, trace, p = (np.asarray(a) for a in operands(((3, 5, 40000),) * 3))
+    hyper = np.array([[0.1, 0.9, 0.01, 1], [0.5, 0.0, 0.0, 1], [0.1, 0.9, 0.01, 0]], np.float32)
+    new_trace, new_p = (np.asarray(a, np.float64)
+                        for a in jax.jit(jax.vmap(kernels.sgd_update))(g, trace, p, hyper))
+    rate, momentum, decay, _ = (hyper[:, i, None, None].astype(np.float64) for i in range(4))
+    g64, t64, p64 = (a.astype(np.float64) for a in (g, trace, p))
+    exact_trace = g64 + decay * p64 + momentum * t64
+    exact_p = p64 - rate * exact_trace
+    # Each rounding within 2^-24 of what it rounds: three in the trace; the parameters carry
+    # the trace's error times the rate, and two roundings of their own.
+    t_bound = 3 * 2.0**-24 * (np.abs(g64) + np.abs(decay * p64) + np.abs(momentum * t64))
+    p_bound = rate * t_bound + 2 * 2.0**-24 * (np.abs(p64) + rate * (np.abs(exact_trace) + t_bound))
+    for i in range(2):
+        assert np.all(np.abs(new_trace[i] - exact_trace[i]) <= t_bound[i])
+        assert np.all(np.abs(new_p[i] - exact_p[i]) <= p_bound[i])
+    np.testing.assert_array_equal(new_trace[2], trace[2])
+    np.testing.assert_array_equal(new_p[2], p[2])
+    single = jax.jit(kernels.sgd_update)(g[1], trace[1], p[1], hyper[1])
+    np.testing.assert_array_equal(single[0], new_trace[1])
+    np.testing.assert_array_equal(single[1], new_p[1])

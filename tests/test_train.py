@@ -7,6 +7,7 @@ from functools import partial
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from conftest import (assert_curves_match, assert_params_match, compiled_forward,
@@ -15,8 +16,9 @@ from uspsjax import kernels, population
 from uspsjax.population import cpu_cache_bytes, cpu_lane_limit
 from uspsjax.models import FC, dropout
 from uspsjax.sweep import environment
-from uspsjax.train import (Hparams, Static, compiler_options, init_member, init_members,
-                           make_hparams, make_train, microbatch_rule, microbatch_size,
+from uspsjax.train import (KERNEL_UPDATE_FLOATS, Hparams, Static, compiler_options, init_member,
+                           init_members, large_tensors_in_one_pass, make_hparams,
+                           make_optimizer, make_train, microbatch_rule, microbatch_size,
                            shift_images, train_epoch, train_members, train_step)
 
 
@@ -80,7 +82,8 @@ def test_microbatch_size_keeps_the_whole_batch_where_blocks_would_change_it():
             f"{kernels.status()}; LC forward as "
             "summed products up to batch 16 where the kernels do not run it, kernel gradient as "
             "row products up to batch 16 (both for layers of 128+ features), patch gradient "
-            "batch-innermost up to batch 32; dense kernel gradients by the kernels from batch 512")
+            "batch-innermost up to batch 32; dense kernel gradients by the kernels from batch 512; "
+            "parameter tensors of 1,048,576+ floats updated by the kernels")
 
 
 def test_same_seed_is_bit_identical(small):
@@ -282,3 +285,44 @@ def test_initialization_compiled_for_one_run_draws_the_same_bits():
                      for o in (False, True))
     for a, b in zip(jax.tree.leaves(default.params), jax.tree.leaves(once.params)):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("active", [True, False])
+def test_large_tensors_updated_in_one_pass_equal_the_optimizer_s_update(active):
+    # A tensor of KERNEL_UPDATE_FLOATS or more goes through `kernels.sgd_update` on a CPU where
+    # the kernels run: optax's numbers to float32 rounding; a frozen member's, bit for bit.
+    hp = make_hparams(lr=0.1, momentum=0.9, weight_decay=0.01)
+    keys = jax.random.split(jax.random.key(0), 6)
+    shapes = {"large": (KERNEL_UPDATE_FLOATS // 64, 64), "small": (3, 64)}
+    params, grads, trace = ({name: jax.random.normal(k, s) for (name, s), k in
+                             zip(shapes.items(), pair)} for pair in (keys[:2], keys[2:4], keys[4:]))
+    optimizer = make_optimizer(hp)
+    state = optax.tree_utils.tree_set(optimizer.init(params), trace=trace)
+
+    @jax.jit
+    def step(params, state):
+        masked = jax.tree.map(lambda g: g * active, grads)
+        hyper = state.hyperparams
+        frozen = {**hyper, "momentum": jnp.where(active, hyper["momentum"], 1.0),
+                  "weight_decay": jnp.where(active, hyper["weight_decay"], 0.0)}
+        updates, new = optimizer.update(masked, state._replace(hyperparams=frozen), params)
+        new = new._replace(hyperparams=hyper)
+        stepped = jax.tree.map(lambda p, u: jnp.where(active, p + u, p), params, updates)
+        flags = jnp.stack([hyper["learning_rate"], hyper["momentum"], hyper["weight_decay"],
+                           active]).astype(jnp.float32)
+        return (stepped, new), large_tensors_in_one_pass(grads, params, state, stepped, new,
+                                                         flags)
+
+    (by_optax, optax_state), (ours, our_state) = step(params, state)
+    lowered = step.lower(params, state).as_text()
+    assert ("uspsjax_sgd_update" in lowered) == kernels.built()
+    trace_optax, trace_ours = (optax.tree_utils.tree_get(s, "trace")
+                               for s in (optax_state, our_state))
+    np.testing.assert_array_equal(ours["small"], by_optax["small"])
+    np.testing.assert_array_equal(trace_ours["small"], trace_optax["small"])
+    if not active:
+        np.testing.assert_array_equal(ours["large"], params["large"])
+        np.testing.assert_array_equal(trace_ours["large"], trace["large"])
+    np.testing.assert_allclose(ours["large"], by_optax["large"], rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(trace_ours["large"], trace_optax["large"], rtol=2e-6, atol=1e-6)
+    assert float(jnp.max(jnp.abs(by_optax["large"] - params["large"]))) > 0.01 or not active

@@ -1,6 +1,7 @@
-/* The locally connected layer's patches and three products and a convolution's patches and
- * gradients on a CPU, as C kernels that XLA calls through its FFI (uspsjax/kernels.py compiles
- * this file for the machine at hand and registers them).
+/* The locally connected layer's patches and three products, a convolution's patches and
+ * gradients, and the optimizer's update of a large parameter tensor on a CPU, as C kernels that
+ * XLA calls through its FFI (uspsjax/kernels.py compiles this file for the machine at hand and
+ * registers them).
  *
  * Each product is one per position g, C[g] = A[g] . B[g], B and C row-major, A read through two
  * strides, so that one routine serves the LC's forward (patches . kernel), kernel gradient
@@ -13,6 +14,10 @@
  * A convolution's (the CNN's, §30) patches are rows copied whole; its input gradient is computed
  * one image at a time, the image's patch gradients in the core's cache and summed back onto its
  * pixels at once; its kernel gradient, a sum over every row of the batch, in a part per thread.
+ * A kernel gradient takes its sum in chunks whose operands stay in the core's L1 (§34).
+ *
+ * The update (SGD with momentum and weight decay) reads the gradient, the momentum trace and the
+ * parameters once and writes the trace and the parameters once, where XLA makes two passes (§35).
  *
  * Each item of work (a position, an image, a part) is computed by one thread in one fixed order,
  * and the parts of a sum are added in order: results are the same bit for bit on the same machine
@@ -429,6 +434,70 @@ static XLA_FFI_Error *window_call(XLA_FFI_CallFrame *frame, int grad, int channe
   return NULL;
 }
 
+/* SGD with momentum and weight decay on one parameter tensor, in one pass: per member
+ * (`hyper` = learning rate, momentum, weight decay, active), trace' = (g + decay * p) +
+ * momentum * trace and p' = p - rate * trace', as optax computes them; where not active both stay
+ * as they are. The outputs may be the trace's and the parameters' own buffers. A chunk of a
+ * member's tensor per item. */
+typedef struct {
+  const float *g, *trace, *p, *hyper;
+  float *trace_out, *p_out;
+  int64_t size, chunks;
+} sgd;
+
+#define SGD_CHUNK 16384 /* floats of a tensor updated per item */
+
+static void sgd_chunk(const void *args, int64_t item, float *scratch) {
+  const sgd *s = args;
+  const int64_t member = item / s->chunks, from = member * s->size + item % s->chunks * SGD_CHUNK;
+  const int64_t to = from + SGD_CHUNK < (member + 1) * s->size ? from + SGD_CHUNK
+                                                              : (member + 1) * s->size;
+  const float *h = s->hyper + 4 * member, rate = h[0], momentum = h[1], decay = h[2];
+  if (h[3] == 0) { /* frozen */
+    if (s->trace_out != s->trace) memcpy(s->trace_out + from, s->trace + from, 4 * (to - from));
+    if (s->p_out != s->p) memcpy(s->p_out + from, s->p + from, 4 * (to - from));
+    return;
+  }
+  for (int64_t i = from; i < to; i++) {
+    const float t = (s->g[i] + decay * s->p[i]) + momentum * s->trace[i];
+    s->trace_out[i] = t;
+    s->p_out[i] = s->p[i] - rate * t;
+  }
+  (void)scratch;
+}
+
+/* One call of the update: gradient, trace, parameters (G, ...) and `hyper` (G, 4) in, G
+ * members; the trace and the parameters out. */
+static XLA_FFI_Error *sgd_call(XLA_FFI_CallFrame *frame) {
+  if (metadata(frame)) return NULL;
+  int ok = frame->args.size == 4 && frame->rets.size == 2;
+  for (int64_t i = 0; ok && i < 4; i++)
+    ok = frame->args.types[i] == XLA_FFI_ArgType_BUFFER &&
+         ((XLA_FFI_Buffer *)frame->args.args[i])->dtype == XLA_FFI_DataType_F32;
+  for (int64_t i = 0; ok && i < 2; i++)
+    ok = frame->rets.types[i] == XLA_FFI_RetType_BUFFER &&
+         ((XLA_FFI_Buffer *)frame->rets.rets[i])->dtype == XLA_FFI_DataType_F32;
+  if (!ok) return error(frame->api, "uspsjax kernels: four float32 buffers in and two out");
+  XLA_FFI_Buffer **in = (XLA_FFI_Buffer **)frame->args.args;
+  XLA_FFI_Buffer **out = (XLA_FFI_Buffer **)frame->rets.rets;
+  int64_t sizes[6];
+  for (int64_t b = 0; b < 6; b++) {
+    XLA_FFI_Buffer *buf = b < 4 ? in[b] : out[b - 4];
+    sizes[b] = 1;
+    for (int64_t i = 0; i < buf->rank; i++) sizes[b] *= buf->dims[i];
+  }
+  const int64_t members = sizes[3] / 4;
+  ok = members >= 1 && sizes[3] == 4 * members && sizes[0] % members == 0;
+  for (int64_t b = 1; ok && b < 6; b++) ok = b == 3 || sizes[b] == sizes[0];
+  if (!ok) return error(frame->api, "uspsjax kernels: update shapes do not fit");
+  sgd s = {in[0]->data, in[1]->data, in[2]->data, in[3]->data, out[0]->data, out[1]->data,
+           sizes[0] / members, 0};
+  s.chunks = (s.size + SGD_CHUNK - 1) / SGD_CHUNK;
+  run(frame->api, frame->ctx, sgd_chunk, &s, sizeof s, members * s.chunks, 0);
+  return NULL;
+}
+
+XLA_FFI_Error *uspsjax_sgd_update(XLA_FFI_CallFrame *f) { return sgd_call(f); }
 XLA_FFI_Error *uspsjax_lc_forward(XLA_FFI_CallFrame *f) { return call(f, FORWARD); }
 XLA_FFI_Error *uspsjax_lc_kernel_grad(XLA_FFI_CallFrame *f) { return call(f, KERNEL_GRAD); }
 XLA_FFI_Error *uspsjax_lc_patch_grad(XLA_FFI_CallFrame *f) { return call(f, PATCH_GRAD); }

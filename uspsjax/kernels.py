@@ -1,16 +1,17 @@
 """The LC layer's patches and three products, the CNN's convolution (its patches, input gradient
-and kernel gradient) and dense layers' kernel gradients on a CPU as C kernels
-(uspsjax/kernels.c), compiled for the machine at hand and called from XLA through its FFI; XLA's
-own operations wherever they cannot run.
+and kernel gradient), dense layers' kernel gradients and the update of large parameter tensors
+(`sgd_update`) on a CPU as C kernels (uspsjax/kernels.c), compiled for the machine at hand and
+called from XLA through its FFI; XLA's own operations wherever they cannot run.
 
 XLA:CPU's libraries run the LC's products (a position's weights, used by only 16-32 rows) at about
 a third of the machine's matmul peak: each position's weights stall on their first read from
 memory. The kernels prefetch the next position's weights while computing the current one
 (results/bench/NOTES.md §29). For the CNN, XLA gathers the patches element by element and writes
 every patch gradient out before summing it back onto the pixels; the kernels copy patch rows
-whole and compute the input gradient one image at a time in the core's cache (§30). They are
-built once per machine with the system's C compiler (`$CC`, else `cc`), `-O3 -march=native`,
-multiply-adds fused, into the cache directory (`data.cache_dir()`), named by a digest of the
+whole and compute the input gradient one image at a time in the core's cache (§30). XLA updates
+a parameter tensor and its momentum in two passes, the kernels in one (§35). They are built once
+per machine with the system's C compiler (`$CC`, else `cc`), `-O3 -march=native`, multiply-adds
+fused, for the machine's L1 data cache (§34), into the cache directory (`data.cache_dir()`), named by a digest of the
 source, the compiler, the CPU and jaxlib's FFI header, so another CPU or compiler builds its
 own. Without a compiler, or where the build fails, `status()` says why and XLA's operations run:
 the same results to float32 rounding.
@@ -34,7 +35,7 @@ from uspsjax.data import cache_dir
 SOURCE = Path(__file__).with_name("kernels.c")
 TARGETS = ("uspsjax_lc_forward", "uspsjax_lc_kernel_grad", "uspsjax_lc_patch_grad",
            "uspsjax_patches", "uspsjax_conv_input_grad", "uspsjax_summed_kernel_grad",
-           "uspsjax_lc_patches")
+           "uspsjax_lc_patches", "uspsjax_sgd_update")
 # -ffp-contract=fast: multiply-adds fused (ISO C's default keeps them apart, at half the speed
 # of the tiles' inner loop; the LC 1.03-1.20x a step, results/bench/NOTES.md §29).
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-shared", "-fPIC", "-std=c11")
@@ -147,11 +148,23 @@ def status() -> str:
     return f"XLA's operations ({why})"
 
 
-def _call(target: str, operands: tuple, shape: tuple) -> jax.Array:
+def _call(target: str, operands: tuple, *shapes: tuple, aliases: dict | None = None):
+    """Kernel `target` on `operands`: a float32 result of each of `shapes` (one array, or a
+    tuple for several), `aliases` as `jax.ffi.ffi_call`'s `input_output_aliases`."""
     if not built():  # builds and registers them on first use
         raise RuntimeError(f"uspsjax's C kernels do not run here: {status()}")
-    return jax.ffi.ffi_call(target, jax.ShapeDtypeStruct(shape, jnp.float32),
-                            vmap_method="broadcast_all")(*operands)
+    results = [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+    return jax.ffi.ffi_call(target, results[0] if len(results) == 1 else tuple(results),
+                            vmap_method="broadcast_all",
+                            input_output_aliases=aliases)(*operands)
+
+
+def on_cpu(runs: bool, kernel_op, xla_op, *operands):
+    """`kernel_op(*operands)`, one of these kernels, on a CPU where they run it (`runs`), else
+    `xla_op(*operands)`, the same values to float32 rounding."""
+    if not runs:
+        return xla_op(*operands)
+    return jax.lax.platform_dependent(*operands, cpu=kernel_op, default=xla_op)
 
 
 def lc_patches(x: jax.Array, kernel_size: int) -> jax.Array:
@@ -199,3 +212,12 @@ def summed_kernel_grad(patches: jax.Array, g: jax.Array) -> jax.Array:
     row shares (a convolution's, a dense layer's): the M rows in as many parts as XLA has threads
     (each of 256 rows or more), added in order."""
     return _call(TARGETS[5], (patches, g), (patches.shape[-1], g.shape[-1]))
+
+
+def sgd_update(g: jax.Array, trace: jax.Array, params: jax.Array, hyper: jax.Array):
+    """SGD with momentum and weight decay on one float32 tensor in one pass (XLA makes two):
+    `hyper` = (learning rate, momentum, weight decay, active); returns (trace', params'), trace'
+    = (g + decay * params) + momentum * trace and params' = params - rate * trace', both as they
+    were where not active. They may be written over `trace` and `params`."""
+    return _call(TARGETS[7], (g, trace, params, hyper), params.shape, params.shape,
+                 aliases={1: 0, 2: 1})

@@ -156,16 +156,18 @@ def cpu_tactics() -> str:
     many train at once (`population.cpu_lane_limit`), what runs the LC's patches and products
     and the CNN's second convolution (`kernels.status`), up to which batch size the LC's forward
     and gradients take their few-rows forms, and from which a dense layer's kernel gradient runs
-    in the kernels (measured on two machine types, results/bench/NOTES.md §16, §17, §19, §26,
-    §29-§31, §33)."""
+    in the kernels, and from which size a parameter tensor is updated by them (measured on two
+    machine types, results/bench/NOTES.md §16, §17, §19, §26, §29-§31, §33-§35)."""
     from uspsjax import kernels
     from uspsjax.models import (DENSE_KERNEL_ROWS, ELEMENTWISE_FEATURES, FEW_ROWS, OUTER_SUM_ROWS,
                                 PRODUCT_FORWARD_ROWS)
     from uspsjax.population import cpu_cache_bytes, cpu_lane_limit
+    from uspsjax.train import KERNEL_UPDATE_FLOATS
     return (f"member chunks within {cpu_cache_bytes() / 2**20:g} MiB of cache, up to "
             f"{cpu_lane_limit()} at once; LC patches and products and CNN convolutions by "
             f"{kernels.status()}; LC forward as "
             f"summed products up to batch {PRODUCT_FORWARD_ROWS} where the kernels do not run it, "
             f"kernel gradient as row products up to batch {OUTER_SUM_ROWS} (both for layers of "
             f"{ELEMENTWISE_FEATURES}+ features), patch gradient batch-innermost up to batch "
-            f"{FEW_ROWS}; dense kernel gradients by the kernels from batch {DENSE_KERNEL_ROWS}")
+            f"{FEW_ROWS}; dense kernel gradients by the kernels from batch {DENSE_KERNEL_ROWS}; "
+            f"parameter tensors of {KERNEL_UPDATE_FLOATS:,}+ floats updated by the kernels")

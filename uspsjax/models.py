@@ -198,7 +198,7 @@ def _local_patches(x: jax.Array, kernel_size: int, use_kernels: bool) -> jax.Arr
         patches = valid_patches(x, (kernel_size,), lead=0)
         return patches.reshape(*patches.shape[:2], -1)
     runs = _kernels_run(use_kernels, x, x, x.shape[-1] * kernel_size)
-    return _on_cpu(runs, partial(kernels.lc_patches, kernel_size=kernel_size), sliced, x)
+    return kernels.on_cpu(runs, partial(kernels.lc_patches, kernel_size=kernel_size), sliced, x)
 
 
 # Dots batched over positions (axis 0 of every operand), each written in a layout chosen for its
@@ -242,14 +242,6 @@ def _kernels_run(use_kernels: bool, x: jax.Array, y: jax.Array, size: int) -> bo
     return use_kernels and x.dtype == y.dtype == jnp.float32 and kernels.runs(size)
 
 
-def _on_cpu(runs: bool, kernel_op, xla_op, *operands):
-    """`kernel_op(*operands)` from `uspsjax.kernels` on a CPU where they run it (`runs`), else
-    `xla_op(*operands)`, the same values to float32 rounding."""
-    if not runs:
-        return xla_op(*operands)
-    return jax.lax.platform_dependent(*operands, cpu=kernel_op, default=xla_op)
-
-
 def _elementwise(rows: int, limit: int, features: int) -> bool:
     """Whether a layer takes an elementwise form (summed products, row products): up to `limit`
     rows (`PRODUCT_FORWARD_ROWS`, `OUTER_SUM_ROWS`) and `ELEMENTWISE_FEATURES` features or more."""
@@ -261,7 +253,7 @@ def _product(x: jax.Array, y: jax.Array, dims, kernel_op, use_kernels: bool) -> 
     product from `uspsjax.kernels` (equal to float32 rounding), where they run it."""
     dot = partial(jax.lax.dot_general, dimension_numbers=dims)
     runs = _kernels_run(use_kernels, x, y, jax.eval_shape(dot, x, y).shape[-1])
-    return _on_cpu(runs, kernel_op, dot, x, y)
+    return kernels.on_cpu(runs, kernel_op, dot, x, y)
 
 
 def _forward(patches: jax.Array, kernel: jax.Array, use_kernels: bool) -> jax.Array:
@@ -346,8 +338,8 @@ def _patch_rows(x: jax.Array, kernel: jax.Array) -> jax.Array:
     def gather(x):
         return x.reshape(n, h * w, c)[:, rows].reshape(n, h - kh + 1, w - kw + 1, kh * kw * c)
 
-    return _on_cpu(_conv_kernels_run(x, kernel), partial(kernels.patches, kh=kh, kw=kw), gather,
-                   x)
+    return kernels.on_cpu(_conv_kernels_run(x, kernel), partial(kernels.patches, kh=kh, kw=kw),
+                          gather, x)
 
 
 def _patch_rows_transpose(dpatches: jax.Array, height: int, width: int) -> jax.Array:
@@ -402,7 +394,8 @@ def _conv2d_bwd(residuals, g):
         return (kernels.conv_input_grad(g, kernel_t, height, width),
                 kernels.summed_kernel_grad(patches, g.reshape(-1, c_out)))
 
-    dx, dk = _on_cpu(_conv_kernels_run(x, kernel), by_kernels, products, patches, g, kernel_t)
+    dx, dk = kernels.on_cpu(_conv_kernels_run(x, kernel), by_kernels, products, patches, g,
+                            kernel_t)
     return dx, dk.reshape(kernel.shape)
 
 
@@ -465,7 +458,7 @@ def _dense_bwd(residuals, g):
     # copy the transposes (the CNN's dense layer 9 ms a step at batch 1024).
     product = partial(jax.lax.dot_general, dimension_numbers=(((0,), (0,)), ((), ())))
     runs = x.shape[0] >= DENSE_KERNEL_ROWS and _kernels_run(True, x, g, kernel.shape[1])
-    dk = _on_cpu(runs, kernels.summed_kernel_grad, product, x, g)
+    dk = kernels.on_cpu(runs, kernels.summed_kernel_grad, product, x, g)
     return jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ()))), dk
 
 

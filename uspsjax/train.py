@@ -22,7 +22,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from uspsjax import attacks
+from uspsjax import attacks, kernels
 from uspsjax.models import (BATCHNORM, L1_AT, LC_FANS, LC_LOWERINGS, NETWORKS,
                             draw_kernel)
 
@@ -192,11 +192,39 @@ def _sgd(learning_rate, momentum, weight_decay):
                        optax.sgd(learning_rate=learning_rate, momentum=momentum))
 
 
+# Parameter tensors of at least this many floats are updated by `kernels.sgd_update` on a CPU,
+# trace and parameters in one pass: XLA makes two (the trace, then the parameters), reading the
+# parameters in both; the LC's first two layers hold 99 and 25 MB (results/bench/NOTES.md §35).
+KERNEL_UPDATE_FLOATS = 2**20
+
+
 def make_optimizer(hp: Hparams) -> optax.GradientTransformation:
     """SGD with momentum and weight decay, its learning rate, momentum and decay held as
     optimizer state (`inject_hyperparams`), so one transformation serves a whole population."""
     return optax.inject_hyperparams(_sgd)(learning_rate=hp.lr, momentum=hp.momentum,
                                           weight_decay=hp.weight_decay)
+
+
+def large_tensors_in_one_pass(grads, old_params, old_opt_state, params, opt_state,
+                              hyper: jax.Array):
+    """`params` and `opt_state` after `make_optimizer`'s update of `old_params` and
+    `old_opt_state` by `grads`, with each parameter tensor of `KERNEL_UPDATE_FLOATS` or more and
+    its momentum trace updated instead by `kernels.sgd_update` (`hyper`: the step's learning
+    rate, momentum, weight decay and whether the member is active) on a CPU where the kernels
+    run: the same numbers to float32 rounding."""
+    old_trace = optax.tree_utils.tree_get(old_opt_state, "trace")
+    trace = optax.tree_utils.tree_get(opt_state, "trace")
+
+    def leaf(g, p_old, t_old, p, t):
+        runs = g.size >= KERNEL_UPDATE_FLOATS and g.dtype == jnp.float32 and kernels.built()
+        return kernels.on_cpu(runs, kernels.sgd_update, lambda *_: (t, p), g, t_old, p_old,
+                              hyper)
+
+    trees = (grads, old_params, old_trace, params, trace)
+    updated = [leaf(*parts) for parts in zip(*map(jax.tree.leaves, trees))]
+    treedef = jax.tree.structure(params)
+    return (treedef.unflatten([p for _, p in updated]),
+            optax.tree_utils.tree_set(opt_state, trace=treedef.unflatten([t for t, _ in updated])))
 
 
 def init_params(static: Static, key: jax.Array, init_scale: jax.Array):
@@ -438,17 +466,21 @@ def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progr
     # is written anyway), not as a select over whole old and new states, which costs the LC
     # net an extra pass over its weights: a zero gradient under momentum 1 leaves the momentum
     # trace exactly as it was, and the parameters keep their old values.
-    grads = jax.tree.map(lambda g: jnp.where(active, g, 0.0), grads)
+    masked = jax.tree.map(lambda g: jnp.where(active, g, 0.0), grads)
     stored = state.opt_state.hyperparams
     step_hparams = {**stored, "momentum": jnp.where(active, stored["momentum"], 1.0),
                     "weight_decay": jnp.where(active, stored["weight_decay"], 0.0)}
     if static.lr_schedule != "constant":
         step_hparams["learning_rate"] = hp.lr * schedule(static.lr_schedule, progress)
     updates, opt_state = make_optimizer(hp).update(
-        grads, state.opt_state._replace(hyperparams=step_hparams), state.params)
+        masked, state.opt_state._replace(hyperparams=step_hparams), state.params)
     opt_state = opt_state._replace(
         hyperparams=stored, count=jnp.where(active, opt_state.count, state.opt_state.count))
     params = jax.tree.map(lambda p, u: jnp.where(active, p + u, p), state.params, updates)
+    hyper = jnp.stack([step_hparams["learning_rate"], stored["momentum"],
+                       stored["weight_decay"], active]).astype(jnp.float32)
+    params, opt_state = large_tensors_in_one_pass(grads, state.params, state.opt_state, params,
+                                                  opt_state, hyper)
     batch_stats = jax.tree.map(lambda n, o: jnp.where(active, n, o), batch_stats,
                                state.batch_stats)
     new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
