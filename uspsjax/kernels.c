@@ -68,8 +68,14 @@ static inline __attribute__((always_inline)) void tile(
   vf acc[MAX_ROWS][WIDEST];
   for (int r = 0; r < rows; r++)
     for (int v = 0; v < nv; v++) acc[r][v] = add ? *(vf *)(c + r * ldc + v * VW) : (vf){0};
+  /* Line j * pf_lines / k of `pf` at step j, kept as a running remainder: a division in this
+   * loop cost more than its multiply-adds with 8-float vectors (results/bench/NOTES.md §36). */
+  int64_t pf_due = 0;
   for (int64_t j = 0; j < k; j++) {
-    if (pf) __builtin_prefetch(pf + 64 * ((j * pf_lines) / k), 0, 2);
+    if (pf) {
+      __builtin_prefetch(pf, 0, 2);
+      for (pf_due += pf_lines; pf_due >= k; pf_due -= k) pf += 64;
+    }
     vf bv[WIDEST];
     for (int v = 0; v < nv; v++) bv[v] = *(const vf *)(b + j * ldb + v * VW);
     for (int r = 0; r < rows; r++) {
