@@ -11,9 +11,9 @@ every patch gradient out before summing it back onto the pixels; the kernels cop
 whole and compute the input gradient one image at a time in the core's cache (§30). XLA updates
 a parameter tensor and its momentum in two passes, the kernels in one (§35). They are built once
 per machine with the system's C compiler (`$CC`, else `cc`), `-O3 -march=native`, multiply-adds
-fused, for the machine's L1 data cache (§34), into the cache directory (`data.cache_dir()`), named by a digest of the
-source, the compiler, the CPU and jaxlib's FFI header, so another CPU or compiler builds its
-own. Without a compiler, or where the build fails, `status()` says why and XLA's operations run:
+fused, for the machine's L1 data cache (§34), into the cache directory (`data.cache_dir()`),
+named by a digest of the source, the compiler, the CPU and jaxlib's FFI header, so another CPU
+or compiler builds its own. Without a compiler, or where the build fails, `status()` says why and XLA's operations run:
 the same results to float32 rounding.
 """
 

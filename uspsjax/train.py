@@ -205,26 +205,39 @@ def make_optimizer(hp: Hparams) -> optax.GradientTransformation:
                                           weight_decay=hp.weight_decay)
 
 
-def large_tensors_in_one_pass(grads, old_params, old_opt_state, params, opt_state,
-                              hyper: jax.Array):
-    """`params` and `opt_state` after `make_optimizer`'s update of `old_params` and
-    `old_opt_state` by `grads`, with each parameter tensor of `KERNEL_UPDATE_FLOATS` or more and
-    its momentum trace updated instead by `kernels.sgd_update` (`hyper`: the step's learning
-    rate, momentum, weight decay and whether the member is active) on a CPU where the kernels
-    run: the same numbers to float32 rounding."""
-    old_trace = optax.tree_utils.tree_get(old_opt_state, "trace")
-    trace = optax.tree_utils.tree_get(opt_state, "trace")
+def sgd_step(optimizer: optax.GradientTransformation, grads, params, opt_state,
+             active: jax.Array, learning_rate: jax.Array,
+             kernel_floats: float = KERNEL_UPDATE_FLOATS):
+    """`params` and `opt_state` (`optimizer`'s, from `make_optimizer`) after one update by
+    `grads` at `learning_rate`; a member not `active` (diverged) keeps both as they were. Each
+    parameter tensor of `kernel_floats` or more and its momentum trace are updated by
+    `kernels.sgd_update` on a CPU where the kernels run: optax's numbers to float32 rounding."""
+    # Freezing happens inside the update's own elementwise passes (a select where each tensor
+    # is written anyway), not as a select over whole old and new states, which costs the LC
+    # net an extra pass over its weights: a zero gradient under momentum 1 leaves the momentum
+    # trace exactly as it was, and the parameters keep their old values.
+    masked = jax.tree.map(lambda g: jnp.where(active, g, 0.0), grads)
+    stored = opt_state.hyperparams
+    step_hparams = {**stored, "learning_rate": learning_rate,
+                    "momentum": jnp.where(active, stored["momentum"], 1.0),
+                    "weight_decay": jnp.where(active, stored["weight_decay"], 0.0)}
+    updates, new = optimizer.update(masked, opt_state._replace(hyperparams=step_hparams), params)
+    new = new._replace(hyperparams=stored, count=jnp.where(active, new.count, opt_state.count))
+    stepped = jax.tree.map(lambda p, u: jnp.where(active, p + u, p), params, updates)
+    hyper = jnp.stack([learning_rate, stored["momentum"], stored["weight_decay"],
+                       active]).astype(jnp.float32)
 
     def leaf(g, p_old, t_old, p, t):
-        runs = g.size >= KERNEL_UPDATE_FLOATS and g.dtype == jnp.float32 and kernels.built()
+        runs = g.size >= kernel_floats and g.dtype == jnp.float32 and kernels.built()
         return kernels.on_cpu(runs, kernels.sgd_update, lambda *_: (t, p), g, t_old, p_old,
                               hyper)
 
-    trees = (grads, old_params, old_trace, params, trace)
+    trees = (grads, params, optax.tree_utils.tree_get(opt_state, "trace"), stepped,
+             optax.tree_utils.tree_get(new, "trace"))
     updated = [leaf(*parts) for parts in zip(*map(jax.tree.leaves, trees))]
     treedef = jax.tree.structure(params)
     return (treedef.unflatten([p for _, p in updated]),
-            optax.tree_utils.tree_set(opt_state, trace=treedef.unflatten([t for t, _ in updated])))
+            optax.tree_utils.tree_set(new, trace=treedef.unflatten([t for t, _ in updated])))
 
 
 def init_params(static: Static, key: jax.Array, init_scale: jax.Array):
@@ -462,25 +475,11 @@ def train_step(static: Static, state: MemberState, hp: Hparams, x, y, key, progr
     healthy = jnp.isfinite(ce)
     diverged = jnp.where((state.diverged == 0) & ~healthy, state.epoch + 1, state.diverged)
     active = diverged == 0
-    # Freezing happens inside the update's own elementwise passes (a select where each tensor
-    # is written anyway), not as a select over whole old and new states, which costs the LC
-    # net an extra pass over its weights: a zero gradient under momentum 1 leaves the momentum
-    # trace exactly as it was, and the parameters keep their old values.
-    masked = jax.tree.map(lambda g: jnp.where(active, g, 0.0), grads)
-    stored = state.opt_state.hyperparams
-    step_hparams = {**stored, "momentum": jnp.where(active, stored["momentum"], 1.0),
-                    "weight_decay": jnp.where(active, stored["weight_decay"], 0.0)}
+    learning_rate = state.opt_state.hyperparams["learning_rate"]
     if static.lr_schedule != "constant":
-        step_hparams["learning_rate"] = hp.lr * schedule(static.lr_schedule, progress)
-    updates, opt_state = make_optimizer(hp).update(
-        masked, state.opt_state._replace(hyperparams=step_hparams), state.params)
-    opt_state = opt_state._replace(
-        hyperparams=stored, count=jnp.where(active, opt_state.count, state.opt_state.count))
-    params = jax.tree.map(lambda p, u: jnp.where(active, p + u, p), state.params, updates)
-    hyper = jnp.stack([step_hparams["learning_rate"], stored["momentum"],
-                       stored["weight_decay"], active]).astype(jnp.float32)
-    params, opt_state = large_tensors_in_one_pass(grads, state.params, state.opt_state, params,
-                                                  opt_state, hyper)
+        learning_rate = hp.lr * schedule(static.lr_schedule, progress)
+    params, opt_state = sgd_step(make_optimizer(hp), grads, state.params, state.opt_state,
+                                 active, learning_rate)
     batch_stats = jax.tree.map(lambda n, o: jnp.where(active, n, o), batch_stats,
                                state.batch_stats)
     new = state.replace(params=params, batch_stats=batch_stats, opt_state=opt_state,
