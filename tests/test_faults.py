@@ -368,3 +368,26 @@ def test_sigterm_to_a_training_process_ends_it_at_once_with_143(tmp_path, shared
     assert proc.returncode == 143 and time.time() - sent < 10, err
     assert "terminated: the last completed epoch is checkpointed" in err
     assert "Traceback" not in err
+
+
+def test_a_stop_during_a_checkpoint_write_acts_once_the_write_is_done():
+    # SIGTERM inside `_stops_deferred` (around each checkpoint write) is held until the block
+    # ends, then raised by the handler the command line set, as if it had just arrived.
+    script = """
+import os, signal, sys
+from uspsjax.population import _stops_deferred
+
+def stop(signum, frame):
+    raise KeyboardInterrupt
+signal.signal(signal.SIGTERM, stop)
+try:
+    with _stops_deferred():
+        os.kill(os.getpid(), signal.SIGTERM)
+        sum(range(10**6))  # the interpreter runs handlers between bytecodes
+        print("written", flush=True)
+except KeyboardInterrupt:
+    print("stopped after", flush=True)
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": os.getcwd()}, timeout=120)
+    assert proc.stdout.split("\n")[:2] == ["written", "stopped after"], proc.stderr

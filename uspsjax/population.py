@@ -21,6 +21,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import threading
 import time
 from dataclasses import dataclass, replace
@@ -389,6 +390,26 @@ def _together(processes: list[int], error: str | None, kind: type[Exception],
         raise kind(error)
 
 
+@contextlib.contextmanager
+def _stops_deferred():
+    """Within the block, Ctrl-C and SIGTERM wait for it to end and then act as they would have:
+    a checkpoint being written is finished, not cut off inside orbax (whose event loop, cut off
+    in the main thread, leaves a traceback behind). Only the main thread receives them; elsewhere
+    the block changes nothing."""
+    stops = [s for s in (signal.SIGINT, signal.SIGTERM) if signal.getsignal(s) is not None]
+    if threading.current_thread() is not threading.main_thread():
+        stops = []
+    caught = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in stops}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        for s in caught[:1]:
+            signal.raise_signal(s)
+
+
 def _save_epoch(manager, epoch: int, state, curves, processes: list[int]) -> None:
     """Checkpoint a chunk after `epoch` epochs: its state and its curves so far, then (by the
     first of the `processes` that hold it) the manifest of its files. Arrays sharded over
@@ -688,7 +709,9 @@ def run_group(static: Static, keys: jax.Array, hps: Hparams, data: Data, *,
             lane["epoch"] = epoch + 1
             if lane["manager"]:
                 try:
-                    _save_epoch(lane["manager"], epoch + 1, state, lane["curves"], processes)
+                    with _stops_deferred():
+                        _save_epoch(lane["manager"], epoch + 1, state, lane["curves"],
+                                    processes)
                 except Exception as e:  # the file system, orbax, tensorstore: a full disk
                     raise WriteError(
                         f"{checkpoint}/chunk{lane['c']}: cannot write the checkpoint of epoch "
