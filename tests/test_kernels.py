@@ -19,12 +19,15 @@ needs_compiler = pytest.mark.skipif(shutil.which(COMPILER[0]) is None, reason="n
 FORWARD, KERNEL_GRAD, PATCH_GRAD = "gmk,gkn->gmn", "gmk,gmn->gkn", "gkn,gmn->gkm"
 # (op, the product as an einsum, the operands' shapes): rows that do not fill a tile (13, 16 and
 # 32 rows against tiles of 6 or 12), one to four vectors across a tile, windows of one channel
-# (the LC's first layer: 3 patch columns) and of many, and a kernel gradient's sum of 600 terms,
-# taken in chunks that fit the L1 cache (16 to 512 terms), the last chunk partial.
+# (the LC's first layer: 3 patch columns) and of many, a kernel gradient's sum of 600 terms,
+# taken in chunks that fit the L1 cache (16 to 512 terms), the last chunk partial, and a single
+# position (a dense layer's product), its rows cut in a band per thread.
 CASES = [
-    (kernels.lc_forward, FORWARD, (7, 16, 13), (7, 13, 48)),
-    (kernels.lc_forward, FORWARD, (5, 32, 3), (5, 3, 256)),
+    (kernels.product, FORWARD, (7, 16, 13), (7, 13, 48)),
+    (kernels.product, FORWARD, (5, 32, 3), (5, 3, 256)),
+    (kernels.product, FORWARD, (1, 1000, 96), (1, 96, 64)),
     (kernels.lc_kernel_grad, KERNEL_GRAD, (7, 32, 13), (7, 32, 16)),
+    (kernels.lc_kernel_grad, KERNEL_GRAD, (1, 600, 100), (1, 600, 32)),
     (kernels.lc_kernel_grad, KERNEL_GRAD, (5, 16, 384), (5, 16, 64)),
     (kernels.lc_kernel_grad, KERNEL_GRAD, (3, 600, 30), (3, 600, 32)),
     (kernels.lc_patch_grad, PATCH_GRAD, (7, 13, 32), (7, 16, 32)),
@@ -67,6 +70,8 @@ def test_each_product_equals_the_exact_one_to_float32_rounding(op, product, x_sh
 @pytest.mark.parametrize("op, product, x_shape, y_shape", CASES[::2])
 def test_members_of_a_population_are_computed_exactly_as_single_calls(op, product, x_shape,
                                                                          y_shape):
+    # Alone, a single position's rows are cut in bands, one per thread; in a population each
+    # member is one item of work: the same sums in the same order, bit for bit.
     members = [operands((x_shape, y_shape), seed) for seed in range(3)]
     stacked = jax.jit(jax.vmap(op))(*(np.stack(parts) for parts in zip(*members)))
     single = jax.jit(op)
@@ -118,9 +123,8 @@ def test_convolution_patches_and_gradients_equal_the_exact_ones(images, window):
 
 @needs_compiler
 @pytest.mark.parametrize("rows", [200, 1000, 4608])
-def test_a_summed_kernel_gradient_in_parts_is_exact_to_rounding_and_member_wise(rows):
-    # 1000 and 4608 rows are cut in parts, one per thread of XLA's pool (each of 256 rows or
-    # more), added in order; 200 rows stay whole.
+def test_a_summed_kernel_gradient_is_exact_to_rounding_and_member_wise(rows):
+    # Its 96 rows are cut in bands, one per thread of XLA's pool, alone, and not in a population.
     members = [operands(((rows, 96), (rows, 32)), seed) for seed in range(2)]
     single = jax.jit(kernels.summed_kernel_grad)
     for p, g in members:

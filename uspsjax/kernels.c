@@ -1,27 +1,30 @@
 /* The locally connected layer's patches and three products, a convolution's patches and
- * gradients, and the optimizer's update of a large parameter tensor on a CPU, as C kernels that
+ * gradients, a dense layer's product and kernel gradient, and the optimizer's update of a large parameter tensor on a CPU, as C kernels that
  * XLA calls through its FFI (uspsjax/kernels.py compiles this file for the machine at hand and
  * registers them).
  *
  * Each product is one per position g, C[g] = A[g] . B[g], B and C row-major, A read through two
  * strides, so that one routine serves the LC's forward (patches . kernel), kernel gradient
- * (patches^T . g) and patch gradient (kernel . g^T, written batch-innermost). Leading axes
- * (positions, a population's members) are all positions to it. A position's weights are used by
+ * (patches^T . g) and patch gradient (kernel . g^T, written batch-innermost), and a dense layer's
+ * product and kernel gradient. Leading axes (positions, a population's members) are all positions
+ * to it; where there are fewer positions than threads, C's rows are cut into bands of whole tiles,
+ * one to a thread (§37). A position's weights are used by
  * only a few rows, so a product waits on their first read from memory; the next position's are
  * prefetched while the current one is computed (results/bench/NOTES.md §29). Its patches, the
  * window's positions interleaved channel by channel, are copied one position at a time (§33).
  *
  * A convolution's (the CNN's, §30) patches are rows copied whole; its input gradient is computed
  * one image at a time, the image's patch gradients in the core's cache and summed back onto its
- * pixels at once; its kernel gradient, a sum over every row of the batch, in a part per thread.
+ * pixels at once; its kernel gradient is a sum over every row of the batch.
  * A kernel gradient takes its sum in chunks whose operands stay in the core's L1 (§34).
  *
  * The update (SGD with momentum and weight decay) reads the gradient, the momentum trace and the
  * parameters once and writes the trace and the parameters once, where XLA makes two passes (§35).
  *
- * Each item of work (a position, an image, a part) is computed by one thread in one fixed order,
- * and the parts of a sum are added in order: results are the same bit for bit on the same machine
- * and build, and a population's members are computed exactly as single calls.
+ * Each item of work (a position or a band of it, an image) is computed by one thread, and each
+ * element's sum is taken in one fixed order, however the work is cut: results are the same bit for
+ * bit on the same machine and build, whatever its thread count, and a population's members are
+ * computed exactly as single calls.
  */
 #include <sched.h>
 #include <stdatomic.h>
@@ -45,18 +48,16 @@
 #ifndef L1D_BYTES
 #define L1D_BYTES 32768 /* the core's L1 data cache, as the build is told it */
 #endif
-/* The fewest rows a part of a summed kernel gradient takes. */
-#define PART_ROWS 256
 typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
 
 /* One product: C[g] (m x n) = A[g] (m x k) . B[g] (k x n) for g < groups, A[i, j] at
  * a[i * a_row + j * a_step]; B[g] given transposed, (n x k), where `transpose_b`. The next
- * position's A (`prefetch_a`) or B, the weights, is prefetched. The sum over k is cut into
- * `parts` summed in `partial` (where more than one), each taken `depth` terms at a time (0: all). */
+ * position's A (`prefetch_a`) or B, the weights, is prefetched. C's rows are cut into `bands`,
+ * one item of work each; the sum over k is taken `depth` terms at a time (0: all). */
 typedef struct {
   const float *a, *b;
-  float *c, *partial;
-  int64_t groups, m, k, n, a_row, a_step, parts, depth;
+  float *c;
+  int64_t groups, m, k, n, a_row, a_step, bands, depth;
   int transpose_b, prefetch_a;
 } product;
 
@@ -116,6 +117,12 @@ static int tile_vectors(int64_t n) {
   return (WIDEST >= 4 && vectors % 4 == 0) ? 4 : (vectors % 2 == 0 ? 2 : 1);
 }
 
+/* The rows of C in one tile of a product n floats wide. */
+static int tile_rows(int64_t n) {
+  const int nv = tile_vectors(n);
+  return ACC / nv < MAX_ROWS ? ACC / nv : MAX_ROWS;
+}
+
 /* The terms of a sum a tile takes at a time where A is read down its columns (a kernel
  * gradient: each term of a tile's rows one cache line of A, beside a row of B): the most, a power
  * of two, whose lines of A and rows of B fit the core's L1 data cache, so that the tiles beside
@@ -136,7 +143,7 @@ static void multiply(const float *a, int64_t a_row, int64_t a_step, const float 
                      int64_t pf_bytes) {
   const int nv = tile_vectors(n);
   const int width = nv * VW;
-  const int rows = ACC / nv < MAX_ROWS ? ACC / nv : MAX_ROWS;
+  const int rows = tile_rows(n);
   const int64_t tiles = (n / width) * ((m + rows - 1) / rows) * ((k + depth - 1) / depth);
   const int64_t pf_lines = (pf_bytes / 64 + tiles - 1) / tiles;
   tile_fn *const *table = TILE_TABLE[nv == 4 ? 2 : nv - 1];
@@ -154,24 +161,26 @@ static void multiply(const float *a, int64_t a_row, int64_t a_step, const float 
   }
 }
 
-/* Item i of the product at `args`: position i, or where the sum over k is cut into `parts`,
- * part i % parts of position i / parts, into `partial`; `scratch` holds k x n floats where B
- * comes transposed. */
+/* Item i of the product at `args`: band i % bands of C's rows (whole tiles) at position
+ * i / bands; `scratch` holds k x n floats where B comes transposed. */
 static void position(const void *args, int64_t i, float *scratch) {
   const product *p = args;
-  const int64_t g = i / p->parts, part = i % p->parts, m = p->m, k = p->k, n = p->n;
-  const int64_t from = part * k / p->parts, to = (part + 1) * k / p->parts;
-  const float *a = p->a + g * m * k + from * p->a_step, *b = p->b + g * k * n + from * n;
-  float *c = p->parts > 1 ? p->partial + i * m * n : p->c + g * m * n;
+  const int64_t g = i / p->bands, band = i % p->bands, k = p->k, n = p->n;
+  const int64_t tiles = (p->m + tile_rows(n) - 1) / tile_rows(n);
+  const int64_t from = band * tiles / p->bands * tile_rows(n);
+  const int64_t to = (band + 1) * tiles / p->bands * tile_rows(n);
+  const int64_t m = (to < p->m ? to : p->m) - from;
+  const float *a = p->a + g * p->m * k + from * p->a_row, *b = p->b + g * k * n;
+  float *c = p->c + g * p->m * n + from * n;
   if (p->transpose_b) { /* b holds (n, k) */
     for (int64_t r = 0; r < n; r++)
       for (int64_t j = 0; j < k; j++) scratch[j * n + r] = b[r * k + j];
     b = scratch;
   }
-  const int64_t weights = p->prefetch_a ? m * k : k * n; /* floats */
-  const char *next = g + 1 < p->groups && p->parts == 1
+  const int64_t weights = p->prefetch_a ? p->m * k : k * n; /* floats */
+  const char *next = g + 1 < p->groups && p->bands == 1
       ? (const char *)((p->prefetch_a ? p->a : p->b) + (g + 1) * weights) : NULL;
-  multiply(a, p->a_row, p->a_step, b, c, m, to - from, n, p->depth ? p->depth : k, next,
+  multiply(a, p->a_row, p->a_step, b, c, m, k, n, p->depth ? p->depth : k, next,
            weights * 4);
 }
 
@@ -292,24 +301,18 @@ static XLA_FFI_Error *call(XLA_FFI_CallFrame *frame, int kind) {
   int64_t s[3][3];
   if (!dims(x, s[0]) || !dims(y, s[1]) || !dims(out, s[2]))
     return error(frame->api, "uspsjax kernels: float32 operands of rank 2 or more expected");
-  product p = {x->data, y->data, out->data, NULL, s[0][0], 0, 0, 0, 0, 0, 1, 0, 0, 0};
+  product p = {x->data, y->data, out->data, s[0][0], 0, 0, 0, 0, 0, 1, 0, 0, 0};
   int ok = s[1][0] == s[0][0] && s[2][0] == s[0][0];
   if (kind == FORWARD) { /* patches (G, M, K) . kernel (G, K, N) -> (G, M, N) */
     ok = ok && s[1][1] == s[0][2] && s[2][1] == s[0][1] && s[2][2] == s[1][2];
     p.m = s[0][1], p.k = s[0][2], p.n = s[1][2], p.a_row = s[0][2], p.a_step = 1;
   } else if (kind == KERNEL_GRAD || kind == SUMMED_GRAD) {
-    /* patches (G, M, K)^T . g (G, M, N) -> (G, K, N); summed, the M rows in a part per thread
-     * (each at least PART_ROWS), the parts added in order: a layer's weights shared by all
-     * rows, as in a convolution */
+    /* patches (G, M, K)^T . g (G, M, N) -> (G, K, N); summed: the weights of a layer that all
+     * rows share (a convolution's, a dense layer's) */
     ok = ok && s[1][1] == s[0][1] && s[2][1] == s[0][2] && s[2][2] == s[1][2];
     p.m = s[0][2], p.k = s[0][1], p.n = s[1][2], p.a_row = 1, p.a_step = s[0][2];
     p.prefetch_a = kind == KERNEL_GRAD;
     p.depth = l1_terms(p.n);
-    if (kind == SUMMED_GRAD) {
-      const int64_t threads = pool_threads(frame->api, frame->ctx);
-      p.parts = p.k / PART_ROWS < threads ? p.k / PART_ROWS : threads;
-      if (p.parts < 1) p.parts = 1;
-    }
   } else { /* kernel (G, K, N) . g (G, M, N)^T -> (G, K, M) */
     ok = ok && s[1][2] == s[0][2] && s[2][1] == s[0][1] && s[2][2] == s[1][1];
     p.m = s[0][1], p.k = s[0][2], p.n = s[1][1], p.a_row = s[0][2], p.a_step = 1;
@@ -317,21 +320,15 @@ static XLA_FFI_Error *call(XLA_FFI_CallFrame *frame, int kind) {
   }
   if (!ok || p.n % VW != 0)
     return error(frame->api, "uspsjax kernels: operand shapes do not fit the product");
-  const int64_t size = p.m * p.n;
-  if (p.parts > 1 && (p.partial = malloc(sizeof(float) * p.groups * p.parts * size)) == NULL)
-    return error(frame->api, "uspsjax kernels: out of memory");
-  run(frame->api, frame->ctx, position, &p, sizeof p, p.groups * p.parts,
+  /* C's rows in bands where there are fewer positions than threads (a dense layer's, a
+   * convolution's product), so that every thread has one at least. (A sum over the rows cut in a
+   * part per thread instead cost a buffer for the parts, and a pass to add them.) */
+  const int64_t threads = pool_threads(frame->api, frame->ctx);
+  const int64_t tiles = (p.m + tile_rows(p.n) - 1) / tile_rows(p.n);
+  p.bands = (threads + p.groups - 1) / p.groups;
+  if (p.bands > tiles) p.bands = tiles;
+  run(frame->api, frame->ctx, position, &p, sizeof p, p.groups * p.bands,
       p.transpose_b ? p.k * p.n : 0);
-  if (p.parts > 1) {
-    for (int64_t g = 0; g < p.groups; g++) {
-      const float *part = p.partial + g * p.parts * size;
-      float *c = p.c + g * size;
-      memcpy(c, part, sizeof(float) * size);
-      for (int64_t q = 1; q < p.parts; q++)
-        for (int64_t i = 0; i < size; i++) c[i] += part[q * size + i];
-    }
-    free(p.partial);
-  }
   return NULL;
 }
 
@@ -504,7 +501,7 @@ static XLA_FFI_Error *sgd_call(XLA_FFI_CallFrame *frame) {
 }
 
 XLA_FFI_Error *uspsjax_sgd_update(XLA_FFI_CallFrame *f) { return sgd_call(f); }
-XLA_FFI_Error *uspsjax_lc_forward(XLA_FFI_CallFrame *f) { return call(f, FORWARD); }
+XLA_FFI_Error *uspsjax_product(XLA_FFI_CallFrame *f) { return call(f, FORWARD); }
 XLA_FFI_Error *uspsjax_lc_kernel_grad(XLA_FFI_CallFrame *f) { return call(f, KERNEL_GRAD); }
 XLA_FFI_Error *uspsjax_lc_patch_grad(XLA_FFI_CallFrame *f) { return call(f, PATCH_GRAD); }
 XLA_FFI_Error *uspsjax_summed_kernel_grad(XLA_FFI_CallFrame *f) { return call(f, SUMMED_GRAD); }

@@ -33,7 +33,7 @@ from uspsjax import machine
 from uspsjax.data import cache_dir
 
 SOURCE = Path(__file__).with_name("kernels.c")
-TARGETS = ("uspsjax_lc_forward", "uspsjax_lc_kernel_grad", "uspsjax_lc_patch_grad",
+TARGETS = ("uspsjax_product", "uspsjax_lc_kernel_grad", "uspsjax_lc_patch_grad",
            "uspsjax_patches", "uspsjax_conv_input_grad", "uspsjax_summed_kernel_grad",
            "uspsjax_lc_patches", "uspsjax_sgd_update")
 # -ffp-contract=fast: multiply-adds fused (ISO C's default keeps them apart, at half the speed
@@ -176,9 +176,10 @@ def lc_patches(x: jax.Array, kernel_size: int) -> jax.Array:
                                     channels * kernel_size))
 
 
-def lc_forward(patches: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`patches (L, B, C*k) . kernel (L, C*k, F) -> (L, B, F)` per position."""
-    return _call(TARGETS[0], (patches, kernel), (*patches.shape[:-1], kernel.shape[-1]))
+def product(x: jax.Array, y: jax.Array) -> jax.Array:
+    """`x (..., M, K) . y (..., K, N) -> (..., M, N)` for each index of the leading axes: the LC's
+    forward (patches `(L, B, C*k)` by kernel `(L, C*k, F)`, per position), a dense layer's."""
+    return _call(TARGETS[0], (x, y), (*x.shape[:-1], y.shape[-1]))
 
 
 def lc_kernel_grad(patches: jax.Array, g: jax.Array) -> jax.Array:

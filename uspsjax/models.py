@@ -264,7 +264,7 @@ def _forward(patches: jax.Array, kernel: jax.Array, use_kernels: bool) -> jax.Ar
     if (_elementwise(patches.shape[1], PRODUCT_FORWARD_ROWS, features)
             and not _kernels_run(use_kernels, patches, kernel, features)):
         return jnp.sum(patches[:, :, :, None] * kernel[:, None], axis=2)
-    return _product(patches, kernel, _FORWARD, kernels.lc_forward, use_kernels)
+    return _product(patches, kernel, _FORWARD, kernels.product, use_kernels)
 
 
 def _sliced_fwd(x, kernel, kernel_size, use_kernels):
@@ -433,19 +433,27 @@ def _max_pool_bwd(residuals, g):
 max_pool_2x2.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 
-# From this batch size on, a Dense layer's kernel gradient runs in `uspsjax.kernels` (on a CPU,
-# outputs filling whole vectors): its rows cut in parts of 256 or more, one per thread, it spreads
-# over two threads at least; with fewer it runs on one (the CNN's dense layer, in blocks of 32
-# rows: 0.95x a step; results/bench/NOTES.md §31).
+# From this batch size on, a Dense layer's product and kernel gradient run in `uspsjax.kernels` (on
+# a CPU, outputs filling whole vectors); with fewer rows XLA's dots are as fast or faster (the
+# CNN's dense layer, in blocks of 32 rows, 0.95x a step with the kernel gradient;
+# results/bench/NOTES.md §31).
 DENSE_KERNEL_ROWS = 512
+
+
+def _dense_kernels_run(x: jax.Array, kernel: jax.Array, size: int) -> bool:
+    """Whether a dense layer's product of `x` and `kernel` with `size` outputs runs in
+    `uspsjax.kernels`: from `DENSE_KERNEL_ROWS` rows, where they take it."""
+    return x.shape[0] >= DENSE_KERNEL_ROWS and _kernels_run(True, x, kernel, size)
 
 
 @jax.custom_vjp
 def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`x (B, in) . kernel (in, out)`; from `DENSE_KERNEL_ROWS` rows its kernel gradient
-    `x^T . g` by `uspsjax.kernels` where they run it (the FC at batch 1024 1.09x a step against
-    XLA's dot; results/bench/NOTES.md §31)."""
-    return x @ kernel
+    """`x (B, in) . kernel (in, out)`; from `DENSE_KERNEL_ROWS` rows the product and its kernel
+    gradient `x^T . g` by `uspsjax.kernels` where they run them (the FC at batch 1024 1.09x a
+    step for the kernel gradient, 1.10x for the product against XLA's dots;
+    results/bench/NOTES.md §31, §37)."""
+    runs = _dense_kernels_run(x, kernel, kernel.shape[1])
+    return kernels.on_cpu(runs, kernels.product, jnp.matmul, x, kernel)
 
 
 def _dense_fwd(x, kernel):
@@ -457,7 +465,7 @@ def _dense_bwd(residuals, g):
     # Contracted in place, as JAX's own derivative of `x @ kernel` is: `.T` written out would
     # copy the transposes (the CNN's dense layer 9 ms a step at batch 1024).
     product = partial(jax.lax.dot_general, dimension_numbers=(((0,), (0,)), ((), ())))
-    runs = x.shape[0] >= DENSE_KERNEL_ROWS and _kernels_run(True, x, g, kernel.shape[1])
+    runs = _dense_kernels_run(x, g, kernel.shape[1])
     dk = kernels.on_cpu(runs, kernels.summed_kernel_grad, product, x, g)
     return jax.lax.dot_general(g, kernel, (((1,), (1,)), ((), ()))), dk
 
