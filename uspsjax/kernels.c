@@ -1,17 +1,17 @@
 /* The locally connected layer's patches and three products, a convolution's patches and
- * gradients, a dense layer's product and kernel gradient, and the optimizer's update of a large parameter tensor on a CPU, as C kernels that
- * XLA calls through its FFI (uspsjax/kernels.py compiles this file for the machine at hand and
- * registers them).
+ * gradients, a dense layer's product and kernel gradient, and the optimizer's update of a large
+ * parameter tensor on a CPU, as C kernels that XLA calls through its FFI (uspsjax/kernels.py
+ * compiles this file for the machine at hand and registers them).
  *
  * Each product is one per position g, C[g] = A[g] . B[g], B and C row-major, A read through two
  * strides, so that one routine serves the LC's forward (patches . kernel), kernel gradient
  * (patches^T . g) and patch gradient (kernel . g^T, written batch-innermost), and a dense layer's
  * product and kernel gradient. Leading axes (positions, a population's members) are all positions
  * to it; where there are fewer positions than threads, C's rows are cut into bands of whole tiles,
- * one to a thread (§37). A position's weights are used by
- * only a few rows, so a product waits on their first read from memory; the next position's are
- * prefetched while the current one is computed (results/bench/NOTES.md §29). Its patches, the
- * window's positions interleaved channel by channel, are copied one position at a time (§33).
+ * one to a thread (§37). A position's weights are used by only a few rows, so a product waits on
+ * their first read from memory; the next position's are prefetched while the current one is
+ * computed (results/bench/NOTES.md §29). Its patches, the window's positions interleaved channel
+ * by channel, are copied one position at a time (§33).
  *
  * A convolution's (the CNN's, §30) patches are rows copied whole; its input gradient is computed
  * one image at a time, the image's patch gradients in the core's cache and summed back onto its

@@ -1,7 +1,8 @@
 """The LC layer's patches and three products, the CNN's convolution (its patches, input gradient
-and kernel gradient), dense layers' kernel gradients and the update of large parameter tensors
-(`sgd_update`) on a CPU as C kernels (uspsjax/kernels.c), compiled for the machine at hand and
-called from XLA through its FFI; XLA's own operations wherever they cannot run.
+and kernel gradient), dense layers' products and kernel gradients, and the update of large
+parameter tensors (`sgd_update`) on a CPU as C kernels (uspsjax/kernels.c), compiled for the
+machine at hand and called from XLA through its FFI; XLA's own operations wherever they cannot
+run.
 
 XLA:CPU's libraries run the LC's products (a position's weights, used by only 16-32 rows) at about
 a third of the machine's matmul peak: each position's weights stall on their first read from
@@ -13,8 +14,8 @@ a parameter tensor and its momentum in two passes, the kernels in one (§35). Th
 per machine with the system's C compiler (`$CC`, else `cc`), `-O3 -march=native`, multiply-adds
 fused, for the machine's L1 data cache (§34), into the cache directory (`data.cache_dir()`),
 named by a digest of the source, the compiler, the CPU and jaxlib's FFI header, so another CPU
-or compiler builds its own. Without a compiler, or where the build fails, `status()` says why and XLA's operations run:
-the same results to float32 rounding.
+or compiler builds its own. Without a compiler, or where the build fails, `status()` says why
+and XLA's operations run: the same results to float32 rounding.
 """
 
 import ctypes
@@ -210,8 +211,8 @@ def conv_input_grad(g: jax.Array, kernel_t: jax.Array, height: int, width: int) 
 
 def summed_kernel_grad(patches: jax.Array, g: jax.Array) -> jax.Array:
     """`patches (M, K)^T . g (M, N) -> (K, N)`, the kernel gradient of a layer whose weights every
-    row shares (a convolution's, a dense layer's): the M rows in as many parts as XLA has threads
-    (each of 256 rows or more), added in order."""
+    row shares (a convolution's, a dense layer's): the K rows of the result in a band per thread
+    of XLA's pool, each sum over all M rows."""
     return _call(TARGETS[5], (patches, g), (patches.shape[-1], g.shape[-1]))
 
 
