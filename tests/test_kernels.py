@@ -124,7 +124,8 @@ def test_convolution_patches_and_gradients_equal_the_exact_ones(images, window):
 @needs_compiler
 @pytest.mark.parametrize("rows", [200, 1000, 4608])
 def test_a_summed_kernel_gradient_is_exact_to_rounding_and_member_wise(rows):
-    # Its 96 rows are cut in bands, one per thread of XLA's pool, alone, and not in a population.
+    # Sums of 200 to 4,608 terms, in L1-sized chunks; the result's 96 rows are cut in bands, one
+    # per thread of XLA's pool, alone, and not in a population.
     members = [operands(((rows, 96), (rows, 32)), seed) for seed in range(2)]
     single = jax.jit(kernels.summed_kernel_grad)
     for p, g in members:

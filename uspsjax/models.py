@@ -450,7 +450,7 @@ def _dense_kernels_run(x: jax.Array, kernel: jax.Array, size: int) -> bool:
 def dense(x: jax.Array, kernel: jax.Array) -> jax.Array:
     """`x (B, in) . kernel (in, out)`; from `DENSE_KERNEL_ROWS` rows the product and its kernel
     gradient `x^T . g` by `uspsjax.kernels` where they run them (the FC at batch 1024 1.09x a
-    step for the kernel gradient, 1.10x for the product against XLA's dots;
+    step for the kernel gradient, 1.07x more for the product, against XLA's dots;
     results/bench/NOTES.md §31, §37)."""
     runs = _dense_kernels_run(x, kernel, kernel.shape[1])
     return kernels.on_cpu(runs, kernels.product, jnp.matmul, x, kernel)
