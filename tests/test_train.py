@@ -82,7 +82,8 @@ def test_microbatch_size_keeps_the_whole_batch_where_blocks_would_change_it():
             f"{kernels.status()}; LC forward as "
             "summed products up to batch 16 where the kernels do not run it, kernel gradient as "
             "row products up to batch 16 (both for layers of 128+ features), patch gradient "
-            "batch-innermost up to batch 32; dense kernel gradients by the kernels from batch 512; "
+            "batch-innermost up to batch 32; dense products and kernel gradients by the kernels "
+            "from batch 512; "
             "parameter tensors of 1,048,576+ floats updated by the kernels")
 
 

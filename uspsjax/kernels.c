@@ -123,6 +123,9 @@ static int tile_rows(int64_t n) {
   return ACC / nv < MAX_ROWS ? ACC / nv : MAX_ROWS;
 }
 
+/* The tiles down C's m rows, for a product n floats wide (the last may be partial). */
+static int64_t row_tiles(int64_t m, int64_t n) { return (m + tile_rows(n) - 1) / tile_rows(n); }
+
 /* The terms of a sum a tile takes at a time where A is read down its columns (a kernel
  * gradient: each term of a tile's rows one cache line of A, beside a row of B): the most, a power
  * of two, whose lines of A and rows of B fit the core's L1 data cache, so that the tiles beside
@@ -144,7 +147,7 @@ static void multiply(const float *a, int64_t a_row, int64_t a_step, const float 
   const int nv = tile_vectors(n);
   const int width = nv * VW;
   const int rows = tile_rows(n);
-  const int64_t tiles = (n / width) * ((m + rows - 1) / rows) * ((k + depth - 1) / depth);
+  const int64_t tiles = (n / width) * row_tiles(m, n) * ((k + depth - 1) / depth);
   const int64_t pf_lines = (pf_bytes / 64 + tiles - 1) / tiles;
   tile_fn *const *table = TILE_TABLE[nv == 4 ? 2 : nv - 1];
   /* Each chunk's rows of A and B are read once from memory into the cache, then by every tile;
@@ -166,9 +169,8 @@ static void multiply(const float *a, int64_t a_row, int64_t a_step, const float 
 static void position(const void *args, int64_t i, float *scratch) {
   const product *p = args;
   const int64_t g = i / p->bands, band = i % p->bands, k = p->k, n = p->n;
-  const int64_t tiles = (p->m + tile_rows(n) - 1) / tile_rows(n);
-  const int64_t from = band * tiles / p->bands * tile_rows(n);
-  const int64_t to = (band + 1) * tiles / p->bands * tile_rows(n);
+  const int64_t tiles = row_tiles(p->m, n), rows = tile_rows(n);
+  const int64_t from = band * tiles / p->bands * rows, to = (band + 1) * tiles / p->bands * rows;
   const int64_t m = (to < p->m ? to : p->m) - from;
   const float *a = p->a + g * p->m * k + from * p->a_row, *b = p->b + g * k * n;
   float *c = p->c + g * p->m * n + from * n;
@@ -324,9 +326,8 @@ static XLA_FFI_Error *call(XLA_FFI_CallFrame *frame, int kind) {
    * convolution's product), so that every thread has one at least. (A sum over the rows cut in a
    * part per thread instead cost a buffer for the parts, and a pass to add them.) */
   const int64_t threads = pool_threads(frame->api, frame->ctx);
-  const int64_t tiles = (p.m + tile_rows(p.n) - 1) / tile_rows(p.n);
   p.bands = (threads + p.groups - 1) / p.groups;
-  if (p.bands > tiles) p.bands = tiles;
+  if (p.bands > row_tiles(p.m, p.n)) p.bands = row_tiles(p.m, p.n);
   run(frame->api, frame->ctx, position, &p, sizeof p, p.groups * p.bands,
       p.transpose_b ? p.k * p.n : 0);
   return NULL;

@@ -155,9 +155,10 @@ def cpu_tactics() -> str:
     within (half this machine's last-level cache, capped: `population.cpu_cache_bytes`), how
     many train at once (`population.cpu_lane_limit`), what runs the LC's patches and products
     and the CNN's second convolution (`kernels.status`), up to which batch size the LC's forward
-    and gradients take their few-rows forms, and from which a dense layer's kernel gradient runs
-    in the kernels, and from which size a parameter tensor is updated by them (measured on two
-    machine types, results/bench/NOTES.md §16, §17, §19, §26, §29-§31, §33-§35)."""
+    and gradients take their few-rows forms, and from which a dense layer's product and kernel
+    gradient run in the kernels, and from which size a parameter tensor is updated by them
+    (measured on two machine types, results/bench/NOTES.md §16, §17, §19, §26, §29-§31,
+    §33-§35, §37)."""
     from uspsjax import kernels
     from uspsjax.models import (DENSE_KERNEL_ROWS, ELEMENTWISE_FEATURES, FEW_ROWS, OUTER_SUM_ROWS,
                                 PRODUCT_FORWARD_ROWS)
@@ -169,5 +170,6 @@ def cpu_tactics() -> str:
             f"summed products up to batch {PRODUCT_FORWARD_ROWS} where the kernels do not run it, "
             f"kernel gradient as row products up to batch {OUTER_SUM_ROWS} (both for layers of "
             f"{ELEMENTWISE_FEATURES}+ features), patch gradient batch-innermost up to batch "
-            f"{FEW_ROWS}; dense kernel gradients by the kernels from batch {DENSE_KERNEL_ROWS}; "
-            f"parameter tensors of {KERNEL_UPDATE_FLOATS:,}+ floats updated by the kernels")
+            f"{FEW_ROWS}; dense products and kernel gradients by the kernels from batch "
+            f"{DENSE_KERNEL_ROWS}; parameter tensors of {KERNEL_UPDATE_FLOATS:,}+ floats updated "
+            f"by the kernels")
